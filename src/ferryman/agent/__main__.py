@@ -1,0 +1,3 @@
+from ferryman.agent.main import main
+
+main()

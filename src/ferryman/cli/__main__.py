@@ -1,0 +1,3 @@
+from ferryman.cli.main import main
+
+main()

@@ -1,0 +1,92 @@
+"""The CLI's REST client and where it finds the controller (URL, CA, token).
+
+Lookup order: environment (FERRYMAN_URL, FERRYMAN_CA, FERRYMAN_TOKEN or FERRYMAN_TOKEN_FILE), then a JSON config file
+(FERRYMAN_CONFIG, else the local lab's ``cli.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class CliError(Exception):
+    """A one-line error for the user; the CLI prints it and exits non-zero."""
+
+
+def default_lab_dir() -> Path:
+    return Path(os.environ.get("FERRYMAN_LAB_DIR") or Path.home() / ".local/share/ferryman/lab")
+
+
+@dataclass(frozen=True)
+class CliConfig:
+    url: str
+    ca_file: Path
+    token: str
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> CliConfig:
+        """Read the configuration; an explicit ``path`` wins over FERRYMAN_CONFIG and the lab's file."""
+        env = os.environ
+        path = path or Path(env.get("FERRYMAN_CONFIG") or default_lab_dir() / "cli.json")
+        raw: dict[str, Any] = {}
+        if path.exists():
+            try:
+                raw = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise CliError(f"cannot read {path}: {err}") from err
+        url = env.get("FERRYMAN_URL") or raw.get("url")
+        ca = env.get("FERRYMAN_CA") or raw.get("ca_file")
+        token = env.get("FERRYMAN_TOKEN")
+        token_file = env.get("FERRYMAN_TOKEN_FILE") or raw.get("token_file")
+        if token is None and token_file:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as err:
+                raise CliError(f"cannot read the API token file {token_file}: {err}") from err
+        if not (url and ca and token):
+            raise CliError(
+                f"no controller configured: start the lab (ferryman lab up) or set FERRYMAN_URL, FERRYMAN_CA and "
+                f"FERRYMAN_TOKEN (looked for {path})"
+            )
+        return cls(url=url.rstrip("/"), ca_file=Path(ca), token=token)
+
+
+class Api:
+    def __init__(self, config: CliConfig, timeout: float = 300.0) -> None:
+        self.config = config
+        if not config.ca_file.exists():
+            raise CliError(f"controller CA file {config.ca_file} does not exist")
+        self._client = httpx.Client(
+            base_url=config.url,
+            verify=str(config.ca_file),
+            headers={"Authorization": f"Bearer {config.token}"},
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise CliError(f"controller unreachable at {self.config.url}: {err}") from err
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text or response.reason_phrase
+            raise CliError(str(detail))
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, json=body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

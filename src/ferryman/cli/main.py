@@ -1,0 +1,410 @@
+"""``ferryman``: hosts, VMs, events and the local lab. Every listing has ``--json``; errors are one line, exit 1."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ferryman.cli.client import Api, CliConfig, CliError
+from ferryman.cli.output import emit_json, fields, short_time, table
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Ferryman: move virtual machines safely.",
+)
+host_app = typer.Typer(no_args_is_help=True, help="Hypervisor hosts.")
+vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
+site_app = typer.Typer(no_args_is_help=True, help="Sites (physical locations).")
+app.add_typer(host_app, name="host")
+app.add_typer(vm_app, name="vm")
+app.add_typer(site_app, name="site")
+
+Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def api() -> Api:
+    return Api(CliConfig.load())
+
+
+# ---- sites ---------------------------------------------------------------------------------------------------------
+
+
+@site_app.command("list")
+def site_list(json_: Json = False) -> None:
+    """List sites with their physical security level."""
+    sites = api().get("/api/v1/sites")
+    if json_:
+        return emit_json(sites)
+    table(
+        None,
+        ["SITE", "SECURITY LEVEL", "DESCRIPTION"],
+        [[s["name"], s["security_level"], s["description"]] for s in sites],
+    )
+
+
+@site_app.command("add")
+def site_add(
+    name: str,
+    security_level: Annotated[
+        int, typer.Option("--security-level", help="physical security level, higher is stronger")
+    ],
+    description: str = "",
+    json_: Json = False,
+) -> None:
+    """Add a site."""
+    site = api().post("/api/v1/sites", {"name": name, "security_level": security_level, "description": description})
+    emit_json(site) if json_ else print(f"site {site['name']} added (security level {site['security_level']})")
+
+
+# ---- hosts ---------------------------------------------------------------------------------------------------------
+
+
+def _host_rows(hosts: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [
+            h["name"],
+            h["address"],
+            h["site"],
+            h["security_level"],
+            h["zone"],
+            h["subnet"],
+            h["virt_type"],
+            f"{h['hypervisor']} {h['hypervisor_version']}",
+            h["patch_level"],
+            h["role"],
+            h["state"] if h["state"] != "enrolled" else ("up" if h["reachable"] else "unreachable"),
+            h["vm_count"],
+            f"{h['memory_used_mb']}/{h['memory_mb']}",
+        ]
+        for h in hosts
+    ]
+
+
+HOST_COLUMNS = [
+    "HOST",
+    "ADDRESS",
+    "SITE",
+    "SEC",
+    "ZONE",
+    "SUBNET",
+    "VIRT",
+    "HYPERVISOR",
+    "PATCH",
+    "ROLE",
+    "STATUS",
+    "VMS",
+    "MEM MiB",
+]
+
+
+@host_app.command("list")
+def host_list(json_: Json = False) -> None:
+    """List hosts with site, security level, zone, subnet, virtualisation type, hypervisor, patch level, VM count."""
+    hosts = api().get("/api/v1/hosts")
+    if json_:
+        return emit_json(hosts)
+    table(None, HOST_COLUMNS, _host_rows(hosts))
+
+
+@host_app.command("show")
+def host_show(name: str, json_: Json = False) -> None:
+    """Show one host."""
+    host = api().get(f"/api/v1/hosts/{name}")
+    if json_:
+        return emit_json(host)
+    fields([(k, host[k]) for k in host])
+
+
+@host_app.command("add")
+def host_add(
+    name: str,
+    address: Annotated[str, typer.Option(help="address the agent listens on")],
+    site: Annotated[str, typer.Option()],
+    zone: Annotated[str, typer.Option()],
+    subnet: Annotated[str, typer.Option()],
+    hypervisor_version: Annotated[str, typer.Option("--hypervisor-version")],
+    patch_level: Annotated[int, typer.Option("--patch-level")],
+    agent_port: Annotated[int, typer.Option("--agent-port")] = 8444,
+    virt_type: Annotated[str, typer.Option("--virt-type")] = "kvm",
+    role: str = "compute",
+    memory: Annotated[int, typer.Option(help="MiB of guest memory the host offers")] = 2048,
+    json_: Json = False,
+) -> None:
+    """Register a host; prints its one-time enrolment token."""
+    body = {
+        "name": name,
+        "address": address,
+        "agent_port": agent_port,
+        "site": site,
+        "zone": zone,
+        "subnet": subnet,
+        "virt_type": virt_type,
+        "hypervisor_version": hypervisor_version,
+        "patch_level": patch_level,
+        "role": role,
+        "memory_mb": memory,
+    }
+    created = api().post("/api/v1/hosts", body)
+    if json_:
+        return emit_json(created)
+    print(f"host {name} registered; one-time enrolment token (shown once):\n{created['enrol_token']}")
+
+
+@host_app.command("revoke")
+def host_revoke(name: str, json_: Json = False) -> None:
+    """Revoke every certificate of a host: the controller refuses it from now on."""
+    result = api().post(f"/api/v1/hosts/{name}/revoke")
+    emit_json(result) if json_ else print(f"revoked {len(result['revoked'])} certificate(s) of {name}")
+
+
+def _neighbour_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[n["vm"], n["tenant"], n["host"], short_time(n["since"]), short_time(n["until"])] for n in items]
+
+
+@host_app.command("neighbours")
+def host_neighbours(
+    name: str,
+    at: Annotated[str, typer.Option(help="ISO time, 'now', or relative like -10m")] = "now",
+    json_: Json = False,
+) -> None:
+    """VMs placed on a host at a given time."""
+    items = api().get(f"/api/v1/hosts/{name}/neighbours", at=at)
+    if json_:
+        return emit_json(items)
+    table(f"VMs on {name} at {at}", ["VM", "TENANT", "HOST", "SINCE", "UNTIL"], _neighbour_rows(items))
+
+
+@host_app.command("history")
+def host_history(name: str, json_: Json = False) -> None:
+    """Every VM that ever ran on a host."""
+    items = api().get(f"/api/v1/hosts/{name}/history")
+    vms = {v["id"]: v["name"] for v in api().get("/api/v1/vms")}
+    if json_:
+        return emit_json(items)
+    table(
+        None,
+        ["VM", "GEN", "FROM", "TO"],
+        [
+            [
+                vms.get(p.get("vm_id", ""), p.get("vm_id")),
+                p["generation"],
+                short_time(p["valid_from"]),
+                short_time(p["valid_to"]),
+            ]
+            for p in items
+        ],
+    )
+
+
+# ---- VMs -----------------------------------------------------------------------------------------------------------
+
+
+def _parse_profile(items: list[str]) -> dict[str, str]:
+    profile = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise CliError(f"bad --profile {item!r}: use key=value, e.g. environment=production")
+        profile[key] = value
+    return profile
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    tenant: Annotated[str, typer.Option(help="owning tenant")],
+    profile: Annotated[list[str] | None, typer.Option(help="profile label key=value (repeatable)")] = None,
+    memory: Annotated[str, typer.Option(help="memory, MiB or with unit (256, 256M, 1G)")] = "256",
+    disk: Annotated[str, typer.Option(help="disk size (64M, 1G)")] = "64M",
+    vcpus: int = 1,
+    host: Annotated[str | None, typer.Option(help="pin to this host")] = None,
+    dirty_rate: Annotated[int, typer.Option("--dirty-kib", help="guest memory dirtying rate, KiB/s")] = 256,
+    record_interval: Annotated[int, typer.Option("--record-ms", help="guest disk record interval, ms")] = 1000,
+    json_: Json = False,
+) -> None:
+    """Create and boot a VM."""
+    body = {
+        "name": name,
+        "tenant": tenant,
+        "profile": _parse_profile(profile or []),
+        "memory": memory,
+        "disk": disk,
+        "vcpus": vcpus,
+        "host": host,
+        "dirty_kib_per_s": dirty_rate,
+        "record_interval_ms": record_interval,
+    }
+    print(f"creating {name} ...", file=sys.stderr)
+    vm = api().post("/api/v1/vms", body)
+    emit_json(vm) if json_ else print(f"{vm['name']} is {vm['state']} on {vm['host']} (generation {vm['generation']})")
+
+
+VM_COLUMNS = ["VM", "TENANT", "STATE", "HOST", "SINCE", "GEN", "MEM MiB", "PROFILE"]
+
+
+def _vm_row(v: dict[str, Any]) -> list[Any]:
+    profile = ",".join(f"{k}={val}" for k, val in sorted(v["profile"].items()))
+    return [
+        v["name"],
+        v["tenant"],
+        v["state"],
+        v["host"],
+        short_time(v["since"]),
+        v["generation"],
+        v["memory_mb"],
+        profile,
+    ]
+
+
+@vm_app.command("list")
+def vm_list(
+    tenant: Annotated[str | None, typer.Option()] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    json_: Json = False,
+) -> None:
+    """List VMs: where each runs, since when, its generation."""
+    vms = api().get("/api/v1/vms", tenant=tenant, host=host)
+    if json_:
+        return emit_json(vms)
+    table(None, VM_COLUMNS, [_vm_row(v) for v in vms])
+
+
+@vm_app.command("show")
+def vm_show(name: str, json_: Json = False) -> None:
+    """Show a VM: host, since when, generation, its neighbours now."""
+    vm = api().get(f"/api/v1/vms/{name}")
+    if json_:
+        return emit_json(vm)
+    fields(
+        [
+            ("name", vm["name"]),
+            ("id", vm["id"]),
+            ("tenant", vm["tenant"]),
+            ("state", vm["state"]),
+            ("host", vm["host"]),
+            ("since", short_time(vm["since"])),
+            ("generation", vm["generation"]),
+            ("memory", f"{vm['memory_mb']} MiB"),
+            ("vcpus", vm["vcpus"]),
+            ("disk", f"{vm['disk_bytes'] >> 20} MiB"),
+            ("profile", ", ".join(f"{k}={v}" for k, v in sorted(vm["profile"].items())) or "-"),
+        ]
+    )
+    if vm["neighbours"]:
+        table("neighbours now", ["VM", "TENANT", "HOST", "SINCE", "UNTIL"], _neighbour_rows(vm["neighbours"]))
+    else:
+        print("neighbours now: none")
+
+
+def _action(name: str, action: str) -> None:
+    vm = api().post(f"/api/v1/vms/{name}/{action}")
+    print(f"{vm['name']} is {vm['state']} on {vm['host']}")
+
+
+@vm_app.command("start")
+def vm_start(name: str) -> None:
+    """Boot a stopped VM."""
+    _action(name, "start")
+
+
+@vm_app.command("stop")
+def vm_stop(name: str) -> None:
+    """Power a VM off (its disk stays)."""
+    _action(name, "stop")
+
+
+@vm_app.command("pause")
+def vm_pause(name: str) -> None:
+    """Pause a running VM."""
+    _action(name, "pause")
+
+
+@vm_app.command("resume")
+def vm_resume(name: str) -> None:
+    """Resume a paused VM."""
+    _action(name, "resume")
+
+
+@vm_app.command("delete")
+def vm_delete(name: str) -> None:
+    """Destroy a VM and remove its files from its host."""
+    vm = api().delete(f"/api/v1/vms/{name}")
+    print(f"{vm['name']} deleted")
+
+
+@vm_app.command("history")
+def vm_history(name: str, json_: Json = False) -> None:
+    """Every host a VM ever ran on, with times."""
+    items = api().get(f"/api/v1/vms/{name}/history")
+    if json_:
+        return emit_json(items)
+    table(
+        f"host chain of {name}",
+        ["HOST", "GEN", "FROM", "TO"],
+        [[p["host"], p["generation"], short_time(p["valid_from"]), short_time(p["valid_to"])] for p in items],
+    )
+
+
+# ---- events and alarms ---------------------------------------------------------------------------------------------
+
+
+@app.command("events")
+def events(
+    since: Annotated[str | None, typer.Option(help="ISO time or relative like -1h")] = None,
+    kind: Annotated[str | None, typer.Option(help="kind prefix, e.g. alarm. or vm.")] = None,
+    vm: Annotated[str | None, typer.Option()] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    severity: Annotated[str | None, typer.Option(help="minimum severity: info, warning, alarm")] = None,
+    limit: int = 50,
+    json_: Json = False,
+) -> None:
+    """The event log, newest first (audit entries and alarms)."""
+    items = api().get("/api/v1/events", since=since, kind=kind, vm=vm, host=host, severity=severity, limit=limit)
+    if json_:
+        return emit_json(items)
+    table(
+        None,
+        ["TIME", "SEVERITY", "KIND", "BY", "HOST", "MESSAGE"],
+        [[short_time(e["time"]), e["severity"], e["kind"], e["principal"], e["host"], e["message"]] for e in items],
+    )
+
+
+@app.command("alarms")
+def alarms(
+    all_: Annotated[bool, typer.Option("--all", help="include resolved alarms")] = False, json_: Json = False
+) -> None:
+    """Open alarms (discrepancies between the CMDB and what hosts run)."""
+    items = api().get("/api/v1/alarms", all=all_)
+    if json_:
+        return emit_json(items)
+    table(
+        None,
+        ["ID", "KIND", "HOST", "FIRST SEEN", "LAST SEEN", "RESOLVED", "MESSAGE"],
+        [
+            [
+                a["id"],
+                a["kind"],
+                a["host"],
+                short_time(a["first_seen"]),
+                short_time(a["last_seen"]),
+                short_time(a["resolved_at"]),
+                a["message"],
+            ]
+            for a in items
+        ],
+    )
+
+
+def main() -> None:
+    from ferryman.cli.lab import lab_app
+
+    app.add_typer(lab_app, name="lab")
+    try:
+        app(prog_name="ferryman")
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,3 @@
+from ferryman.controller.main import main
+
+main()

@@ -1,0 +1,90 @@
+"""How the controller talks to host agents: mTLS HTTPS, presenting the controller certificate.
+
+The agent's server certificate must chain to our CA, name the host's address (hostname check) and carry the host's
+name as CN with role ``host``; a revoked agent certificate is refused. Transport failures become
+:class:`AgentUnreachable`; errors the agent reports come back as the same Ferryman error types.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from ferryman.core import errors
+from ferryman.core.clock import Clock
+from ferryman.core.models import Host, VMRuntime, VMSpec
+from ferryman.core.wire import runtime_from_dict, spec_to_dict
+from ferryman.httperrors import ERROR_TYPES
+from ferryman.pki.identity import check_peer
+from ferryman.pki.tls import client_context
+
+
+class AgentClient(Protocol):
+    async def create_vm(self, host: Host, spec: VMSpec) -> VMRuntime: ...
+    async def vm_action(self, host: Host, vm_id: str, action: str) -> VMRuntime | None: ...
+    async def destroy_vm(self, host: Host, vm_id: str) -> None: ...
+    async def list_vms(self, host: Host) -> list[VMRuntime]: ...
+    async def aclose(self) -> None: ...
+
+
+class HttpAgentClient:
+    """The real :class:`AgentClient`."""
+
+    def __init__(
+        self,
+        *,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        is_revoked: Callable[[int], bool],
+        clock: Clock,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self._ctx: ssl.SSLContext = client_context(ca, cert, key, check_hostname=True)
+        self._client = httpx.AsyncClient(verify=self._ctx, timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._is_revoked = is_revoked
+        self._clock = clock
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, host: Host, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = f"{host.agent_url}{path}"
+        try:
+            response = await self._client.request(method, url, json=body)
+        except httpx.TransportError as err:
+            raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
+        self._check_agent_identity(host, response)
+        if response.status_code >= 400:
+            try:
+                payload = response.json()
+                kind, detail = payload.get("error", ""), payload.get("detail", response.text)
+            except ValueError:
+                kind, detail = "", response.text
+            raise ERROR_TYPES.get(kind, errors.HypervisorError)(f"{host.name}: {detail}")
+        return response.json() if response.content else None
+
+    def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None:
+            raise errors.Forbidden(f"agent of {host.name} presented no certificate")
+        check_peer(der, expected_role="host", expected_name=host.name, is_revoked=self._is_revoked, clock=self._clock)
+
+    async def create_vm(self, host: Host, spec: VMSpec) -> VMRuntime:
+        return runtime_from_dict(await self._call(host, "POST", "/v1/vms", spec_to_dict(spec)))
+
+    async def vm_action(self, host: Host, vm_id: str, action: str) -> VMRuntime | None:
+        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}")
+        return runtime_from_dict(raw) if raw else None
+
+    async def destroy_vm(self, host: Host, vm_id: str) -> None:
+        await self._call(host, "DELETE", f"/v1/vms/{vm_id}")
+
+    async def list_vms(self, host: Host) -> list[VMRuntime]:
+        return [runtime_from_dict(r) for r in await self._call(host, "GET", "/v1/vms")]

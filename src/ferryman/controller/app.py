@@ -1,0 +1,269 @@
+"""The controller's FastAPI application: routes, authentication and the one place where errors become HTTP codes.
+
+People and tools authenticate with bearer API tokens; agents authenticate with their host certificate (mTLS) and are
+identified by that certificate only, never by anything in a request body.
+"""
+
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+
+from ferryman.controller import schemas as s
+from ferryman.controller.fleet import Fleet, VMRequest
+from ferryman.core import errors
+from ferryman.core.clock import parse_time
+from ferryman.core.models import Event, Host, Severity, Site, VMAction
+from ferryman.core.units import parse_mib, parse_size
+from ferryman.core.wire import runtime_from_dict
+from ferryman.httperrors import install_error_handlers
+from ferryman.pki.identity import check_peer
+from ferryman.security.asgi_tls import peer_certificate
+from ferryman.security.secrets import secret_matches, split_api_token
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+
+def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> FastAPI:
+    """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(background()) if background else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await fleet.agents.aclose()
+
+    app = FastAPI(title="Ferryman controller", version="0.1.0", lifespan=lifespan)
+
+    install_error_handlers(app)
+
+    def person(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise errors.Unauthenticated("missing API token (Authorization: Bearer ...)")
+        token_id, secret = split_api_token(header[7:].strip())
+        found = fleet.repo.find_api_token(token_id)
+        if found is None or found[0].revoked_at is not None or not secret_matches(secret, found[1]):
+            raise errors.Unauthenticated("invalid API token")
+        return Principal(name=f"token:{found[0].name}", role=found[0].role)
+
+    def agent_host(request: Request) -> Host:
+        der = peer_certificate(request.scope)
+        if der is None:
+            raise errors.Unauthenticated("agent endpoints need a host certificate")
+        try:
+            identity = check_peer(
+                der, expected_role="host", expected_name=None, is_revoked=fleet.is_revoked, clock=fleet.clock
+            )
+        except errors.Forbidden as err:
+            fleet.audit("agent.refused", str(err), "anonymous", severity=Severity.WARNING)
+            raise
+        return fleet.repo.get_host(identity.common_name)
+
+    Person = Annotated[Principal, Depends(person)]
+    AgentHost = Annotated[Host, Depends(agent_host)]
+
+    _sites_and_hosts(app, fleet, Person)
+    _vms(app, fleet, Person)
+    _events(app, fleet, Person)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/v1/enrol", response_model=s.EnrolOut)
+    async def enrol(body: s.EnrolIn) -> s.EnrolOut:
+        cert, pem = fleet.enrol(body.host, body.token, body.csr_pem.encode())
+        return s.EnrolOut(certificate_pem=pem.decode(), ca_pem=fleet.ca.cert_pem.decode(), serial=str(cert.serial))
+
+    @app.post("/agent/v1/report", response_model=s.ReportAck)
+    async def report(body: s.ReportIn, host: AgentHost) -> s.ReportAck:
+        vms = [runtime_from_dict(r.model_dump()) for r in body.vms]
+        fleet.reconciler.accept(host.name, vms)
+        fleet.reconciler.run()
+        return s.ReportAck(host=host.name, accepted=len(vms))
+
+    @app.post("/agent/v1/events", response_model=s.ReportAck)
+    async def agent_events(body: s.AgentEventsIn, host: AgentHost) -> s.ReportAck:
+        for e in body.events:
+            fleet.repo.record_event(
+                Event(
+                    kind=f"qemu.{e.event.lower()}",
+                    message=f"QEMU event {e.event} of {e.vm_id} on {host.name}",
+                    time=fleet.clock.now(),
+                    principal=f"host:{host.name}",
+                    vm=e.vm_id,
+                    host=host.name,
+                    data=e.data,
+                )
+            )
+        return s.ReportAck(host=host.name, accepted=len(body.events))
+
+    return app
+
+
+def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
+    @app.post("/api/v1/sites", response_model=s.SiteOut, status_code=201)
+    async def add_site(body: s.SiteIn, who: Person) -> s.SiteOut:
+        return s.SiteOut.of(fleet.add_site(Site(body.name, body.security_level, body.description), who.name))
+
+    @app.get("/api/v1/sites", response_model=list[s.SiteOut])
+    async def list_sites(_: Person) -> list[s.SiteOut]:
+        return [s.SiteOut.of(site) for site in fleet.repo.list_sites()]
+
+    def levels() -> dict[str, int]:
+        return {site.name: site.security_level for site in fleet.repo.list_sites()}
+
+    @app.post("/api/v1/hosts", response_model=s.HostCreated, status_code=201)
+    async def add_host(body: s.HostIn, who: Person) -> s.HostCreated:
+        host, token = fleet.add_host(Host(**body.model_dump()), who.name)
+        return s.HostCreated(host=s.HostOut.of(host, levels().get(host.site)), enrol_token=token)
+
+    @app.get("/api/v1/hosts", response_model=list[s.HostOut])
+    async def list_hosts(_: Person) -> list[s.HostOut]:
+        lv = levels()
+        return [
+            s.HostOut.of(
+                u.host,
+                lv.get(u.host.site),
+                vm_count=u.vm_count,
+                memory_used_mb=u.memory_used_mb,
+                reachable=u.reachable,
+                last_report=u.last_report,
+            )
+            for u in fleet.host_usage()
+        ]
+
+    @app.get("/api/v1/hosts/{name}", response_model=s.HostOut)
+    async def show_host(name: str, _: Person) -> s.HostOut:
+        for u in fleet.host_usage():
+            if u.host.name == name:
+                return s.HostOut.of(
+                    u.host,
+                    levels().get(u.host.site),
+                    vm_count=u.vm_count,
+                    memory_used_mb=u.memory_used_mb,
+                    reachable=u.reachable,
+                    last_report=u.last_report,
+                )
+        raise errors.NotFound(f"unknown host {name!r}")
+
+    @app.post("/api/v1/hosts/{name}/enrol-token")
+    async def enrol_token(name: str, who: Person) -> dict[str, str]:
+        return {"host": name, "enrol_token": fleet.new_enrol_token(name, who.name)}
+
+    @app.post("/api/v1/hosts/{name}/revoke")
+    async def revoke(name: str, who: Person) -> dict[str, Any]:
+        return {"host": name, "revoked": [str(c.serial) for c in fleet.revoke_host(name, who.name)]}
+
+    @app.get("/api/v1/hosts/{name}/neighbours", response_model=list[s.NeighbourOut])
+    async def host_neighbours(name: str, _: Person, at: str = "now") -> list[s.NeighbourOut]:
+        return [s.NeighbourOut.of(n) for n in fleet.neighbours_on_host(name, parse_time(at, fleet.clock))]
+
+    @app.get("/api/v1/hosts/{name}/history", response_model=list[s.PlacementOut])
+    async def host_history(name: str, _: Person) -> list[s.PlacementOut]:
+        fleet.repo.get_host(name)
+        return [s.PlacementOut.of(p) for p in fleet.repo.vms_ever_on_host(name)]
+
+
+def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
+    @app.post("/api/v1/vms", response_model=s.VMOut, status_code=201)
+    async def create_vm(body: s.VMIn, who: Person) -> s.VMOut:
+        req = VMRequest(
+            name=body.name,
+            tenant=body.tenant,
+            memory_mb=parse_mib(body.memory),
+            vcpus=body.vcpus,
+            disk_bytes=parse_size(body.disk),
+            profile=body.profile,
+            host=body.host,
+            dirty_kib_per_s=body.dirty_kib_per_s,
+            record_interval_ms=body.record_interval_ms,
+        )
+        vm = await fleet.create_vm(req, who.name)
+        return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
+
+    @app.get("/api/v1/vms", response_model=list[s.VMOut])
+    async def list_vms(_: Person, tenant: str | None = None, host: str | None = None) -> list[s.VMOut]:
+        out = []
+        for vm in fleet.repo.list_vms():
+            placement = fleet.repo.current_placement(vm.id)
+            if tenant and vm.tenant != tenant:
+                continue
+            if host and (placement is None or placement.host != host):
+                continue
+            out.append(s.VMOut.of(vm, placement))
+        return out
+
+    @app.get("/api/v1/vms/{name}", response_model=s.VMDetail)
+    async def show_vm(name: str, _: Person) -> s.VMDetail:
+        vm, placement = fleet.get_vm(name)
+        neighbours = fleet.repo.neighbours_of_vm(vm.id, fleet.clock.now()) if placement else []
+        base = s.VMOut.of(vm, placement).model_dump()
+        return s.VMDetail(**base, canary=vm.canary, neighbours=[s.NeighbourOut.of(n) for n in neighbours])
+
+    @app.get("/api/v1/vms/{name}/history", response_model=list[s.PlacementOut])
+    async def vm_history(name: str, _: Person) -> list[s.PlacementOut]:
+        vm = fleet.repo.get_vm(name)
+        return [s.PlacementOut.of(p) for p in fleet.repo.host_chain(vm.id)]
+
+    @app.post("/api/v1/vms/{name}/{action}", response_model=s.VMOut)
+    async def vm_action(name: str, action: str, who: Person) -> s.VMOut:
+        allowed = {a.value: a for a in (VMAction.START, VMAction.STOP, VMAction.PAUSE, VMAction.RESUME)}
+        if action not in allowed:
+            raise errors.NotFound(f"unknown action {action!r} (use {', '.join(allowed)})")
+        vm = await fleet.vm_action(name, allowed[action], who.name)
+        return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
+
+    @app.delete("/api/v1/vms/{name}", response_model=s.VMOut)
+    async def delete_vm(name: str, who: Person) -> s.VMOut:
+        vm = await fleet.vm_action(name, VMAction.DELETE, who.name)
+        return s.VMOut.of(vm, None)
+
+
+def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
+    @app.get("/api/v1/events", response_model=list[s.EventOut])
+    async def list_events(
+        _: Person,
+        since: str | None = None,
+        kind: str | None = None,
+        vm: str | None = None,
+        host: str | None = None,
+        severity: str | None = None,
+        limit: int = 200,
+    ) -> list[s.EventOut]:
+        vm_id = fleet.repo.get_vm(vm).id if vm else None
+        try:
+            min_sev = Severity(severity) if severity else None
+        except ValueError:
+            raise errors.InvalidInput(f"bad severity {severity!r} (use info, warning, alarm)") from None
+        events = fleet.repo.list_events(
+            since=parse_time(since, fleet.clock) if since else None,
+            kind_prefix=kind,
+            vm_id=vm_id,
+            host=host,
+            min_severity=min_sev,
+            limit=max(1, min(limit, 5000)),
+        )
+        return [s.EventOut.of(e) for e in events]
+
+    @app.get("/api/v1/alarms", response_model=list[s.AlarmOut])
+    async def list_alarms(_: Person, all: bool = False) -> list[s.AlarmOut]:
+        return [s.AlarmOut.of(a) for a in fleet.repo.list_alarms(open_only=not all)]

@@ -1,0 +1,351 @@
+"""Fleet operations: sites, hosts and their enrolment, VM lifecycle. The API layer calls these; they call the CMDB
+and the agents.
+
+Every state change is persisted before its side effect: the intent is an event (and, for a creation, the VM row and
+its placement) written before the agent is asked to act; the outcome is written after. Every decision is an event with
+the principal who asked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
+from ferryman.controller.agent_client import AgentClient
+from ferryman.controller.reconcile import Reconciler
+from ferryman.core import errors
+from ferryman.core.clock import Clock
+from ferryman.core.models import (
+    VM,
+    DiskSpec,
+    Event,
+    Host,
+    HostState,
+    Placement,
+    Severity,
+    Site,
+    VMAction,
+    VMSpec,
+    VMState,
+    check_name,
+    next_vm_state,
+)
+from ferryman.pki.ca import CertificateAuthority
+from ferryman.security.secrets import hash_secret, new_secret
+
+log = structlog.get_logger(__name__)
+
+MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 65536
+MIN_DISK, MAX_DISK = 1 << 20, 1 << 40
+
+
+def certificate_revoked(repo: Repository, serial: int) -> bool:
+    """True unless ``serial`` is a certificate we issued and have not revoked (unknown serials count as revoked)."""
+    cert = repo.get_certificate(serial)
+    return cert is None or cert.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    name: str
+    tenant: str
+    memory_mb: int
+    vcpus: int
+    disk_bytes: int
+    profile: dict[str, str]
+    host: str | None = None
+    dirty_kib_per_s: int = 256
+    record_interval_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    host: Host
+    vm_count: int
+    memory_used_mb: int
+    last_report: dt.datetime | None
+    reachable: bool
+
+
+class Fleet:
+    def __init__(
+        self,
+        repo: Repository,
+        agents: AgentClient,
+        ca: CertificateAuthority,
+        clock: Clock,
+        reconciler: Reconciler,
+        enrol_token_ttl_s: int = 3600,
+    ) -> None:
+        self.repo = repo
+        self.agents = agents
+        self.ca = ca
+        self.clock = clock
+        self.reconciler = reconciler
+        self._enrol_ttl = dt.timedelta(seconds=enrol_token_ttl_s)
+
+    # ---- audit -------------------------------------------------------------------------------------------------
+
+    def audit(
+        self,
+        kind: str,
+        message: str,
+        principal: str,
+        *,
+        vm: str | None = None,
+        host: str | None = None,
+        severity: Severity = Severity.INFO,
+        **data: Any,
+    ) -> Event:
+        event = Event(
+            kind=kind,
+            message=message,
+            time=self.clock.now(),
+            severity=severity,
+            principal=principal,
+            vm=vm,
+            host=host,
+            data=data,
+        )
+        log.info(kind, message=message, principal=principal, vm=vm, host=host)
+        return self.repo.record_event(event)
+
+    # ---- sites and hosts ---------------------------------------------------------------------------------------
+
+    def add_site(self, site: Site, principal: str) -> Site:
+        check_name("site", site.name)
+        if site.security_level < 0:
+            raise errors.InvalidInput("security level must be 0 or more")
+        created = self.repo.add_site(site)
+        self.audit("site.added", f"site {site.name} (security level {site.security_level})", principal)
+        return created
+
+    def add_host(self, host: Host, principal: str) -> tuple[Host, str]:
+        """Register a host and return it with a one-time enrolment token (shown once, stored hashed)."""
+        check_name("host", host.name)
+        if host.site not in {s.name for s in self.repo.list_sites()}:
+            raise errors.NotFound(f"unknown site {host.site!r}")
+        if host.memory_mb < MIN_MEMORY_MB:
+            raise errors.InvalidInput(f"host memory must be at least {MIN_MEMORY_MB} MiB")
+        created = self.repo.add_host(replace(host, state=HostState.PENDING, created_at=self.clock.now()))
+        token = new_secret()
+        self.repo.add_enrol_token(host.name, hash_secret(token), self.clock.now() + self._enrol_ttl)
+        self.audit("host.added", f"host {host.name} registered, waiting for enrolment", principal, host=host.name)
+        return created, token
+
+    def new_enrol_token(self, host_name: str, principal: str) -> str:
+        self.repo.get_host(host_name)
+        token = new_secret()
+        self.repo.add_enrol_token(host_name, hash_secret(token), self.clock.now() + self._enrol_ttl)
+        self.audit("host.enrol_token", f"new enrolment token for {host_name}", principal, host=host_name)
+        return token
+
+    def enrol(self, host_name: str, token: str, csr_pem: bytes) -> tuple[HostCertificate, bytes]:
+        """Sign the host's CSR if its one-time token is valid; the certificate names the registered host."""
+        try:
+            host = self.repo.get_host(host_name)
+        except errors.NotFound:
+            self.audit(
+                "host.enrol_refused", f"enrolment for unknown host {host_name}", "anonymous", severity=Severity.WARNING
+            )
+            raise errors.Unauthenticated("enrolment refused") from None
+        if not self.repo.consume_enrol_token(host_name, hash_secret(token), self.clock.now()):
+            self.audit(
+                "host.enrol_refused",
+                f"bad or used enrolment token for {host_name}",
+                "anonymous",
+                host=host_name,
+                severity=Severity.WARNING,
+            )
+            raise errors.Unauthenticated("enrolment refused: the token is wrong, used or expired")
+        issued = self.ca.sign_host_csr(csr_pem, host.name, host.address)
+        cert = HostCertificate(
+            serial=issued.serial, host=host.name, not_after=issued.not_after, issued_at=self.clock.now()
+        )
+        self.repo.add_certificate(cert)
+        self.repo.set_host_state(host.name, HostState.ENROLLED)
+        self.audit(
+            "host.enrolled",
+            f"{host.name} enrolled (certificate {issued.serial:x})",
+            f"host:{host.name}",
+            host=host.name,
+            serial=str(issued.serial),
+        )
+        return cert, issued.pem
+
+    def revoke_host(self, host_name: str, principal: str) -> list[HostCertificate]:
+        self.repo.get_host(host_name)
+        revoked = []
+        for cert in self.repo.list_certificates(host_name):
+            if cert.revoked_at is None:
+                revoked.append(self.repo.revoke_certificate(cert.serial, self.clock.now()))
+        self.audit(
+            "host.revoked",
+            f"revoked {len(revoked)} certificate(s) of {host_name}",
+            principal,
+            host=host_name,
+            severity=Severity.WARNING,
+        )
+        return revoked
+
+    def is_revoked(self, serial: int) -> bool:
+        return certificate_revoked(self.repo, serial)
+
+    def host_usage(self) -> list[HostUsage]:
+        vms = {vm.id: vm for vm in self.repo.list_vms()}
+        usage = []
+        for host in self.repo.list_hosts():
+            here = [vms[p.vm_id] for p in self.repo.placements_on(host.name) if p.vm_id in vms]
+            report = self.reconciler.last_report(host.name)
+            usage.append(
+                HostUsage(
+                    host=host,
+                    vm_count=len(here),
+                    memory_used_mb=sum(vm.memory_mb for vm in here),
+                    last_report=report.received_at if report else None,
+                    reachable=self.reconciler.is_fresh(host.name),
+                )
+            )
+        return usage
+
+    def neighbours_on_host(self, host_name: str, at: dt.datetime) -> list[Neighbour]:
+        self.repo.get_host(host_name)
+        return self.repo.neighbours_on_host(host_name, at)
+
+    # ---- VMs ---------------------------------------------------------------------------------------------------
+
+    def _choose_host(self, req: VMRequest) -> Host:
+        usage = {u.host.name: u for u in self.host_usage()}
+        if req.host is not None:
+            if req.host not in usage:
+                raise errors.NotFound(f"unknown host {req.host!r}")
+            candidate = usage[req.host]
+            if candidate.host.state is not HostState.ENROLLED:
+                raise errors.Conflict(f"host {req.host} is not enrolled yet")
+            free = candidate.host.memory_mb - candidate.memory_used_mb
+            if free < req.memory_mb:
+                raise errors.CapacityError(
+                    f"host {req.host} is full: {free} MiB free of {candidate.host.memory_mb}, "
+                    f"the VM needs {req.memory_mb}"
+                )
+            return candidate.host
+        eligible = [
+            u
+            for u in usage.values()
+            if u.host.state is HostState.ENROLLED
+            and u.host.role == "compute"
+            and u.host.memory_mb - u.memory_used_mb >= req.memory_mb
+        ]
+        if not eligible:
+            raise errors.CapacityError(f"no enrolled host has {req.memory_mb} MiB free")
+        return max(eligible, key=lambda u: (u.host.memory_mb - u.memory_used_mb, u.host.name)).host
+
+    def _validate(self, req: VMRequest) -> None:
+        check_name("VM", req.name)
+        check_name("tenant", req.tenant)
+        if not MIN_MEMORY_MB <= req.memory_mb <= MAX_MEMORY_MB:
+            raise errors.InvalidInput(f"memory must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB} MiB")
+        if not MIN_DISK <= req.disk_bytes <= MAX_DISK:
+            raise errors.InvalidInput("disk must be between 1M and 1T")
+        if not 1 <= req.vcpus <= 64:
+            raise errors.InvalidInput("vcpus must be between 1 and 64")
+        for key, value in req.profile.items():
+            if not key or not value:
+                raise errors.InvalidInput(f"bad profile label {key}={value}: use key=value")
+        try:
+            existing = self.repo.get_vm(req.name)
+        except errors.NotFound:
+            return
+        if existing.state is not VMState.DELETED:
+            raise errors.Conflict(f"a VM named {req.name} already exists")
+
+    async def create_vm(self, req: VMRequest, principal: str) -> VM:
+        self._validate(req)
+        host = self._choose_host(req)
+        self.repo.ensure_tenant(req.tenant)
+        vm = VM(
+            id=str(uuid.uuid4()),
+            name=req.name,
+            tenant=req.tenant,
+            memory_mb=req.memory_mb,
+            vcpus=req.vcpus,
+            disk_bytes=req.disk_bytes,
+            image="ferryman-lab-guest",
+            canary=f"FMCANARY-{secrets.token_hex(8)}",
+            profile=dict(req.profile),
+            state=VMState.CREATING,
+            created_at=self.clock.now(),
+        )
+        vm = self.repo.add_vm(vm, host.name, self.clock.now())
+        self.audit(
+            "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
+        )
+        spec = VMSpec(
+            vm_id=vm.id,
+            name=vm.name,
+            vcpus=vm.vcpus,
+            memory_mb=vm.memory_mb,
+            disks=(DiskSpec(vm.disk_bytes),),
+            canary=vm.canary,
+            generation=vm.generation,
+            dirty_kib_per_s=req.dirty_kib_per_s,
+            record_interval_ms=req.record_interval_ms,
+        )
+        try:
+            await self.agents.create_vm(host, spec)
+        except errors.AgentUnreachable as err:
+            vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.FAILED))
+            self.audit(
+                "vm.create_failed", f"{vm.name}: {err}", principal, vm=vm.id, host=host.name, severity=Severity.WARNING
+            )
+            raise
+        except errors.FerrymanError as err:
+            await self._discard_failed(vm, host)
+            self.audit(
+                "vm.create_failed", f"{vm.name}: {err}", principal, vm=vm.id, host=host.name, severity=Severity.WARNING
+            )
+            raise
+        vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.CREATED))
+        self.audit("vm.created", f"{vm.name} runs on {host.name}", principal, vm=vm.id, host=host.name)
+        return vm
+
+    async def _discard_failed(self, vm: VM, host: Host) -> None:
+        try:
+            await self.agents.destroy_vm(host, vm.id)
+        except errors.FerrymanError as err:
+            log.warning("cleanup of failed VM creation failed", vm=vm.id, host=host.name, error=str(err))
+        self.repo.delete_vm(vm.id, self.clock.now())
+
+    def get_vm(self, name: str) -> tuple[VM, Placement | None]:
+        vm = self.repo.get_vm(name)
+        if vm.state is VMState.DELETED:
+            raise errors.NotFound(f"unknown VM {name!r} (deleted)")
+        return vm, self.repo.current_placement(vm.id)
+
+    async def vm_action(self, name: str, action: VMAction, principal: str) -> VM:
+        vm, placement = self.get_vm(name)
+        target = next_vm_state(vm.state, action)
+        if placement is None:
+            raise errors.Conflict(f"{vm.name} has no placement")
+        host = self.repo.get_host(placement.host)
+        self.audit(
+            f"vm.{action.value}_requested",
+            f"{action.value} {vm.name} on {host.name}",
+            principal,
+            vm=vm.id,
+            host=host.name,
+        )
+        if action is VMAction.DELETE:
+            await self.agents.destroy_vm(host, vm.id)
+            vm = self.repo.delete_vm(vm.id, self.clock.now())
+        else:
+            await self.agents.vm_action(host, vm.id, action.value)
+            vm = self.repo.set_vm_state(vm.id, target)
+        self.audit(f"vm.{target.value}", f"{vm.name} is {target.value}", principal, vm=vm.id, host=host.name)
+        return vm

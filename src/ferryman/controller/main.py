@@ -1,0 +1,124 @@
+"""``ferryman-controller``: bootstrap (CA, controller certificate, first admin token) and serve the API over TLS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from fastapi import FastAPI
+
+from ferryman.cmdb.sql import open_repository
+from ferryman.controller.agent_client import HttpAgentClient
+from ferryman.controller.app import create_app
+from ferryman.controller.fleet import Fleet, certificate_revoked
+from ferryman.controller.reconcile import Reconciler
+from ferryman.controller.settings import ControllerSettings
+from ferryman.core.clock import Clock, SystemClock
+from ferryman.core.errors import FerrymanError
+from ferryman.logs import configure_logging
+from ferryman.pki.ca import CertificateAuthority
+from ferryman.pki.csr import write_private_key
+from ferryman.security.asgi_tls import make_server
+from ferryman.security.secrets import make_api_token
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ControllerFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def ensure_controller_identity(settings: ControllerSettings, ca: CertificateAuthority) -> ControllerFiles:
+    """The controller's own certificate, issued by its CA on first start."""
+    files = ControllerFiles(
+        ca=settings.pki_dir / "ca.pem",
+        cert=settings.pki_dir / "controller.pem",
+        key=settings.pki_dir / "controller.key",
+    )
+    if not (files.cert.exists() and files.key.exists()):
+        key_pem, issued = ca.issue_controller_certificate(settings.name, [settings.bind_host])
+        write_private_key(files.key, key_pem)
+        files.cert.write_bytes(issued.pem)
+    return files
+
+
+def ensure_admin_token(settings: ControllerSettings, fleet: Fleet, clock: Clock) -> None:
+    """On first start only: create the bootstrap admin token and write it to a 0600 file."""
+    if fleet.repo.get_setting("bootstrap_admin_token") is not None:
+        return
+    token, token_id, secret_hash = make_api_token()
+    fleet.repo.add_api_token(token_id, "admin", "admin", secret_hash, clock.now())
+    fd = os.open(settings.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    fleet.repo.put_setting("bootstrap_admin_token", token_id)
+    fleet.audit("token.bootstrap", f"bootstrap admin token written to {settings.admin_token_file}", "system")
+
+
+def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[FastAPI, Fleet, ControllerFiles]:
+    clock = clock or SystemClock()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
+    repo = open_repository(settings.db_url)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, clock)
+    files = ensure_controller_identity(settings, ca)
+    reconciler = Reconciler(repo, clock, settings.reconcile.stale_after_s)
+    agents = HttpAgentClient(
+        ca=files.ca,
+        cert=files.cert,
+        key=files.key,
+        clock=clock,
+        timeout_s=settings.agent_timeout_s,
+        is_revoked=functools.partial(certificate_revoked, repo),
+    )
+    fleet = Fleet(repo, agents, ca, clock, reconciler, settings.enrol_token_ttl_s)
+    ensure_admin_token(settings, fleet, clock)
+
+    async def reconcile_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.reconcile.interval_s)
+            try:
+                reconciler.run()
+            except FerrymanError as err:
+                log.error("reconciliation pass failed", error=str(err))
+
+    return create_app(fleet, background=reconcile_forever), fleet, files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ferryman-controller", description="Run the Ferryman controller.")
+    parser.add_argument("--data-dir", type=Path, help="state directory (CA, CMDB, admin token)")
+    parser.add_argument("--bind", help="address:port to serve on (default 127.0.0.1:8443)")
+    parser.add_argument("--db-url", help="SQLAlchemy URL of the CMDB (default: SQLite in the data directory)")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-json", action="store_true")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, json=args.log_json)
+    settings = ControllerSettings.load(args.data_dir, args.bind, args.db_url)
+    try:
+        app, _, files = build(settings)
+    except FerrymanError as err:
+        print(f"ferryman-controller: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    server = make_server(
+        app,
+        host=settings.bind_host,
+        port=settings.bind_port,
+        cert=files.cert,
+        key=files.key,
+        ca=files.ca,
+        client_cert="optional",
+    )
+    log.info("controller serving", url=settings.url, data_dir=str(settings.data_dir))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()

@@ -1,0 +1,173 @@
+"""Reconciliation: compare what agents report with what the CMDB says, and raise alarms for the difference.
+
+The CMDB is never "fixed" from a report: a VM running where the CMDB does not place it, two copies of one VM, a VM the
+CMDB does not know, or a VM missing from its host is an alarm, recorded in the event log and kept open until the
+discrepancy disappears. :func:`discrepancies` is pure; :class:`Reconciler` keeps the latest report of each host and
+writes alarms.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from ferryman.cmdb.repository import Repository
+from ferryman.core.clock import Clock
+from ferryman.core.models import VM, Event, RunState, Severity, VMRuntime, VMState
+
+log = structlog.get_logger(__name__)
+
+# discrepancies that are security relevant are alarmed at first sight; the others only when seen on two passes in a row,
+# so that a report racing a lifecycle change does not raise a false alarm
+IMMEDIATE = frozenset({"vm.unexpected_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running"})
+
+_EXPECTED_RUN_STATE = {VMState.RUNNING: RunState.RUNNING, VMState.PAUSED: RunState.PAUSED}
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    kind: str
+    vm_id: str | None
+    host: str | None
+    message: str
+
+    @property
+    def key(self) -> tuple[str, str | None, str | None]:
+        return (self.kind, self.vm_id, self.host)
+
+
+@dataclass(frozen=True)
+class HostReport:
+    host: str
+    received_at: dt.datetime
+    vms: tuple[VMRuntime, ...]
+
+
+def discrepancies(
+    vms: Mapping[str, VM], placed_on: Mapping[str, str], reports: Iterable[HostReport]
+) -> list[Discrepancy]:
+    """Every difference between the CMDB (``vms`` by id, ``placed_on`` vm id → host) and fresh host reports."""
+    found: list[Discrepancy] = []
+    reports = list(reports)
+    reporting_hosts = {r.host for r in reports}
+    seen: dict[str, list[str]] = {}
+    for report in reports:
+        for rt in report.vms:
+            if rt.run_state is RunState.SHUTDOWN:
+                continue
+            seen.setdefault(rt.vm_id, []).append(report.host)
+            found.extend(_check_runtime(vms.get(rt.vm_id), placed_on.get(rt.vm_id), report.host, rt))
+    for vm_id, hosts in seen.items():
+        if len(hosts) > 1:
+            name = vms[vm_id].name if vm_id in vms else vm_id
+            found.append(
+                Discrepancy(
+                    "vm.duplicate", vm_id, None, f"{name} runs {len(hosts)} times: on {', '.join(sorted(hosts))}"
+                )
+            )
+    for vm_id, host in placed_on.items():
+        vm = vms.get(vm_id)
+        if vm is None or host not in reporting_hosts or vm.state not in _EXPECTED_RUN_STATE:
+            continue
+        if host not in seen.get(vm_id, []):
+            found.append(
+                Discrepancy(
+                    "vm.missing", vm_id, host, f"{vm.name} should be {vm.state.value} on {host} but is not running"
+                )
+            )
+    return found
+
+
+def _check_runtime(vm: VM | None, placed: str | None, host: str, rt: VMRuntime) -> list[Discrepancy]:
+    if vm is None:
+        return [
+            Discrepancy("vm.unknown", rt.vm_id, host, f"QEMU {rt.name or rt.vm_id} on {host} is unknown to the CMDB")
+        ]
+    if vm.state is VMState.DELETED:
+        return [Discrepancy("vm.deleted_but_running", vm.id, host, f"deleted VM {vm.name} still runs on {host}")]
+    if placed != host:
+        where = f"placed on {placed}" if placed else "placed nowhere"
+        return [Discrepancy("vm.unexpected_copy", vm.id, host, f"{vm.name} runs on {host} but the CMDB has it {where}")]
+    found = []
+    if not rt.managed:
+        found.append(
+            Discrepancy(
+                "vm.unmanaged_process", vm.id, host, f"{vm.name} on {host} runs in a QEMU the agent did not start"
+            )
+        )
+    expected = _EXPECTED_RUN_STATE.get(vm.state)
+    if vm.state is not VMState.CREATING and expected is not rt.run_state:
+        found.append(
+            Discrepancy(
+                "vm.state_mismatch",
+                vm.id,
+                host,
+                f"{vm.name} is {rt.run_state.value} on {host} but the CMDB says {vm.state.value}",
+            )
+        )
+    return found
+
+
+class Reconciler:
+    """Holds the latest report of every host and turns discrepancies into alarms."""
+
+    def __init__(self, repo: Repository, clock: Clock, stale_after_s: float) -> None:
+        self._repo = repo
+        self._clock = clock
+        self._stale_after = dt.timedelta(seconds=stale_after_s)
+        self._reports: dict[str, HostReport] = {}
+        self._suspects: set[tuple[str, str | None, str | None]] = set()
+
+    def accept(self, host: str, vms: list[VMRuntime]) -> None:
+        self._reports[host] = HostReport(host, self._clock.now(), tuple(vms))
+
+    def last_report(self, host: str) -> HostReport | None:
+        return self._reports.get(host)
+
+    def is_fresh(self, host: str) -> bool:
+        report = self._reports.get(host)
+        return report is not None and self._clock.now() - report.received_at <= self._stale_after
+
+    def run(self) -> list[Discrepancy]:
+        """One pass: compute discrepancies, open alarms (recording an event for each new one), resolve the rest."""
+        now = self._clock.now()
+        vms = {vm.id: vm for vm in self._repo.list_vms(include_deleted=True)}
+        placed_on = {}
+        for vm in vms.values():
+            if vm.state is not VMState.DELETED:
+                placement = self._repo.current_placement(vm.id)
+                if placement is not None:
+                    placed_on[vm.id] = placement.host
+        fresh = [r for r in self._reports.values() if now - r.received_at <= self._stale_after]
+        current = discrepancies(vms, placed_on, fresh)
+        confirmed = [d for d in current if d.kind in IMMEDIATE or d.key in self._suspects]
+        self._suspects = {d.key for d in current}
+        for d in confirmed:
+            alarm = self._repo.open_alarm(d.kind, d.vm_id, d.host, d.message, now)
+            if alarm is not None:
+                log.warning("alarm raised", kind=d.kind, vm=d.vm_id, host=d.host, message=d.message)
+                self._repo.record_event(
+                    Event(
+                        kind=f"alarm.{d.kind}",
+                        message=d.message,
+                        time=now,
+                        severity=Severity.ALARM,
+                        vm=d.vm_id,
+                        host=d.host,
+                    )
+                )
+        keep = [d.key for d in current]
+        for alarm in self._repo.resolve_alarms(keep, now):
+            self._repo.record_event(
+                Event(
+                    kind=f"alarm.resolved.{alarm.kind}",
+                    message=f"resolved: {alarm.message}",
+                    time=now,
+                    vm=alarm.vm_id,
+                    host=alarm.host,
+                )
+            )
+        return confirmed

@@ -1,0 +1,261 @@
+"""Pydantic shapes of the REST API (requests and responses). Conversion from domain models lives here too."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ferryman.cmdb.repository import Alarm, Neighbour
+from ferryman.core.models import VM, Event, Host, Placement, Site
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SiteIn(_In):
+    name: str
+    security_level: int = Field(ge=0)
+    description: str = ""
+
+
+class SiteOut(BaseModel):
+    name: str
+    security_level: int
+    description: str
+
+    @classmethod
+    def of(cls, site: Site) -> SiteOut:
+        return cls(name=site.name, security_level=site.security_level, description=site.description)
+
+
+class HostIn(_In):
+    name: str
+    address: str
+    agent_port: int = Field(default=8444, ge=1, le=65535)
+    site: str
+    zone: str
+    subnet: str
+    virt_type: str = "kvm"
+    hypervisor: str = "qemu"
+    hypervisor_version: str
+    patch_level: int = Field(ge=0)
+    role: str = "compute"
+    memory_mb: int = Field(default=2048, ge=64)
+
+
+class HostOut(BaseModel):
+    name: str
+    address: str
+    agent_port: int
+    site: str
+    security_level: int | None
+    zone: str
+    subnet: str
+    virt_type: str
+    hypervisor: str
+    hypervisor_version: str
+    patch_level: int
+    role: str
+    memory_mb: int
+    state: str
+    vm_count: int = 0
+    memory_used_mb: int = 0
+    reachable: bool = False
+    last_report: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, host: Host, security_level: int | None, **usage: Any) -> HostOut:
+        return cls(
+            name=host.name,
+            address=host.address,
+            agent_port=host.agent_port,
+            site=host.site,
+            security_level=security_level,
+            zone=host.zone,
+            subnet=host.subnet,
+            virt_type=host.virt_type,
+            hypervisor=host.hypervisor,
+            hypervisor_version=host.hypervisor_version,
+            patch_level=host.patch_level,
+            role=host.role,
+            memory_mb=host.memory_mb,
+            state=host.state.value,
+            **usage,
+        )
+
+
+class HostCreated(BaseModel):
+    host: HostOut
+    enrol_token: str
+
+
+class EnrolIn(_In):
+    host: str
+    token: str
+    csr_pem: str
+
+
+class EnrolOut(BaseModel):
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+
+
+class VMIn(_In):
+    name: str
+    tenant: str
+    memory: str | int = "256"
+    vcpus: int = 1
+    disk: str | int = "64M"
+    profile: dict[str, str] = Field(default_factory=dict)
+    host: str | None = None
+    dirty_kib_per_s: int = Field(default=256, ge=0, le=1 << 20)
+    record_interval_ms: int = Field(default=1000, ge=50, le=600_000)
+
+
+class PlacementOut(BaseModel):
+    vm_id: str
+    host: str
+    generation: int
+    valid_from: dt.datetime
+    valid_to: dt.datetime | None
+
+    @classmethod
+    def of(cls, p: Placement) -> PlacementOut:
+        return cls(vm_id=p.vm_id, host=p.host, generation=p.generation, valid_from=p.valid_from, valid_to=p.valid_to)
+
+
+class VMOut(BaseModel):
+    id: str
+    name: str
+    tenant: str
+    state: str
+    generation: int
+    memory_mb: int
+    vcpus: int
+    disk_bytes: int
+    profile: dict[str, str]
+    host: str | None
+    since: dt.datetime | None
+    created_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, vm: VM, placement: Placement | None) -> VMOut:
+        return cls(
+            id=vm.id,
+            name=vm.name,
+            tenant=vm.tenant,
+            state=vm.state.value,
+            generation=vm.generation,
+            memory_mb=vm.memory_mb,
+            vcpus=vm.vcpus,
+            disk_bytes=vm.disk_bytes,
+            profile=vm.profile,
+            host=placement.host if placement else None,
+            since=placement.valid_from if placement else None,
+            created_at=vm.created_at,
+        )
+
+
+class NeighbourOut(BaseModel):
+    vm_id: str
+    vm: str
+    tenant: str
+    host: str
+    since: dt.datetime
+    until: dt.datetime | None
+
+    @classmethod
+    def of(cls, n: Neighbour) -> NeighbourOut:
+        return cls(vm_id=n.vm_id, vm=n.vm_name, tenant=n.tenant, host=n.host, since=n.since, until=n.until)
+
+
+class VMDetail(VMOut):
+    canary: str
+    neighbours: list[NeighbourOut]
+
+
+class EventOut(BaseModel):
+    id: int | None
+    time: dt.datetime
+    kind: str
+    severity: str
+    principal: str
+    vm: str | None
+    host: str | None
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(
+            id=e.id,
+            time=e.time,
+            kind=e.kind,
+            severity=e.severity.value,
+            principal=e.principal,
+            vm=e.vm,
+            host=e.host,
+            message=e.message,
+            data=e.data,
+        )
+
+
+class AlarmOut(BaseModel):
+    id: int
+    kind: str
+    vm: str | None
+    host: str | None
+    message: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    resolved_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, a: Alarm) -> AlarmOut:
+        return cls(
+            id=a.id,
+            kind=a.kind,
+            vm=a.vm_id,
+            host=a.host,
+            message=a.message,
+            first_seen=a.first_seen,
+            last_seen=a.last_seen,
+            resolved_at=a.resolved_at,
+        )
+
+
+class RuntimeIn(BaseModel):
+    vm_id: str
+    name: str = ""
+    run_state: str
+    pid: int | None = None
+    generation: int | None = None
+    managed: bool = True
+
+
+class ReportIn(BaseModel):
+    """An agent's inventory. Any host name in the body is ignored: the host is the one its certificate names."""
+
+    vms: list[RuntimeIn]
+    model_config = ConfigDict(extra="ignore")
+
+
+class AgentEventIn(BaseModel):
+    vm_id: str
+    event: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    timestamp: float = 0.0
+
+
+class AgentEventsIn(BaseModel):
+    events: list[AgentEventIn]
+    model_config = ConfigDict(extra="ignore")
+
+
+class ReportAck(BaseModel):
+    host: str
+    accepted: int

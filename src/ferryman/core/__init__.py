@@ -1,0 +1,1 @@
+"""Domain core: ids, models, errors and the clock. Imports no I/O package."""

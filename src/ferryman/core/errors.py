@@ -1,0 +1,83 @@
+"""The one exception tree of Ferryman.
+
+Every error Ferryman raises on purpose derives from :class:`FerrymanError`. Foreign errors (sqlite, httpx, QMP,
+OSError) are wrapped at the boundary that meets them, ``raise X(...) from err``. Retryability is a property of the type:
+callers retry a :class:`TransientError` (after ``delay`` seconds, a bounded number of times) and never a
+:class:`PermanentError`. HTTP status codes are not known here; the API layer maps types to codes.
+
+::
+
+    FerrymanError
+     ├── PermanentError
+     │    ├── InvalidInput          bad size, bad name, malformed request
+     │    ├── NotFound              unknown VM, host, site, tenant, token
+     │    ├── Conflict              name taken, illegal lifecycle transition
+     │    ├── CapacityError         host full, no host can take the VM
+     │    ├── Unauthenticated       missing / bad token or certificate
+     │    ├── Forbidden             authenticated but not allowed (revoked, wrong identity)
+     │    ├── PKIError              CA, CSR, certificate problems
+     │    └── HypervisorError       QEMU refused or died (permanent for this attempt)
+     └── TransientError(delay)
+          └── AgentUnreachable      the host agent did not answer
+"""
+
+from __future__ import annotations
+
+
+class FerrymanError(Exception):
+    """Root of every error Ferryman raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PermanentError(FerrymanError):
+    """Retrying the same request cannot succeed."""
+
+
+class TransientError(FerrymanError):
+    """The same request may succeed later; ``delay`` is the suggested wait in seconds."""
+
+    def __init__(self, message: str, delay: float = 1.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class InvalidInput(PermanentError):
+    """The request is malformed or a value is out of range."""
+
+
+class NotFound(PermanentError):
+    """The named object does not exist."""
+
+
+class Conflict(PermanentError):
+    """The request contradicts the current state (a name is taken, a transition is illegal)."""
+
+
+class CapacityError(PermanentError):
+    """No room for the request (host full, no eligible host)."""
+
+
+class Unauthenticated(PermanentError):
+    """The caller did not prove who it is."""
+
+
+class Forbidden(PermanentError):
+    """The caller is known but may not do this (revoked certificate, identity mismatch)."""
+
+
+class PKIError(PermanentError):
+    """A certificate, key or signing operation failed."""
+
+
+class HypervisorError(PermanentError):
+    """QEMU or qemu-img refused an operation or died."""
+
+
+class AgentUnreachable(TransientError):
+    """The host agent did not answer."""

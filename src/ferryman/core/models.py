@@ -1,0 +1,217 @@
+"""Domain models: frozen dataclasses shared by the controller, the CMDB and the agent.
+
+They carry no behaviour that does I/O. The VM lifecycle is an enum plus an explicit transition table
+(:data:`VM_TRANSITIONS`); :func:`next_vm_state` is the only way to compute a new state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferryman.core.errors import Conflict, InvalidInput
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return ``name`` if it is a valid DNS-label-like name, else raise :class:`InvalidInput`."""
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"bad {kind} name {name!r}: use 1-63 lowercase letters, digits and '-', starting and ending alphanumeric"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Site:
+    """A physical location with a security level (higher is stronger)."""
+
+    name: str
+    security_level: int
+    description: str = ""
+
+
+class HostState(enum.StrEnum):
+    PENDING = "pending"  # registered, waiting for enrolment
+    ENROLLED = "enrolled"  # holds a certificate
+
+
+@dataclass(frozen=True)
+class Host:
+    """A hypervisor host and the labels placement policies read (see DESIGN.md, CMDB)."""
+
+    name: str
+    address: str
+    agent_port: int
+    site: str
+    zone: str
+    subnet: str
+    virt_type: str
+    hypervisor: str
+    hypervisor_version: str
+    patch_level: int
+    role: str = "compute"
+    memory_mb: int = 2048
+    state: HostState = HostState.PENDING
+    created_at: dt.datetime | None = None
+
+    @property
+    def agent_url(self) -> str:
+        return f"https://{self.address}:{self.agent_port}"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+
+
+class VMState(enum.StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+    DELETED = "deleted"
+
+
+class VMAction(enum.StrEnum):
+    CREATED = "created"  # the agent booted it
+    FAILED = "failed"
+    START = "start"
+    STOP = "stop"
+    PAUSE = "pause"
+    RESUME = "resume"
+    DELETE = "delete"
+
+
+VM_TRANSITIONS: dict[tuple[VMState, VMAction], VMState] = {
+    (VMState.CREATING, VMAction.CREATED): VMState.RUNNING,
+    (VMState.CREATING, VMAction.FAILED): VMState.ERROR,
+    (VMState.CREATING, VMAction.DELETE): VMState.DELETED,
+    (VMState.RUNNING, VMAction.PAUSE): VMState.PAUSED,
+    (VMState.RUNNING, VMAction.STOP): VMState.STOPPED,
+    (VMState.RUNNING, VMAction.DELETE): VMState.DELETED,
+    (VMState.RUNNING, VMAction.FAILED): VMState.ERROR,
+    (VMState.PAUSED, VMAction.RESUME): VMState.RUNNING,
+    (VMState.PAUSED, VMAction.STOP): VMState.STOPPED,
+    (VMState.PAUSED, VMAction.DELETE): VMState.DELETED,
+    (VMState.PAUSED, VMAction.FAILED): VMState.ERROR,
+    (VMState.STOPPED, VMAction.START): VMState.RUNNING,
+    (VMState.STOPPED, VMAction.DELETE): VMState.DELETED,
+    (VMState.STOPPED, VMAction.FAILED): VMState.ERROR,
+    (VMState.ERROR, VMAction.START): VMState.RUNNING,
+    (VMState.ERROR, VMAction.STOP): VMState.STOPPED,
+    (VMState.ERROR, VMAction.DELETE): VMState.DELETED,
+}
+
+
+def next_vm_state(state: VMState, action: VMAction) -> VMState:
+    """Return the state after ``action``, or raise :class:`Conflict` naming what is allowed."""
+    try:
+        return VM_TRANSITIONS[(state, action)]
+    except KeyError:
+        allowed = sorted(a.value for (s, a) in VM_TRANSITIONS if s is state)
+        raise Conflict(
+            f"cannot {action.value} a VM that is {state.value}"
+            + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        ) from None
+
+
+@dataclass(frozen=True)
+class VM:
+    """A virtual machine as the CMDB knows it. ``generation`` fences stale copies (DESIGN.md invariant 3)."""
+
+    id: str
+    name: str
+    tenant: str
+    memory_mb: int
+    vcpus: int
+    disk_bytes: int
+    image: str
+    canary: str
+    profile: dict[str, str] = field(default_factory=dict)
+    generation: int = 1
+    state: VMState = VMState.CREATING
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The temporal fact "VM ran on host from valid_from until valid_to" (valid_to None: still there).
+
+    A row's VM, host, generation and valid_from never change; valid_to is set exactly once, when the fact ends.
+    """
+
+    vm_id: str
+    host: str
+    generation: int
+    valid_from: dt.datetime
+    valid_to: dt.datetime | None = None
+
+
+class Severity(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ALARM = "alarm"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the audit/event log."""
+
+    kind: str
+    message: str
+    time: dt.datetime
+    severity: Severity = Severity.INFO
+    principal: str = "system"
+    vm: str | None = None
+    host: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What an agent needs to run a VM. The guest workload knobs travel on the kernel command line."""
+
+    vm_id: str
+    name: str
+    vcpus: int
+    memory_mb: int
+    disks: tuple[DiskSpec, ...]
+    canary: str
+    generation: int = 1
+    dirty_kib_per_s: int = 256
+    record_interval_ms: int = 1000
+
+
+class RunState(enum.StrEnum):
+    """What the hypervisor says about one QEMU process."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    INMIGRATE = "inmigrate"
+    POSTMIGRATE = "postmigrate"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class VMRuntime:
+    """One QEMU process as an agent sees it."""
+
+    vm_id: str
+    name: str
+    run_state: RunState
+    pid: int | None
+    generation: int | None = None
+    managed: bool = True  # False: found on the host but not started by this agent

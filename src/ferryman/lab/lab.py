@@ -1,0 +1,298 @@
+"""Bring the local lab up and down.
+
+``up`` starts a controller on 127.0.0.1 and N agents on 127.0.0.2…, registers two sites of different security levels
+and hosts with distinct labels, enrols every agent through the real PKI path (one-time token + CSR), and boots a few VMs
+of two tenants. It reports progress as it goes. ``down`` stops every agent, every QEMU of the lab and the controller,
+checks that no QEMU is left, and removes the lab's state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferryman.cli.client import Api, CliConfig, CliError
+from ferryman.lab import processes
+
+Say = Callable[[str], None]
+
+SITES = [
+    {"name": "dc-vault", "security_level": 4, "description": "guarded data centre, biometric access"},
+    {"name": "dc-edge", "security_level": 2, "description": "edge site, badge access"},
+]
+
+# host labels cycle through these; the first three differ in site, zone, subnet, hypervisor version and patch level
+HOST_LABELS = [
+    {"site": "dc-vault", "zone": "zone-1", "subnet": "10.10.1.0/24", "hypervisor_version": "7.2.0", "patch_level": 5},
+    {"site": "dc-vault", "zone": "zone-2", "subnet": "10.10.2.0/24", "hypervisor_version": "7.2.0", "patch_level": 3},
+    {"site": "dc-edge", "zone": "zone-2", "subnet": "10.20.2.0/24", "hypervisor_version": "7.1.0", "patch_level": 1},
+]
+
+LAB_VMS = [
+    {"name": "web-1", "tenant": "acme", "profile": {"environment": "production", "sensitivity": "high"}},
+    {"name": "test-1", "tenant": "globex", "profile": {"environment": "test", "sensitivity": "low"}},
+    {"name": "db-1", "tenant": "acme", "profile": {"environment": "production", "sensitivity": "high"}},
+    {"name": "web-2", "tenant": "globex", "profile": {"environment": "production", "sensitivity": "medium"}},
+    {"name": "batch-1", "tenant": "globex", "profile": {"environment": "test", "sensitivity": "low"}},
+    {"name": "cache-1", "tenant": "acme", "profile": {"environment": "staging", "sensitivity": "medium"}},
+]
+
+
+@dataclass
+class LabState:
+    """What ``lab.json`` records: enough to find and stop every process of the lab."""
+
+    port: int
+    agent_port: int
+    accel: str
+    controller_pid: int | None = None
+    agents: dict[str, int] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    started_at: str = ""
+
+
+class Lab:
+    def __init__(self, lab_dir: Path, say: Say = lambda _msg: None) -> None:
+        self.dir = lab_dir.resolve()
+        self.say = say
+
+    # ---- paths -------------------------------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    @property
+    def controller_dir(self) -> Path:
+        return self.dir / "controller"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.controller_dir / "pki" / "ca.pem"
+
+    def host_dir(self, name: str) -> Path:
+        return self.dir / "hosts" / name
+
+    def load_state(self) -> LabState | None:
+        try:
+            return LabState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _save(self, state: LabState) -> None:
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+
+    def api(self) -> Api:
+        return Api(CliConfig.load(self.dir / "cli.json"))
+
+    def _marker(self) -> str:
+        return str(self.dir)
+
+    def running(self) -> dict[str, bool]:
+        state = self.load_state()
+        if state is None:
+            return {}
+        pid = state.controller_pid
+        alive = {"controller": pid is not None and processes.is_alive(pid, self._marker())}
+        for name, pid in state.agents.items():
+            alive[name] = processes.is_alive(pid, self._marker())
+        return alive
+
+    # ---- up ----------------------------------------------------------------------------------------------------
+
+    def up(self, hosts: int = 3, vms: int = 4, port: int = 8443, agent_port: int = 8444) -> LabState:
+        if not 1 <= hosts <= 20:
+            raise CliError("--hosts must be between 1 and 20")
+        if not 0 <= vms <= len(LAB_VMS):
+            raise CliError(f"--vms must be between 0 and {len(LAB_VMS)}")
+        if any(self.running().values()):
+            raise CliError(f"the lab in {self.dir} is already up (ferryman lab status; ferryman lab down)")
+        if self.dir.exists():
+            self.say(f"removing the state of a previous lab in {self.dir}")
+            self._wipe()
+        self.dir.mkdir(parents=True, mode=0o700)
+        from ferryman.agent.hypervisor.accel import detect_accel
+        from ferryman.lab.guest import ensure_guest
+
+        self.say("[1/5] building the guest image (kernel + initramfs from Debian packages)")
+        guest = ensure_guest()
+        self.say("[2/5] checking whether KVM can boot a guest here")
+        accel = detect_accel(guest, guest.kernel.parent)
+        self.say(f"      accelerator: {accel}")
+        state = LabState(port=port, agent_port=agent_port, accel=accel, started_at=dt.datetime.now(dt.UTC).isoformat())
+        try:
+            self._start_controller(state)
+            self._start_agents(state, hosts)
+            self._boot_vms(vms)
+        except BaseException:
+            self.say("lab start failed; stopping what was started")
+            self.down(quiet=True, keep_state=True)
+            raise
+        return state
+
+    def _start_controller(self, state: LabState) -> None:
+        self.say(f"[3/5] starting the controller on https://127.0.0.1:{state.port}")
+        state.controller_pid = processes.spawn(
+            ["-m", "ferryman.controller", "--data-dir", str(self.controller_dir), "--bind", f"127.0.0.1:{state.port}"],
+            self.dir / "logs" / "controller.log",
+            env={"FERRYMAN_RECONCILE_INTERVAL": "3"},
+        )
+        self._save(state)
+        token_file = self.controller_dir / "admin.token"
+        self._wait("controller", lambda: self.ca_file.exists() and token_file.exists(), 60, state.controller_pid)
+        (self.dir / "cli.json").write_text(
+            json.dumps(
+                {"url": f"https://127.0.0.1:{state.port}", "ca_file": str(self.ca_file), "token_file": str(token_file)}
+            )
+        )
+        self._wait("controller API", self._api_ok, 30, state.controller_pid)
+
+    def _api_ok(self) -> bool:
+        try:
+            self.api().get("/api/v1/sites")
+        except CliError:
+            return False
+        return True
+
+    def _start_agents(self, state: LabState, count: int) -> None:
+        api = self.api()
+        for site in SITES:
+            api.post("/api/v1/sites", site)
+        self.say(f"[4/5] starting {count} host agents and enrolling them with one-time tokens")
+        for i in range(count):
+            name, address = f"host-{chr(ord('a') + i)}", f"127.0.0.{i + 2}"
+            labels = HOST_LABELS[i % len(HOST_LABELS)]
+            created = api.post(
+                "/api/v1/hosts",
+                {
+                    "name": name,
+                    "address": address,
+                    "agent_port": state.agent_port,
+                    "virt_type": state.accel,
+                    "hypervisor": "qemu",
+                    "memory_mb": 1024,
+                    **labels,
+                },
+            )
+            host_dir = self.host_dir(name)
+            host_dir.mkdir(parents=True, mode=0o700)
+            token_file = host_dir / "enrol.token"
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(created["enrol_token"])
+            state.addresses[name] = address
+            state.agents[name] = self.start_agent(state, name, token_file)
+            self._save(state)
+            self.say(f"      {name} on {address} ({labels['site']}, {labels['zone']}, patch {labels['patch_level']})")
+        for name in state.agents:
+            self.wait_host_up(name)
+            (self.host_dir(name) / "enrol.token").unlink(missing_ok=True)
+
+    def start_agent(self, state: LabState, name: str, token_file: Path | None = None) -> int:
+        """Start (or restart) the agent of ``name``; an enrolled agent needs no token."""
+        args = [
+            "-m",
+            "ferryman.agent",
+            "--name",
+            name,
+            "--state-dir",
+            str(self.host_dir(name)),
+            "--listen",
+            f"{state.addresses[name]}:{state.agent_port}",
+            "--controller",
+            f"https://127.0.0.1:{state.port}",
+            "--controller-ca",
+            str(self.ca_file),
+            "--accel",
+            state.accel,
+        ]
+        if token_file is not None:
+            args += ["--enrol-token-file", str(token_file)]
+        pid = processes.spawn(args, self.dir / "logs" / f"{name}.log")
+        state.agents[name] = pid
+        self._save(state)
+        return pid
+
+    def wait_host_up(self, name: str, timeout_s: float = 90) -> None:
+        state = self.load_state()
+        pid = state.agents.get(name) if state else None
+        self._wait(f"agent {name}", lambda: self._host_up(name), timeout_s, pid)
+
+    def _host_up(self, name: str) -> bool:
+        hosts = {h["name"]: h for h in self.api().get("/api/v1/hosts")}
+        return hosts.get(name, {}).get("state") == "enrolled" and bool(hosts[name].get("reachable"))
+
+    def _boot_vms(self, count: int) -> None:
+        self.say(f"[5/5] booting {count} VMs of two tenants")
+        api = self.api()
+        hosts = [h["name"] for h in api.get("/api/v1/hosts")]
+        for i, spec in enumerate(LAB_VMS[:count]):
+            host = hosts[i % len(hosts)]
+            started = time.monotonic()
+            vm = api.post("/api/v1/vms", {**spec, "memory": "128", "disk": "64M", "host": host})
+            self.say(
+                f"      {vm['name']} ({vm['tenant']}) running on {vm['host']} in {time.monotonic() - started:.1f}s"
+            )
+
+    def _wait(self, what: str, ready: Callable[[], bool], timeout_s: float, pid: int | None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if pid is not None and not processes.is_alive(pid, self._marker()):
+                raise CliError(f"{what} exited during start-up; see {self.dir / 'logs'}")
+            time.sleep(0.5)
+        raise CliError(f"{what} not ready after {timeout_s:.0f}s; see {self.dir / 'logs'}")
+
+    # ---- down --------------------------------------------------------------------------------------------------
+
+    def down(self, *, quiet: bool = False, keep_state: bool = False) -> int:
+        """Stop agents, every QEMU of the lab, the controller; return the number of QEMU processes stopped."""
+        say: Say = (lambda _m: None) if quiet else self.say
+        state = self.load_state()
+        if state is None and not self.dir.exists():
+            say("no lab to stop")
+            return 0
+        if state is not None:
+            for name, pid in state.agents.items():
+                say(f"stopping agent {name}")
+                processes.stop(pid, self._marker())
+        stopped = processes.kill_qemus_under(self.dir)
+        say(f"stopped {stopped} QEMU process(es)")
+        if state is not None and state.controller_pid:
+            say("stopping the controller")
+            processes.stop(state.controller_pid, self._marker())
+        if not keep_state:
+            self._wipe()
+        return stopped
+
+    def _wipe(self) -> None:
+        processes.kill_qemus_under(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=False)
+
+    def status(self) -> dict[str, Any]:
+        state = self.load_state()
+        alive = self.running()
+        out: dict[str, Any] = {
+            "lab_dir": str(self.dir),
+            "up": bool(alive) and all(alive.values()),
+            "processes": alive,
+            "qemu_processes": len(processes.qemu_pids_under(self.dir)) if self.dir.exists() else 0,
+        }
+        if state is not None:
+            out["accel"] = state.accel
+            out["controller_url"] = f"https://127.0.0.1:{state.port}"
+            out["started_at"] = state.started_at
+        return out
+
+
+def default_say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

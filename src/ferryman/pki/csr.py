@@ -1,0 +1,97 @@
+"""Keys and certificate signing requests, as a host makes them when it enrols.
+
+A host generates its own EC P-256 key, keeps it on its disk (mode 0600, written atomically so a crash never leaves a
+truncated key), and sends only a CSR to the controller. The CSR carries nothing but ``CN=<host>``: the CA decides every
+other field, so there is no point in asking for more. This module never talks to the network and never sees the CA key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ferryman.core.errors import PKIError
+
+CURVE = ec.SECP256R1
+"""The only curve Ferryman issues or accepts keys on."""
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A new EC P-256 private key."""
+    return ec.generate_private_key(CURVE())
+
+
+def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM (protected by file permissions, not by a passphrase)."""
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """Parse a PEM private key; anything but an unencrypted EC P-256 key is a :class:`PKIError`."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as err:
+        raise PKIError(f"cannot load private key: {err}") from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
+        raise PKIError("private key is not an EC P-256 key")
+    return key
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, host: str) -> bytes:
+    """A PEM CSR for ``CN=<host>``, signed with ``key`` (SHA-256)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    except ValueError as err:
+        raise PKIError(f"cannot build a CSR for {host!r}: {err}") from err
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
+
+    The temporary file is created with ``mode`` from the start (never world-readable, not even for an instant), synced,
+    renamed over ``path``, and the directory is synced so the rename survives a power cut.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(fd, mode)  # the umask may have removed bits we asked for
+            handle.write(data)
+            handle.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise PKIError(f"cannot write {path}: {err}") from err
+
+
+def write_private_key(path: Path, pem: bytes) -> None:
+    """Write a private key PEM readable by its owner only (0600), atomically."""
+    write_atomic(path, pem, mode=0o600)
+
+
+def write_certificate(path: Path, pem: bytes) -> None:
+    """Write a certificate PEM (public, 0644), atomically."""
+    write_atomic(path, pem, mode=0o644)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Authentication of people, tools and hosts; secrets; the TLS-aware HTTP server both daemons run."""

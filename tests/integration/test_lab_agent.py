@@ -1,0 +1,126 @@
+"""Agents on a running lab: surviving SIGKILL without losing a VM, and reconciliation catching a copy started behind
+the controller's back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ferryman.lab import processes
+from ferryman.lab.guest import ensure_guest
+from ferryman.lab.records import read_records
+
+pytestmark = [pytest.mark.lab, pytest.mark.qemu]
+
+
+def controller_ctx(lab) -> ssl.SSLContext:
+    pki = lab.dir / "controller" / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    return ctx
+
+
+def agent_vms(lab, host: str) -> dict[str, dict]:
+    url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms"
+    return {v["vm_id"]: v for v in httpx.get(url, verify=controller_ctx(lab), timeout=30).json()}
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def last_seq(disk: Path) -> int:
+    records = read_records(disk)
+    return max((r.seq for r in records), default=0)
+
+
+def test_agent_sigkill_and_restart_keeps_vm_running(lab):
+    """SIGKILL of host-a's agent leaves web-1's QEMU running; the restarted agent re-attaches without restarting it."""
+    vm = lab.api().get("/api/v1/vms/web-1")
+    assert vm["host"] == "host-a"
+    before = agent_vms(lab, "host-a")[vm["id"]]
+    disk = lab.lab.host_dir("host-a") / "vms" / vm["id"] / "disk0.qcow2"
+    seq_before = wait_for(lambda: last_seq(disk), 30, "web-1 to write disk records")
+    state = lab.state
+    os.kill(state.agents["host-a"], signal.SIGKILL)
+    assert processes.stop(state.agents["host-a"], str(lab.dir), timeout_s=2)
+    assert processes.is_alive(before["pid"], vm["id"]), "the VM died with its agent"
+
+    lab.lab.start_agent(state, "host-a")
+    lab.lab.wait_host_up("host-a")
+    after = agent_vms(lab, "host-a")[vm["id"]]
+    assert (after["pid"], after["managed"], after["run_state"]) == (before["pid"], True, "running")
+    wait_for(lambda: last_seq(disk) > seq_before, 30, "records to keep advancing")
+    # QMP is re-attached: the VM can be paused and resumed through the new agent
+    lab.cli("vm", "pause", "web-1")
+    assert agent_vms(lab, "host-a")[vm["id"]]["run_state"] == "paused"
+    lab.cli("vm", "resume", "web-1")
+    assert agent_vms(lab, "host-a")[vm["id"]]["run_state"] == "running"
+
+
+def test_copy_started_behind_the_controllers_back_raises_alarm(lab, tmp_path):
+    """A QEMU for web-1 started by hand on host-c is reported and raises an unexpected-copy alarm; the CMDB is kept."""
+    vm = lab.api().get("/api/v1/vms/web-1")
+    guest = ensure_guest()
+    rogue_dir = lab.lab.host_dir("host-c") / "rogue"
+    rogue_dir.mkdir(exist_ok=True)
+    pidfile = rogue_dir / "qemu.pid"
+    subprocess.run(
+        [
+            "qemu-system-x86_64",
+            "-daemonize",
+            "-pidfile",
+            str(pidfile),
+            "-uuid",
+            vm["id"],
+            "-name",
+            "web-1",
+            "-machine",
+            "accel=tcg",
+            "-m",
+            "128",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            f"file:{rogue_dir / 'console.log'}",
+            "-kernel",
+            str(guest.kernel),
+            "-initrd",
+            str(guest.initrd),
+            "-append",
+            f"console=ttyS0 quiet ferryman.vm={vm['id']}",
+        ],
+        check=True,
+        timeout=30,
+    )
+    rogue_pid = int(pidfile.read_text())
+    try:
+
+        def alarm_raised():
+            alarms = lab.api().get("/api/v1/alarms")
+            return [a for a in alarms if a["vm"] == vm["id"] and a["kind"] in {"vm.unexpected_copy", "vm.duplicate"}]
+
+        raised = wait_for(alarm_raised, 30, "an alarm about the rogue copy")
+        assert any(a["kind"] == "vm.unexpected_copy" and a["host"] == "host-c" for a in raised)
+        events = lab.api().get("/api/v1/events", kind="alarm.vm.unexpected_copy")
+        assert any(e["vm"] == vm["id"] and e["severity"] == "alarm" for e in events)
+        assert lab.api().get("/api/v1/vms/web-1")["host"] == "host-a"
+    finally:
+        processes.stop(rogue_pid, vm["id"])
+    wait_for(lambda: not alarm_raised(), 30, "the alarm to resolve once the rogue copy is gone")
