@@ -143,6 +143,11 @@ class Reconciler:
                     placed_on[vm.id] = placement.host
         fresh = [r for r in self._reports.values() if now - r.received_at <= self._stale_after]
         current = discrepancies(vms, placed_on, fresh)
+        current += [
+            Discrepancy("host.unreachable", None, r.host, f"{r.host} has not reported since {r.received_at:%H:%M:%S}")
+            for r in self._reports.values()
+            if now - r.received_at > self._stale_after
+        ]
         confirmed = [d for d in current if d.kind in IMMEDIATE or d.key in self._suspects]
         self._suspects = {d.key for d in current}
         for d in confirmed:

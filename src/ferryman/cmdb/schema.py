@@ -1,0 +1,246 @@
+"""The CMDB tables, as SQLAlchemy Core metadata shared by :mod:`ferryman.cmdb.sql` and the Alembic revisions.
+
+The schema is created and changed only by Alembic revisions under ``ferryman/cmdb/alembic/versions``, never by
+``metadata.create_all``; a test checks that the revisions and this module describe the same tables. Constraint names
+follow :data:`NAMING_CONVENTION` so later revisions can address them on SQLite and PostgreSQL alike.
+
+Invariants the database itself guards (the repository checks them too, to raise clear errors):
+
+- at most one open placement (``valid_to IS NULL``) per VM: partial unique index ``uq_placements_open_vm``;
+- a placement never ends before it starts, and a VM has one placement per generation;
+- VM names are unique among VMs that are not deleted: partial unique index ``uq_vms_live_name``;
+- at most one open alarm per (kind, vm_id, host), NULLs compared as equal: ``uq_alarms_open_key``.
+
+Times are stored as ``DateTime(timezone=True)`` through :class:`UtcDateTime`, which hands back aware UTC datetimes on
+both backends (SQLite keeps no offset, so its naive values are UTC by construction). X.509 serial numbers are up to 160
+bits, wider than any SQL integer, so :class:`SerialNumber` stores them as decimal text.
+
+This module holds no queries and no behaviour beyond type conversion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+NAME = 63  # DNS-label-like names (ferryman.core.models.NAME_RE)
+VM_DELETED = "deleted"  # ferryman.core.models.VMState.DELETED, spelled out so the index predicate is a literal
+
+
+class UtcDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """``DateTime(timezone=True)`` that accepts only aware datetimes and returns aware UTC datetimes."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given where an aware UTC time is required")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class SerialNumber(sa.types.TypeDecorator[int]):
+    """A non-negative integer of up to 160 bits (an X.509 serial), stored as decimal text."""
+
+    impl = sa.String(64)
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if value < 0:
+            raise ValueError(f"certificate serial must be non-negative, got {value}")
+        return str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+def json_type() -> sa.types.TypeEngine[Any]:
+    """JSON on SQLite, JSONB on PostgreSQL."""
+    return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+sites = sa.Table(
+    "sites",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("security_level", sa.Integer, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+)
+
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("address", sa.String(255), nullable=False),
+    sa.Column("agent_port", sa.Integer, nullable=False),
+    sa.Column("site", sa.String(NAME), sa.ForeignKey("sites.name"), nullable=False),
+    sa.Column("zone", sa.String(NAME), nullable=False),
+    sa.Column("subnet", sa.String(64), nullable=False),
+    sa.Column("virt_type", sa.String(32), nullable=False),
+    sa.Column("hypervisor", sa.String(64), nullable=False),
+    sa.Column("hypervisor_version", sa.String(64), nullable=False),
+    sa.Column("patch_level", sa.Integer, nullable=False),
+    sa.Column("role", sa.String(NAME), nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+)
+
+vms = sa.Table(
+    "vms",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(NAME), nullable=False),
+    sa.Column("tenant", sa.String(NAME), sa.ForeignKey("tenants.name"), nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("disk_bytes", sa.BigInteger, nullable=False),
+    sa.Column("image", sa.Text, nullable=False),
+    sa.Column("canary", sa.Text, nullable=False),
+    sa.Column("profile", json_type(), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("deleted_at", UtcDateTime, nullable=True),
+    sa.CheckConstraint("generation >= 1", name="generation_positive"),
+    sa.Index("ix_vms_name", "name"),
+    sa.Index(
+        "uq_vms_live_name",
+        "name",
+        unique=True,
+        sqlite_where=sa.text(f"state <> '{VM_DELETED}'"),
+        postgresql_where=sa.text(f"state <> '{VM_DELETED}'"),
+    ),
+)
+
+placements = sa.Table(
+    "placements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
+    sa.Column("host", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("valid_from", UtcDateTime, nullable=False),
+    sa.Column("valid_to", UtcDateTime, nullable=True),
+    sa.UniqueConstraint("vm_id", "generation"),
+    sa.CheckConstraint("valid_to IS NULL OR valid_to >= valid_from", name="interval_ordered"),
+    sa.Index("ix_placements_host_valid_from", "host", "valid_from"),
+    sa.Index(
+        "uq_placements_open_vm",
+        "vm_id",
+        unique=True,
+        sqlite_where=sa.text("valid_to IS NULL"),
+        postgresql_where=sa.text("valid_to IS NULL"),
+    ),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time", UtcDateTime, nullable=False),
+    sa.Column("kind", sa.String(128), nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("principal", sa.String(255), nullable=False),
+    sa.Column("vm", sa.String(64), nullable=True),
+    sa.Column("host", sa.String(NAME), nullable=True),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", json_type(), nullable=False),
+    sa.Index("ix_events_time", "time"),
+    sa.Index("ix_events_vm", "vm"),
+    sa.Index("ix_events_host", "host"),
+)
+
+# vm_id and host carry no foreign key: an alarm may name a VM or host the CMDB does not know (that is the drift).
+alarms = sa.Table(
+    "alarms",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(128), nullable=False),
+    sa.Column("vm_id", sa.String(64), nullable=True),
+    sa.Column("host", sa.String(NAME), nullable=True),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("first_seen", UtcDateTime, nullable=False),
+    sa.Column("last_seen", UtcDateTime, nullable=False),
+    sa.Column("resolved_at", UtcDateTime, nullable=True),
+)
+sa.Index(
+    "uq_alarms_open_key",
+    alarms.c.kind,
+    sa.func.coalesce(alarms.c.vm_id, ""),
+    sa.func.coalesce(alarms.c.host, ""),
+    unique=True,
+    sqlite_where=sa.text("resolved_at IS NULL"),
+    postgresql_where=sa.text("resolved_at IS NULL"),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("secret_hash", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+enrol_tokens = sa.Table(
+    "enrol_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("host", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("secret_hash", sa.String(255), nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("used_at", UtcDateTime, nullable=True),
+    sa.Index("ix_enrol_tokens_host", "host"),
+)
+
+certificates = sa.Table(
+    "certificates",
+    metadata,
+    sa.Column("serial", SerialNumber, primary_key=True),
+    sa.Column("host", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("not_after", UtcDateTime, nullable=False),
+    sa.Column("issued_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Index("ix_certificates_host", "host"),
+)
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("value", json_type(), nullable=False),
+)
