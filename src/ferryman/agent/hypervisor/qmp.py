@@ -1,0 +1,591 @@
+"""The QEMU driver: runs VMs as daemonized QEMU processes and drives them over QMP with ``qemu.qmp``.
+
+Each VM owns a directory, ``<state_dir>/vms/<vm_id>/``::
+
+    spec.json      the VMSpec (with its generation), written before anything is started
+    disk0.qcow2    one qcow2 image per DiskSpec, made with qemu-img
+    qmp.sock       the QMP monitor socket
+    qemu.pid       written by QEMU (-pidfile)
+    console.log    the guest's serial console, appended to across boots
+
+QEMU is started with ``-daemonize``, so it is not a child of the agent and survives the agent's death; a new driver
+finds it again through the pidfile and /proc (:meth:`QemuDriver.reattach`). The driver decides nothing: it never
+restarts a VM on its own, and it never kills a process it finds unless told to stop or destroy that VM. Processes
+that reference this state directory without being one of its VMs are reported as ``managed=False`` so that the
+controller can see a copy started behind its back.
+
+Errors from QEMU, QMP and qemu-img surface as :class:`HypervisorError` carrying QEMU's own message. Every wait has a
+bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import signal
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from ferryman.agent.hypervisor import procscan
+from ferryman.agent.hypervisor.procscan import QemuProcess
+from ferryman.agent.hypervisor.protocol import HypervisorEvent
+from ferryman.core.clock import Clock, SystemClock
+from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
+from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name
+from ferryman.lab.guest import GuestImage, kernel_cmdline
+
+GONE = "GONE"
+QMP_LOST = "QMP_LOST"
+MACHINE = "q35"
+_RUN_STATES = {state.value: state for state in RunState}
+
+
+def disable_core_dumps() -> None:
+    """Runs in the child before exec: a QEMU core dump would hold guest memory, so none may be written."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def machine_args(
+    guest: GuestImage,
+    accel: str,
+    *,
+    memory_mb: int,
+    vcpus: int,
+    cmdline: str,
+    console: Path,
+    disks: Sequence[Path],
+) -> list[str]:
+    """The QEMU options that define the guest machine; identical for every boot, probe and migration peer."""
+    args = ["-nodefaults", "-no-user-config", "-display", "none"]
+    args += ["-machine", f"{MACHINE},accel={accel},dump-guest-core=off", "-m", str(memory_mb), "-smp", str(vcpus)]
+    args += ["-chardev", f"file,id=serial0,path={_opt(console)},append=on", "-serial", "chardev:serial0"]
+    args += ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline]
+    for index, disk in enumerate(disks):
+        fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
+        args += ["-blockdev", f"driver={fmt},node-name=disk{index},file.driver=file,file.filename={_opt(disk)}"]
+        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}"]
+    return args
+
+
+def _via_fd(dir_fd: int, name: str) -> str:
+    """A short path to ``name`` in an open directory.
+
+    A UNIX socket path is limited to 107 bytes and state dirs can be deeper than that; going through the directory's
+    file descriptor keeps the path short. QEMU inherits the descriptor, so it binds (and at exit removes) the socket
+    in the VM directory.
+    """
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def _opt(path: Path) -> str:
+    """A path inside a QEMU option string, where ',' must be doubled."""
+    return str(path).replace(",", ",,")
+
+
+@dataclasses.dataclass
+class _Session:
+    """The driver's live QMP connection to one QEMU process."""
+
+    vm_id: str
+    pid: int
+    client: QMPClient
+    listener: EventListener
+    pump: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None
+    expect_exit: bool = False
+
+
+class _EventStream:
+    """One subscriber's queue of events; it ends when the driver closes."""
+
+    def __init__(self, subscribers: list[_EventStream], maxsize: int) -> None:
+        self._queue: asyncio.Queue[HypervisorEvent | None] = asyncio.Queue(maxsize=maxsize)
+        self._subscribers = subscribers
+        subscribers.append(self)
+
+    def put(self, event: HypervisorEvent | None) -> bool:
+        """Queue ``event``; when full, drop the oldest one and return False."""
+        dropped = False
+        if self._queue.full():
+            self._queue.get_nowait()
+            dropped = True
+        self._queue.put_nowait(event)
+        return not dropped
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> HypervisorEvent:
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def aclose(self) -> None:
+        if self in self._subscribers:
+            self._subscribers.remove(self)
+
+
+class QemuDriver:
+    """Runs this host's VMs as QEMU processes (see the module docstring for the on-disk layout)."""
+
+    LAUNCH_TIMEOUT = 30.0
+    CONNECT_TIMEOUT = 10.0
+    COMMAND_TIMEOUT = 15.0
+    STOP_TIMEOUT = 15.0
+    KILL_TIMEOUT = 5.0
+    EVENT_QUEUE = 10_000
+
+    def __init__(
+        self,
+        state_dir: Path,
+        guest: GuestImage,
+        accel: str,
+        *,
+        qemu_binary: str = "qemu-system-x86_64",
+        qemu_img: str = "qemu-img",
+        log: Any = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if accel not in ("kvm", "tcg"):
+            raise InvalidInput(f"bad accelerator {accel!r}: use kvm or tcg")
+        self.state_dir = state_dir.resolve()
+        self.guest = guest
+        self.accel = accel
+        self.qemu_binary = qemu_binary
+        self.qemu_img = qemu_img
+        self._log = log if log is not None else structlog.get_logger("ferryman.agent.qemu")
+        self._clock = clock or SystemClock()
+        self._sessions: dict[str, _Session] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._subscribers: list[_EventStream] = []
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+
+    def _vm_dir(self, vm_id: str) -> Path:
+        if not _is_uuid(vm_id):
+            raise InvalidInput(f"bad VM id {vm_id!r}: use a lowercase UUID")
+        return self.state_dir / "vms" / vm_id
+
+    def console_log(self, vm_id: str) -> Path:
+        """The VM's serial console log."""
+        return self._vm_dir(vm_id) / "console.log"
+
+    def disk_paths(self, vm_id: str) -> list[Path]:
+        """The VM's disk images, in device order (disk0 is the guest's /dev/vda)."""
+        return [self._vm_dir(vm_id) / f"disk{i}.qcow2" for i in range(len(self.load_spec(vm_id).disks))]
+
+    def load_spec(self, vm_id: str) -> VMSpec:
+        """The VM's stored spec; NotFound if this host has no such VM."""
+        path = self._vm_dir(vm_id) / "spec.json"
+        try:
+            raw = json.loads(path.read_text())
+            return VMSpec(**{**raw, "disks": tuple(DiskSpec(**disk) for disk in raw["disks"])})
+        except FileNotFoundError:
+            raise NotFound(f"VM {vm_id} does not exist on this host") from None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise HypervisorError(f"corrupt spec for VM {vm_id} at {path}: {err}") from err
+
+    def _save_spec(self, spec: VMSpec) -> None:
+        path = self._vm_dir(spec.vm_id) / "spec.json"
+        tmp = path.with_suffix(".json.tmp")
+        with tmp.open("w") as fh:
+            json.dump(dataclasses.asdict(spec), fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    def set_generation(self, vm_id: str, generation: int) -> VMSpec:
+        """Record a new generation for the VM (after a migration commit); returns the updated spec."""
+        spec = dataclasses.replace(self.load_spec(vm_id), generation=generation)
+        self._save_spec(spec)
+        return spec
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def create(self, spec: VMSpec) -> VMRuntime:
+        """Store the spec, create the disks and boot the VM; on failure nothing of it is left behind."""
+        _validate(spec)
+        async with self._lock(spec.vm_id):
+            vm_dir = self._vm_dir(spec.vm_id)
+            vm_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                # Owner-only: the disks hold tenant data.
+                vm_dir.mkdir(mode=0o700)
+            except FileExistsError:
+                raise Conflict(f"VM {spec.vm_id} already exists on this host") from None
+            try:
+                self._save_spec(spec)
+                for index, disk in enumerate(spec.disks):
+                    await self._qemu_img(
+                        "create", "-q", "-f", "qcow2", str(vm_dir / f"disk{index}.qcow2"), disk.size_bytes
+                    )
+                runtime = await self._launch(spec)
+            except BaseException:
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                raise
+            self._log.info("vm created", vm=spec.vm_id, pid=runtime.pid, generation=spec.generation)
+            return runtime
+
+    async def start(self, vm_id: str) -> VMRuntime:
+        """Boot an existing, stopped VM from its disks; Conflict if it already runs."""
+        async with self._lock(vm_id):
+            spec = self.load_spec(vm_id)
+            if procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None:
+                raise Conflict(f"VM {vm_id} is already running")
+            runtime = await self._launch(spec)
+            self._log.info("vm started", vm=vm_id, pid=runtime.pid)
+            return runtime
+
+    async def stop(self, vm_id: str) -> None:
+        """Quit QEMU (the guest's acknowledged writes are already on disk); SIGKILL it if it does not exit in time."""
+        async with self._lock(vm_id):
+            self.load_spec(vm_id)
+            await self._terminate(vm_id)
+
+    async def pause(self, vm_id: str) -> VMRuntime:
+        async with self._lock(vm_id):
+            await self._execute(vm_id, "stop")
+            return await self._runtime(vm_id)
+
+    async def resume(self, vm_id: str) -> VMRuntime:
+        async with self._lock(vm_id):
+            await self._execute(vm_id, "cont")
+            return await self._runtime(vm_id)
+
+    async def destroy(self, vm_id: str) -> None:
+        """Stop the VM if it runs and delete its directory (spec, disks, console log)."""
+        async with self._lock(vm_id):
+            vm_dir = self._vm_dir(vm_id)
+            if not vm_dir.is_dir():
+                raise NotFound(f"VM {vm_id} does not exist on this host")
+            await self._terminate(vm_id)
+            await asyncio.to_thread(shutil.rmtree, vm_dir)
+            self._log.info("vm destroyed", vm=vm_id)
+
+    async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on an attached VM and return its result (for migration and storage code)."""
+        return await self._execute(vm_id, command, arguments)
+
+    # -- inventory ------------------------------------------------------------------------------------------------
+
+    async def list(self) -> list[VMRuntime]:
+        """Every live QEMU process that references this state dir, managed or not."""
+        found = await asyncio.to_thread(procscan.scan_qemu)
+        return [await self._describe(proc) for proc in found if proc.references(self.state_dir)]
+
+    async def reattach(self) -> builtins.list[VMRuntime]:
+        """Reconnect QMP to every VM of this state dir whose process still runs; never starts or kills one."""
+        attached = []
+        for spec_file in sorted((self.state_dir / "vms").glob("*/spec.json")):
+            vm_id = spec_file.parent.name
+            proc = procscan.qemu_at(spec_file.parent / "qemu.pid")
+            if not _is_uuid(vm_id) or proc is None or proc.uuid != vm_id:
+                continue
+            async with self._lock(vm_id):
+                if vm_id not in self._sessions:
+                    try:
+                        await self._attach(vm_id, proc.pid)
+                    except HypervisorError as err:
+                        self._log.error("reattach failed", vm=vm_id, pid=proc.pid, error=str(err))
+                        continue
+                attached.append(await self._runtime(vm_id))
+        self._log.info("reattached", count=len(attached))
+        return attached
+
+    def events(self) -> AsyncIterator[HypervisorEvent]:
+        """A new subscription to every VM's events, starting now; it ends when the driver closes."""
+        return _EventStream(self._subscribers, self.EVENT_QUEUE)
+
+    async def close(self) -> None:
+        """Disconnect from every QMP socket and end event subscriptions; QEMU processes keep running."""
+        for vm_id in list(self._sessions):
+            await self._detach(vm_id)
+        for stream in list(self._subscribers):
+            stream.put(None)
+            await stream.aclose()
+
+    async def _describe(self, proc: QemuProcess) -> VMRuntime:
+        vm_id = proc.uuid or ""
+        spec: VMSpec | None = None
+        managed = False
+        if _is_uuid(vm_id) and (self._vm_dir(vm_id) / "spec.json").exists():
+            spec = self.load_spec(vm_id)
+            pidfile = self._vm_dir(vm_id) / "qemu.pid"
+            managed = proc.option("-pidfile") == str(pidfile) and procscan.read_pidfile(pidfile) == proc.pid
+        if not managed or spec is None:
+            return VMRuntime(vm_id=vm_id, name=proc.name or "", run_state=RunState.OTHER, pid=proc.pid, managed=False)
+        run_state = RunState.OTHER
+        session = self._sessions.get(vm_id)
+        if session is not None and session.pid == proc.pid:
+            with contextlib.suppress(HypervisorError):
+                run_state = await self._run_state(vm_id)
+        return VMRuntime(vm_id, spec.name, run_state, proc.pid, generation=spec.generation)
+
+    # -- processes ------------------------------------------------------------------------------------------------
+
+    def _argv(self, spec: VMSpec, dir_fd: int) -> builtins.list[str]:
+        vm_dir = self._vm_dir(spec.vm_id)
+        cmdline = kernel_cmdline(
+            spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms
+        )
+        argv = [self.qemu_binary, "-name", f"{spec.name},debug-threads=on", "-uuid", spec.vm_id]
+        argv += machine_args(
+            self.guest,
+            self.accel,
+            memory_mb=spec.memory_mb,
+            vcpus=spec.vcpus,
+            cmdline=cmdline,
+            console=vm_dir / "console.log",
+            disks=[vm_dir / f"disk{i}.qcow2" for i in range(len(spec.disks))],
+        )
+        argv += ["-qmp", f"unix:{_via_fd(dir_fd, 'qmp.sock')},server=on,wait=off"]
+        argv += ["-pidfile", str(vm_dir / "qemu.pid"), "-daemonize"]
+        return argv
+
+    async def _launch(self, spec: VMSpec) -> VMRuntime:
+        """Start QEMU and attach to it; if attaching fails the fresh process is killed, never left unmanaged."""
+        pid = await self._spawn(spec)
+        try:
+            await self._attach(spec.vm_id, pid)
+            return await self._runtime(spec.vm_id)
+        except BaseException:
+            procscan.kill(pid)
+            await _wait_exit(pid, self.KILL_TIMEOUT)
+            await self._detach(spec.vm_id)
+            raise
+
+    async def _spawn(self, spec: VMSpec) -> int:
+        """Run QEMU with -daemonize and return the daemon's pid (it is not our child: it outlives the agent)."""
+        vm_dir = self._vm_dir(spec.vm_id)
+        for stale in ("qmp.sock", "qemu.pid"):
+            (vm_dir / stale).unlink(missing_ok=True)
+        dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            argv = self._argv(spec, dir_fd)
+            self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=disable_core_dumps,
+                start_new_session=True,
+                pass_fds=(dir_fd,),
+            )
+        except OSError as err:
+            raise HypervisorError(f"cannot run {self.qemu_binary}: {err}") from err
+        finally:
+            os.close(dir_fd)
+        try:
+            # The launching process exits once QEMU is set up, reporting setup errors on stderr.
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.LAUNCH_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            if (daemon := procscan.qemu_at(vm_dir / "qemu.pid")) is not None:
+                procscan.kill(daemon.pid)
+            raise HypervisorError(f"QEMU for VM {spec.vm_id} did not start within {self.LAUNCH_TIMEOUT}s") from None
+        if proc.returncode != 0:
+            message = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+            raise HypervisorError(f"QEMU failed to start VM {spec.vm_id}: {message}")
+        daemon = procscan.qemu_at(vm_dir / "qemu.pid")
+        if daemon is None:
+            raise HypervisorError(f"QEMU for VM {spec.vm_id} exited right after starting; see {vm_dir}/console.log")
+        return daemon.pid
+
+    async def _terminate(self, vm_id: str) -> None:
+        """Make sure no process of this VM runs: QMP quit, then SIGKILL; waits for the watcher's GONE event."""
+        proc = procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid")
+        if proc is None:
+            await self._detach(vm_id)
+            return
+        session = self._sessions.get(vm_id)
+        if session is None or session.pid != proc.pid:
+            await self._detach(vm_id)
+            with contextlib.suppress(HypervisorError):
+                await self._attach(vm_id, proc.pid)
+            session = self._sessions.get(vm_id)
+        if session is not None:
+            session.expect_exit = True
+            try:
+                await self._execute(vm_id, "quit")
+            except HypervisorError as err:
+                self._log.warning("qmp quit failed; waiting for exit", vm=vm_id, pid=proc.pid, error=str(err))
+        if not await _wait_exit(proc.pid, self.STOP_TIMEOUT if session else 0.0):
+            self._log.warning("qemu did not quit; sending SIGKILL", vm=vm_id, pid=proc.pid)
+            procscan.kill(proc.pid)
+            if not await _wait_exit(proc.pid, self.KILL_TIMEOUT):
+                raise HypervisorError(f"QEMU pid {proc.pid} of VM {vm_id} survived SIGKILL")
+        if session is not None and session.watch is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(session.watch), self.KILL_TIMEOUT)
+        await self._detach(vm_id)
+        self._log.info("vm stopped", vm=vm_id, pid=proc.pid)
+
+    # -- QMP ------------------------------------------------------------------------------------------------------
+
+    async def _attach(self, vm_id: str, pid: int) -> None:
+        client = QMPClient(vm_id)
+        listener = EventListener()
+        client.register_listener(listener)
+        try:
+            dir_fd = os.open(self._vm_dir(vm_id), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                await asyncio.wait_for(client.connect(_via_fd(dir_fd, "qmp.sock")), self.CONNECT_TIMEOUT)
+            finally:
+                os.close(dir_fd)
+        except (QMPError, OSError, TimeoutError) as err:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await client.disconnect()
+            raise HypervisorError(f"cannot connect to QMP of VM {vm_id} (pid {pid}): {err}") from err
+        session = _Session(vm_id=vm_id, pid=pid, client=client, listener=listener)
+        session.pump = asyncio.create_task(self._pump(session), name=f"qmp-events-{vm_id}")
+        session.watch = asyncio.create_task(self._watch(session), name=f"qmp-watch-{vm_id}")
+        self._sessions[vm_id] = session
+        self._log.debug("qmp attached", vm=vm_id, pid=pid)
+
+    async def _detach(self, vm_id: str) -> None:
+        session = self._sessions.pop(vm_id, None)
+        if session is None:
+            return
+        for task in (session.watch, session.pump):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await session.client.disconnect()
+
+    async def _pump(self, session: _Session) -> None:
+        async for message in session.listener:
+            self._publish_message(session.vm_id, message)
+
+    def _publish_message(self, vm_id: str, message: Any) -> None:
+        stamp = message.get("timestamp", {})
+        when = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+        self._publish(HypervisorEvent(vm_id, str(message["event"]), dict(message.get("data", {})), when))
+
+    def _publish(self, event: HypervisorEvent) -> None:
+        for stream in self._subscribers:
+            if not stream.put(event):
+                self._log.warning("event queue full; dropped the oldest event", vm=event.vm_id)
+
+    async def _watch(self, session: _Session) -> None:
+        """Wait for the QMP connection to drop, then report GONE (or QMP_LOST if the process still runs)."""
+        client = session.client
+        while client.runstate in (Runstate.CONNECTING, Runstate.RUNNING):
+            await client.runstate_changed()
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
+        if session.pump is not None:
+            session.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.pump
+        for message in session.listener.clear():
+            self._publish_message(session.vm_id, message)
+        gone = await _wait_exit(session.pid, self.STOP_TIMEOUT)
+        data = {"pid": session.pid, "expected": session.expect_exit}
+        now = self._clock.now().timestamp()
+        self._publish(HypervisorEvent(session.vm_id, GONE if gone else QMP_LOST, data, now))
+        if not session.expect_exit:
+            self._log.warning("qemu gone" if gone else "qmp connection lost", vm=session.vm_id, pid=session.pid)
+        if self._sessions.get(session.vm_id) is session:
+            del self._sessions[session.vm_id]
+
+    async def _execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        session = self._sessions.get(vm_id)
+        if session is None:
+            self.load_spec(vm_id)
+            raise Conflict(f"VM {vm_id} is not running (or not attached) on this host")
+        try:
+            return await asyncio.wait_for(session.client.execute(command, arguments), self.COMMAND_TIMEOUT)
+        except ExecuteError as err:
+            raise HypervisorError(f"QEMU refused {command} for VM {vm_id}: {err}") from err
+        except (QMPError, OSError, EOFError, TimeoutError) as err:
+            raise HypervisorError(f"QMP {command} to VM {vm_id} failed: {err or type(err).__name__}") from err
+
+    async def _run_state(self, vm_id: str) -> RunState:
+        status = await self._execute(vm_id, "query-status")
+        return _RUN_STATES.get(str(status.get("status")), RunState.OTHER)
+
+    async def _runtime(self, vm_id: str) -> VMRuntime:
+        spec = self.load_spec(vm_id)
+        session = self._sessions.get(vm_id)
+        pid = session.pid if session else None
+        return VMRuntime(vm_id, spec.name, await self._run_state(vm_id), pid, generation=spec.generation)
+
+    async def _qemu_img(self, *args: str | int) -> None:
+        argv = [self.qemu_img, *map(str, args)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.LAUNCH_TIMEOUT)
+        except OSError as err:
+            raise HypervisorError(f"cannot run {self.qemu_img}: {err}") from err
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise HypervisorError(f"qemu-img {args[0]} timed out after {self.LAUNCH_TIMEOUT}s") from None
+        if proc.returncode != 0:
+            raise HypervisorError(f"qemu-img {args[0]} failed: {stderr.decode(errors='replace').strip()}")
+
+
+def _is_uuid(value: str) -> bool:
+    """Whether ``value`` is a UUID in canonical form, so it is safe as a directory name and has no aliases."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _validate(spec: VMSpec) -> None:
+    if not _is_uuid(spec.vm_id):
+        raise InvalidInput(f"bad VM id {spec.vm_id!r}: QEMU needs a UUID")
+    check_name("VM", spec.name)
+    if spec.memory_mb < 16 or spec.vcpus < 1:
+        raise InvalidInput(f"bad VM size: memory_mb={spec.memory_mb} vcpus={spec.vcpus}")
+    if any(disk.size_bytes < 512 for disk in spec.disks):
+        raise InvalidInput("every disk needs at least 512 bytes")
+    kernel_cmdline(spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms)
+
+
+async def _wait_exit(pid: int, seconds: float) -> bool:
+    """Poll until ``pid`` is gone (it is not our child, so it cannot be awaited); False after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while procscan.is_alive(pid):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def kill_all(state_dir: Path, wait_seconds: float = 10.0) -> list[int]:
+    """SIGKILL every QEMU process that references ``state_dir`` (its VMs and any stray copy); returns their pids.
+
+    For lab teardown and tests only: no QMP, no grace period.
+    """
+    root = await asyncio.to_thread(state_dir.resolve)
+    victims = [proc.pid for proc in await asyncio.to_thread(procscan.scan_qemu) if proc.references(root)]
+    for pid in victims:
+        procscan.kill(pid, signal.SIGKILL)
+    for pid in victims:
+        if not await _wait_exit(pid, wait_seconds):
+            raise HypervisorError(f"QEMU pid {pid} survived SIGKILL")
+    return victims

@@ -1,0 +1,131 @@
+#!/bin/busybox sh
+# Ferryman lab guest: PID 1 of a busybox initramfs.
+#
+# It gives a migration something real to carry and something to check afterwards:
+#   * memory that is dirtied continuously with non-zero data (zero pages would be nearly free to migrate),
+#     plus the VM's canary string held in RAM;
+#   * numbered records on the raw virtio disk /dev/vda (no filesystem): record N is sector N, sector 0 is a header
+#     holding the last number written, so a restarted guest continues at last+1 with no gap;
+#   * "FMACK N" on the serial console, printed only after record N has been flushed to the disk.
+#
+# Parameters come from the kernel command line: ferryman.vm=<id> ferryman.canary=<string>
+# ferryman.dirty_kib=<KiB dirtied per second, default 256> ferryman.interval_ms=<record interval, default 1000>.
+# It must stay cheap: several of these guests share two host cores under TCG.
+
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=0755 tmpfs /run
+
+# Dependency order: virtio needs symbols from virtio_ring.
+for module in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+    insmod "/lib/modules/$module.ko" || echo "FERRYMAN-GUEST-ERROR insmod $module"
+done
+
+VM=unknown
+CANARY=none
+DIRTY_KIB=256
+INTERVAL_MS=1000
+read -r CMDLINE < /proc/cmdline
+for word in $CMDLINE; do
+    case "$word" in
+        ferryman.vm=*) VM="${word#*=}" ;;
+        ferryman.canary=*) CANARY="${word#*=}" ;;
+        ferryman.dirty_kib=*) DIRTY_KIB="${word#*=}" ;;
+        ferryman.interval_ms=*) INTERVAL_MS="${word#*=}" ;;
+    esac
+done
+case "$DIRTY_KIB" in '' | *[!0-9]*) DIRTY_KIB=256 ;; esac
+case "$INTERVAL_MS" in '' | *[!0-9]*) INTERVAL_MS=1000 ;; esac
+
+# The canary lives in RAM (tmpfs pages) so that a memory image of this guest contains it.
+i=0
+while [ $i -lt 64 ]; do
+    echo "FERRYMAN-CANARY vm=$VM canary=$CANARY"
+    i=$((i + 1))
+done > /run/canary
+
+# Random source twice the largest single write, so the source offset can always move.
+BUF_KIB=2048
+PIECE_KIB=1024
+dd if=/dev/urandom of=/run/random bs=1024 count=$BUF_KIB 2>/dev/null
+
+# Rewrites a tmpfs area with random bytes, a quarter of the per-second budget every 250 ms. The area is at least
+# one second's worth of writes, so a second dirties that many distinct pages.
+dirty_loop() {
+    tick_kib=$((DIRTY_KIB / 4))
+    [ "$tick_kib" -gt 0 ] || return 0
+    area_kib=$DIRTY_KIB
+    [ "$area_kib" -ge 8192 ] || area_kib=8192
+    [ "$area_kib" -le 32768 ] || area_kib=32768
+    done_kib=0
+    while [ $done_kib -lt $area_kib ]; do
+        dd if=/run/random of=/run/dirty bs=1024 count=$PIECE_KIB seek=$done_kib conv=notrunc 2>/dev/null
+        done_kib=$((done_kib + PIECE_KIB))
+    done
+    pos=0
+    ticks=0
+    while :; do
+        ticks=$((ticks + 1))
+        left=$tick_kib
+        while [ "$left" -gt 0 ]; do
+            n=$left
+            [ "$n" -le $PIECE_KIB ] || n=$PIECE_KIB
+            [ $((pos + n)) -le "$area_kib" ] || n=$((area_kib - pos))
+            # The source offset moves every tick, so each pass over the area writes different bytes to a page.
+            skip=$(((pos + ticks) % (BUF_KIB - n + 1)))
+            dd if=/run/random of=/run/dirty bs=1024 count=$n skip=$skip seek=$pos conv=notrunc 2>/dev/null
+            pos=$(((pos + n) % area_kib))
+            left=$((left - n))
+        done
+        usleep 250000
+    done
+}
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+
+# One 512-byte sector, zero padded, flushed to the device before dd returns.
+write_sector() {
+    dd of=/dev/vda bs=512 seek="$1" count=1 iflag=fullblock conv=sync,notrunc,fsync 2>/dev/null
+}
+
+record_loop() {
+    header=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000')
+    last=0
+    case "$header" in
+        FMHDR\ last=*) last="${header#FMHDR last=}" && last="${last%% *}" ;;
+    esac
+    case "$last" in '' | *[!0-9]*) last=0 ;; esac
+    seq=$((last + 1))
+    pause_us=$((INTERVAL_MS * 1000))
+    while :; do
+        read -r up idle < /proc/uptime
+        if printf 'FMREC seq=%d vm=%s canary=%s up=%s\n' "$seq" "$VM" "$CANARY" "$up" | write_sector "$seq" &&
+            printf 'FMHDR last=%d vm=%s\n' "$seq" "$VM" | write_sector 0; then
+            echo "FMACK $seq"
+            seq=$((seq + 1))
+        else
+            echo "FERRYMAN-GUEST-ERROR write seq=$seq"
+        fi
+        usleep "$pause_us"
+    done
+}
+
+dirty_loop &
+if [ -b /dev/vda ]; then
+    echo "FERRYMAN-GUEST-READY vm=$VM"
+    record_loop
+fi
+echo "FERRYMAN-GUEST-ERROR no /dev/vda"
+echo "FERRYMAN-GUEST-READY vm=$VM"
+while :; do
+    sleep 3600
+done

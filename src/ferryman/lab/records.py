@@ -1,0 +1,114 @@
+"""Host-side reader of what the lab guest wrote: disk records and serial-console acks.
+
+The guest (``guest_init.sh``) writes record N as the 512-byte sector N of its raw virtio disk, keeps the last number
+written in sector 0, and prints ``FMACK N`` on its console only once record N is flushed. A migration, stop or restart
+is correct for the guest's data when every acknowledged record is on disk and the numbers have no gap:
+:func:`missing_seqs` computes exactly that.
+
+Disks are read with ``qemu-img dd -U`` (shared, read-only), so reading while the VM runs is safe; only the sectors
+that hold records are copied. This module never writes to a disk.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferryman.core.errors import HypervisorError
+
+SECTOR = 512
+_QCOW2_MAGIC = b"QFI\xfb"
+_RECORD_RE = re.compile(rb"^FMREC seq=(\d+) vm=(\S+) canary=(\S+) up=([0-9.]+)\n")
+_HEADER_RE = re.compile(rb"^FMHDR last=(\d+) ")
+_ACK_RE = re.compile(r"FMACK (\d+)\r?\n")
+# Records past the header's count exist when a guest stopped between writing a record and updating the header.
+_SLACK = 16
+_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record the guest wrote; ``uptime`` is the guest's uptime in seconds when it wrote it."""
+
+    seq: int
+    vm: str
+    canary: str
+    uptime: float
+
+
+def read_records(disk: Path, *, qemu_img: str = "qemu-img") -> list[Record]:
+    """The records on ``disk`` (qcow2 or raw) in sector order, stopping at the first sector that holds none."""
+    last = _parse_header(_read_sectors(disk, 0, 1, qemu_img))
+    data = _read_sectors(disk, 1, last + _SLACK, qemu_img)
+    records = []
+    for offset in range(0, len(data), SECTOR):
+        record = parse_record(data[offset : offset + SECTOR])
+        if record is None:
+            break
+        records.append(record)
+    return records
+
+
+def read_last_seq(disk: Path, *, qemu_img: str = "qemu-img") -> int:
+    """The last sequence number the guest's header claims (0 for a fresh disk)."""
+    return _parse_header(_read_sectors(disk, 0, 1, qemu_img))
+
+
+def parse_record(sector: bytes) -> Record | None:
+    """The record in one sector, or None if the sector holds none."""
+    match = _RECORD_RE.match(sector)
+    if match is None:
+        return None
+    seq, vm, canary, uptime = match.groups()
+    return Record(seq=int(seq), vm=vm.decode(), canary=canary.decode(), uptime=float(uptime))
+
+
+def read_acks(console_log: Path) -> list[int]:
+    """Sequence numbers the guest acknowledged on its console, in order (a partly written last line is ignored)."""
+    try:
+        text = console_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for m in _ACK_RE.finditer(text)]
+
+
+def missing_seqs(records: Iterable[Record], acks: Iterable[int] = ()) -> list[int]:
+    """Sequence numbers from 1 up to the highest one on disk or acknowledged that are not on disk.
+
+    Empty means no acknowledged write was lost and the disk has no gap.
+    """
+    on_disk = {r.seq for r in records}
+    highest = max(on_disk | set(acks), default=0)
+    return [seq for seq in range(1, highest + 1) if seq not in on_disk]
+
+
+def _parse_header(sector: bytes) -> int:
+    match = _HEADER_RE.match(sector)
+    return int(match.group(1)) if match else 0
+
+
+def _read_sectors(disk: Path, first: int, count: int, qemu_img: str) -> bytes:
+    try:
+        with disk.open("rb") as fh:
+            is_qcow2 = fh.read(4) == _QCOW2_MAGIC
+            if not is_qcow2:
+                fh.seek(first * SECTOR)
+                return fh.read(count * SECTOR)
+    except OSError as err:
+        raise HypervisorError(f"cannot read disk {disk}: {err}") from err
+    with tempfile.TemporaryDirectory(prefix="ferryman-records-") as tmp:
+        out = Path(tmp) / "sectors.raw"
+        argv = [qemu_img, "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}"]
+        # qemu-img dd counts ``count`` from the start of the input, skipped blocks included.
+        argv += [f"skip={first}", f"count={first + count}", f"if={disk}", f"of={out}"]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise HypervisorError(f"qemu-img dd of {disk} failed: {err}") from err
+        if done.returncode != 0:
+            raise HypervisorError(f"qemu-img dd of {disk} failed: {done.stderr.strip()}")
+        return out.read_bytes()

@@ -1,0 +1,369 @@
+"""The lab guest and the QEMU driver, against real QEMU (TCG, 1 vCPU, 128 MiB, one 64 MiB disk)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ferryman.agent.hypervisor import accel as accel_mod
+from ferryman.agent.hypervisor import procscan
+from ferryman.agent.hypervisor.protocol import HypervisorEvent
+from ferryman.agent.hypervisor.qmp import GONE, QemuDriver
+from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
+from ferryman.core.models import DiskSpec, RunState, VMSpec
+from ferryman.lab import guest as guest_mod
+from ferryman.lab.guest import GuestImage, ensure_guest
+from ferryman.lab.records import SECTOR, Record, missing_seqs, read_acks, read_records
+
+QEMU = "qemu-system-x86_64"
+BOOT_TIMEOUT = 60.0
+DISK_BYTES = 64 * 1024 * 1024
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def make_spec(name: str = "vm", **overrides: object) -> VMSpec:
+    """A small test VM: 1 vCPU, 128 MiB, one 64 MiB disk, records every 250 ms."""
+    values: dict[str, object] = {
+        "vm_id": str(uuid.uuid4()),
+        "name": name,
+        "vcpus": 1,
+        "memory_mb": 128,
+        "disks": (DiskSpec(DISK_BYTES),),
+        "canary": f"canary-{uuid.uuid4().hex[:12]}",
+        "record_interval_ms": 250,
+    }
+    values.update(overrides)
+    return VMSpec(**values)  # type: ignore[arg-type]
+
+
+async def wait_ready(driver: QemuDriver, vm_id: str, boots: int = 1) -> None:
+    """Wait until the console shows the READY line of the ``boots``-th boot."""
+    console = driver.console_log(vm_id)
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        if console.exists() and console.read_bytes().count(b"FERRYMAN-GUEST-READY") >= boots:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"guest {vm_id} did not print READY #{boots} in {BOOT_TIMEOUT}s: {console.read_text()[-2000:]}")
+
+
+async def records(driver: QemuDriver, vm_id: str) -> list[Record]:
+    return await asyncio.to_thread(read_records, driver.disk_paths(vm_id)[0])
+
+
+async def last_seq(driver: QemuDriver, vm_id: str) -> int:
+    return max((r.seq for r in await records(driver, vm_id)), default=0)
+
+
+async def wait_seq_above(driver: QemuDriver, vm_id: str, seq: int, within: float = 30.0) -> list[Record]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = await records(driver, vm_id)
+        if found and found[-1].seq > seq:
+            return found
+        await asyncio.sleep(0.25)
+    pytest.fail(f"records of {vm_id} did not pass seq {seq} within {within}s")
+
+
+async def next_event(stream: AsyncIterator[HypervisorEvent], name: str, vm_id: str) -> HypervisorEvent:
+    async def find() -> HypervisorEvent:
+        async for event in stream:
+            if event.event == name and event.vm_id == vm_id:
+                return event
+        raise AssertionError("event stream ended")
+
+    return await asyncio.wait_for(find(), 30)
+
+
+async def boot(driver: QemuDriver, spec: VMSpec) -> int:
+    """Create the VM, wait for it to boot and write a record; return its pid."""
+    runtime = await driver.create(spec)
+    assert runtime.pid is not None
+    await wait_ready(driver, spec.vm_id)
+    await wait_seq_above(driver, spec.vm_id, 0)
+    return runtime.pid
+
+
+# -- no QEMU needed ------------------------------------------------------------------------------------------------
+
+
+def test_records_and_gaps_are_read_from_a_raw_disk(tmp_path: Path) -> None:
+    """read_records stops at the first non-record sector and missing_seqs names acked or skipped seqs not on disk."""
+    disk = tmp_path / "disk.raw"
+    sectors = [b"FMHDR last=3 vm=v\n"] + [f"FMREC seq={n} vm=v canary=c up={n}.5\n".encode() for n in (1, 2, 3)]
+    disk.write_bytes(b"".join(s.ljust(SECTOR, b"\0") for s in sectors) + bytes(SECTOR * 4))
+    found = read_records(disk)
+    assert [r.seq for r in found] == [1, 2, 3]
+    assert found[0] == Record(seq=1, vm="v", canary="c", uptime=1.5)
+    console = tmp_path / "console.log"
+    console.write_text("boot noise\nFMACK 1\nFMACK 2\r\nFMACK 3\nFMACK 5\nFMACK 6")
+    assert read_acks(console) == [1, 2, 3, 5]
+    assert missing_seqs(found, read_acks(console)) == [4, 5]
+    assert missing_seqs(found, [1, 2]) == []
+
+
+def test_process_references_match_whole_path_components() -> None:
+    """A QEMU command line references a state dir only through that exact directory, not a sibling prefix."""
+    proc = procscan.QemuProcess(
+        pid=1, argv=("qemu", "-pidfile", "/srv/host1/vms/x/qemu.pid", "-name", "web,debug-threads=on")
+    )
+    assert proc.references(Path("/srv/host1"))
+    assert not proc.references(Path("/srv/host"))
+    assert not proc.references(Path("/host1"))
+    assert proc.name == "web"
+
+
+# -- guest image ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+def test_guest_image_builds_and_is_reused(guest: GuestImage) -> None:
+    """ensure_guest yields a kernel and a gzip cpio holding /init and busybox, and returns at once when built."""
+    assert guest.kernel.stat().st_size > 1_000_000
+    initrd = gzip.decompress(guest.initrd.read_bytes())
+    assert initrd.startswith(b"070701")
+    assert b"FERRYMAN-GUEST-READY" in initrd and b"virtio_blk.ko" in initrd
+    started = time.monotonic()
+    assert ensure_guest() == guest
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.qemu
+def test_guest_image_is_rebuilt_when_the_init_script_changes(
+    guest: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed init script produces a new image next to the old one, from the already downloaded kernel."""
+    cache = tmp_path / "cache"
+    (cache / "guest" / "debs").mkdir(parents=True)
+    for deb in (guest.kernel.parent.parent / "debs").glob("*.deb"):
+        (cache / "guest" / "debs" / deb.name).symlink_to(deb)
+    (cache / "guest" / guest.kernel.parent.name).symlink_to(guest.kernel.parent)
+    assert ensure_guest(cache).initrd.resolve() == guest.initrd.resolve()
+    script = guest_mod.init_script()
+    monkeypatch.setattr(guest_mod, "init_script", lambda: script + b"\n# changed\n")
+    changed = ensure_guest(cache)
+    assert changed.initrd.parent != guest.initrd.parent
+    assert b"# changed" in gzip.decompress(changed.initrd.read_bytes())
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+async def test_vm_boots_and_its_records_advance_with_the_canary(driver: QemuDriver) -> None:
+    """A booted VM appends records carrying its id and canary, readable while it runs; SIGKILL yields GONE."""
+    spec = make_spec("boots")
+    events = driver.events()
+    pid = await boot(driver, spec)
+    first = await records(driver, spec.vm_id)
+    later = await wait_seq_above(driver, spec.vm_id, first[-1].seq)
+    assert {(r.vm, r.canary) for r in later} == {(spec.vm_id, spec.canary)}
+    assert missing_seqs(later) == []
+    assert [r.uptime for r in later] == sorted(r.uptime for r in later)
+    listed = await driver.list()
+    assert [(v.vm_id, v.pid, v.run_state, v.managed, v.generation) for v in listed] == [
+        (spec.vm_id, pid, RunState.RUNNING, True, 1)
+    ]
+    with pytest.raises(Conflict):
+        await driver.create(spec)
+    os.kill(pid, signal.SIGKILL)
+    gone = await next_event(events, GONE, spec.vm_id)
+    assert gone.data == {"pid": pid, "expected": False}
+
+
+@pytest.mark.qemu
+async def test_pause_freezes_records_and_resume_restarts_them(driver: QemuDriver) -> None:
+    """While paused (query-status says so) no record is written; after resume records advance again."""
+    spec = make_spec("pauses")
+    events = driver.events()
+    await boot(driver, spec)
+    paused = await driver.pause(spec.vm_id)
+    assert paused.run_state is RunState.PAUSED
+    assert (await driver.execute(spec.vm_id, "query-status"))["status"] == "paused"
+    await next_event(events, "STOP", spec.vm_id)
+    frozen = await last_seq(driver, spec.vm_id)
+    await asyncio.sleep(1.5)
+    assert await last_seq(driver, spec.vm_id) == frozen
+    resumed = await driver.resume(spec.vm_id)
+    assert resumed.run_state is RunState.RUNNING
+    await next_event(events, "RESUME", spec.vm_id)
+    await wait_seq_above(driver, spec.vm_id, frozen)
+
+
+@pytest.mark.qemu
+async def test_stop_keeps_every_acked_record_and_restart_continues_the_sequence(driver: QemuDriver) -> None:
+    """After stop every acked seq is on disk with no gap; a restarted guest goes on at last+1."""
+    spec = make_spec("restarts")
+    events = driver.events()
+    await boot(driver, spec)
+    await wait_seq_above(driver, spec.vm_id, 3)
+    await driver.stop(spec.vm_id)
+    await next_event(events, "SHUTDOWN", spec.vm_id)
+    assert (await next_event(events, GONE, spec.vm_id)).data["expected"] is True
+    assert await driver.list() == []
+    before = await records(driver, spec.vm_id)
+    acks = read_acks(driver.console_log(spec.vm_id))
+    assert acks and missing_seqs(before, acks) == []
+    last = before[-1]
+
+    runtime = await driver.start(spec.vm_id)
+    assert runtime.run_state is RunState.RUNNING
+    await wait_ready(driver, spec.vm_id, boots=2)
+    after = await wait_seq_above(driver, spec.vm_id, last.seq)
+    following = after[last.seq]
+    assert following.seq == last.seq + 1
+    assert following.uptime < last.uptime  # written by the new boot
+    assert missing_seqs(after, read_acks(driver.console_log(spec.vm_id))) == []
+
+
+AGENT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from ferryman.agent.hypervisor.qmp import QemuDriver
+    from ferryman.core.models import DiskSpec, VMSpec
+    from ferryman.lab.guest import GuestImage
+
+    async def main():
+        state, kernel, initrd, vm_id = sys.argv[1:5]
+        driver = QemuDriver(Path(state), GuestImage(Path(kernel), Path(initrd)), "tcg")
+        spec = VMSpec(vm_id=vm_id, name="survivor", vcpus=1, memory_mb=128, disks=(DiskSpec(64 << 20),),
+                      canary="survivor-canary", record_interval_ms=250)
+        runtime = await driver.create(spec)
+        print("PID", runtime.pid, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def read_pid(agent: asyncio.subprocess.Process) -> int:
+    assert agent.stdout is not None
+    async for line in agent.stdout:
+        if line.startswith(b"PID "):
+            return int(line.split()[1])
+    raise AssertionError("the agent exited without starting the VM")
+
+
+@pytest.mark.qemu
+async def test_vm_survives_agent_death_and_a_new_driver_reattaches(state_dir: Path, guest: GuestImage) -> None:
+    """QEMU outlives a SIGKILLed agent; a new driver on the same state dir reattaches without restarting it."""
+    vm_id = str(uuid.uuid4())
+    argv = [sys.executable, "-c", AGENT_SCRIPT, str(state_dir), str(guest.kernel), str(guest.initrd), vm_id]
+    agent = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    try:
+        pid = await asyncio.wait_for(read_pid(agent), 60)
+    finally:
+        agent.kill()
+        await agent.wait()
+    assert procscan.is_alive(pid)
+
+    driver = QemuDriver(state_dir, guest, "tcg")
+    try:
+        await wait_ready(driver, vm_id)
+        attached = await driver.reattach()
+        assert [(v.vm_id, v.pid, v.run_state) for v in attached] == [(vm_id, pid, RunState.RUNNING)]
+        seq = await last_seq(driver, vm_id)
+        await wait_seq_above(driver, vm_id, seq)
+        assert [v.pid for v in await driver.list()] == [pid]
+        assert await driver.reattach() == attached
+    finally:
+        await driver.close()
+    assert procscan.is_alive(pid)
+
+
+@pytest.mark.qemu
+async def test_list_reports_hand_started_qemu_as_unmanaged(driver: QemuDriver, state_dir: Path, tmp_path: Path) -> None:
+    """A QEMU referencing the state dir that the driver did not start (other uuid, or a copy of a VM) is unmanaged."""
+    spec = make_spec("managed")
+    runtime = await driver.create(spec)
+    stranger, copy = str(uuid.uuid4()), spec.vm_id
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    hand_started = [
+        ["-uuid", stranger, "-name", "rogue", "-pidfile", str(state_dir / "rogue.pid")],
+        ["-uuid", copy, "-name", "copy", "-pidfile", str(state_dir / "copy.pid")],
+        ["-uuid", str(uuid.uuid4()), "-name", "unrelated", "-pidfile", str(elsewhere / "other.pid")],
+    ]
+    base = [QEMU, "-S", "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=tcg", "-m", "32"]
+    procs = [await asyncio.create_subprocess_exec(*base, *extra, stdin=subprocess.DEVNULL) for extra in hand_started]
+    try:
+        for _ in range(200):
+            listed = await driver.list()
+            if len(listed) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        by_name = {v.name: v for v in listed}
+        assert set(by_name) == {"managed", "rogue", "copy"}
+        assert (by_name["managed"].managed, by_name["managed"].pid) == (True, runtime.pid)
+        assert (by_name["rogue"].vm_id, by_name["rogue"].managed, by_name["rogue"].pid) == (
+            stranger,
+            False,
+            procs[0].pid,
+        )
+        assert (by_name["copy"].vm_id, by_name["copy"].managed, by_name["copy"].pid) == (copy, False, procs[1].pid)
+    finally:
+        for proc in procs:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.qemu
+async def test_qemu_and_lifecycle_errors_are_typed(driver: QemuDriver) -> None:
+    """QEMU's own message surfaces in HypervisorError, nothing is left behind; unknown or malformed ids are refused."""
+    spec = make_spec("too-big", memory_mb=64 * 1024 * 1024)
+    with pytest.raises(HypervisorError, match="cannot set up guest memory"):
+        await driver.create(spec)
+    assert not (driver.state_dir / "vms" / spec.vm_id).exists()
+    with pytest.raises(NotFound):
+        await driver.stop(spec.vm_id)
+    with pytest.raises(NotFound):
+        await driver.destroy(spec.vm_id)
+    with pytest.raises(InvalidInput):
+        await driver.destroy("../../etc")
+
+
+@pytest.mark.qemu
+async def test_destroy_stops_the_vm_and_removes_its_files(driver: QemuDriver) -> None:
+    """destroy quits a running VM and deletes its directory."""
+    spec = make_spec("destroyed")
+    runtime = await driver.create(spec)
+    assert runtime.pid is not None
+    await driver.destroy(spec.vm_id)
+    assert not procscan.is_alive(runtime.pid)
+    assert not (driver.state_dir / "vms" / spec.vm_id).exists()
+    assert await driver.list() == []
+
+
+# -- accelerator ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+def test_accel_detection_probes_once_and_caches(
+    guest: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """detect_accel returns kvm or tcg, caches a probed verdict, and FERRYMAN_ACCEL overrides it."""
+    monkeypatch.delenv(accel_mod.ACCEL_ENV, raising=False)
+    verdict = accel_mod.detect_accel(guest, tmp_path, timeout=8)
+    assert verdict in ("kvm", "tcg")
+    if accel_mod.kvm_usable():
+        assert len(list((tmp_path / "accel").glob("*.json"))) == 1
+        started = time.monotonic()
+        assert accel_mod.detect_accel(guest, tmp_path, timeout=8) == verdict
+        assert time.monotonic() - started < 2.0
+    monkeypatch.setenv(accel_mod.ACCEL_ENV, "tcg")
+    assert accel_mod.detect_accel(guest, tmp_path) == "tcg"
