@@ -13,6 +13,7 @@ import time
 import pytest
 
 from ferryman.lab import processes
+from ferryman.security.secrets import make_api_token
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
@@ -77,7 +78,7 @@ def test_vm_create_show_neighbours_history_delete(lab):
     lab.cli("vm", "delete", "cli-2")
     assert lab.cli_json("vm", "show", "cli-1")["neighbours"] == []
     err = one_line_error(lab.cli("vm", "show", "cli-2", check=False))
-    assert "unknown VM" in err
+    assert "VM 'cli-2' not found" in err
     lab.cli("vm", "delete", "cli-1")
     # deleted VMs leave their history behind
     assert lab.cli_json("vm", "history", "cli-1")[0]["valid_to"] is not None
@@ -102,17 +103,17 @@ def test_vm_lifecycle_commands(lab):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("vm", "show", "nope"), "unknown VM 'nope'"),
-        (("vm", "stop", "nope"), "unknown VM 'nope'"),
+        (("vm", "show", "nope"), "VM 'nope' not found"),
+        (("vm", "stop", "nope"), "VM 'nope' not found"),
         (("vm", "create", "big-1", "--tenant", "acme", "--memory", "2048", "--host", "host-c"), "host host-c is full"),
         (("vm", "create", "bad-1", "--tenant", "acme", "--disk", "12X"), "bad size '12X'"),
         (("vm", "create", "bad-2", "--tenant", "acme", "--memory", "lots"), "bad size 'lots'"),
         (("vm", "create", "Bad_Name", "--tenant", "acme"), "bad VM name"),
         (("vm", "create", "web-1", "--tenant", "acme"), "already exists"),
-        (("vm", "create", "x-1", "--tenant", "acme", "--host", "host-z"), "unknown host 'host-z'"),
+        (("vm", "create", "x-1", "--tenant", "acme", "--host", "host-z"), "host 'host-z' not found"),
         (("vm", "create", "x-2", "--tenant", "acme", "--profile", "novalue"), "bad --profile"),
         (("host", "neighbours", "host-a", "--at", "yesterday"), "bad time"),
-        (("host", "show", "host-z"), "unknown host 'host-z'"),
+        (("host", "show", "host-z"), "host 'host-z' not found"),
     ],
 )
 def test_error_paths_are_one_line(lab, args, message):
@@ -141,7 +142,8 @@ def test_agent_unreachable_is_a_clear_error(lab):
 
 def test_bad_token_is_refused(lab):
     """A wrong API token gets one line, exit 1."""
-    env = {**lab.env, "FERRYMAN_TOKEN": "fm_abc_notthesecret"}
+    forged, _, _ = make_api_token()  # well formed, never issued by this controller
+    env = {**lab.env, "FERRYMAN_TOKEN": forged}
     proc = subprocess.run(
         [sys.executable, "-m", "ferryman.cli", "vm", "list"], env=env, capture_output=True, text=True, timeout=60
     )

@@ -22,6 +22,11 @@ from ferryman.testing.pki import rogue_ca, write_host_credentials
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
 
+def trust(lab) -> ssl.SSLContext:
+    """A client context that trusts only the lab's CA and presents no certificate."""
+    return ssl.create_default_context(cafile=str(lab.lab.ca_file))
+
+
 def controller_url(lab) -> str:
     return f"https://127.0.0.1:{lab.state.port}"
 
@@ -57,7 +62,7 @@ def enrol(lab, host: str, token: str, csr_host: str | None = None) -> httpx.Resp
     return httpx.post(
         f"{controller_url(lab)}/api/v1/enrol",
         json={"host": host, "token": token, "csr_pem": csr},
-        verify=str(lab.lab.ca_file),
+        verify=trust(lab),
         timeout=10,
     ), key
 
@@ -125,9 +130,7 @@ def test_expired_certificate_is_refused(lab, tmp_path):
 
 def test_agent_endpoints_need_a_host_certificate(lab):
     """Without a client certificate (or with only an API token) the agent endpoints refuse."""
-    response = httpx.post(
-        f"{controller_url(lab)}/agent/v1/report", json={"vms": []}, verify=str(lab.lab.ca_file), timeout=10
-    )
+    response = httpx.post(f"{controller_url(lab)}/agent/v1/report", json={"vms": []}, verify=trust(lab), timeout=10)
     assert response.status_code == 401
 
 
@@ -145,7 +148,7 @@ def test_plain_tcp_client_gets_nothing(lab):
 
 def test_api_needs_a_token(lab):
     """The REST API refuses requests without a valid bearer token."""
-    response = httpx.get(f"{controller_url(lab)}/api/v1/vms", verify=str(lab.lab.ca_file), timeout=10)
+    response = httpx.get(f"{controller_url(lab)}/api/v1/vms", verify=trust(lab), timeout=10)
     assert response.status_code == 401
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ferryman.controller.reconcile import HostReport, discrepancies
-from ferryman.core.models import VM, RunState, VMRuntime, VMState
+import pytest
+
+from ferryman.cmdb.sql import open_repository
+from ferryman.controller.reconcile import HostReport, Reconciler, discrepancies
+from ferryman.core.models import VM, Host, HostState, RunState, Site, VMRuntime, VMState
+from ferryman.testing.clock import FakeClock
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
@@ -85,3 +89,88 @@ def test_shutdown_processes_are_ignored():
         vms, {"1": "host-a"}, [report("host-a", rt("1")), report("host-b", rt("1", RunState.SHUTDOWN))]
     )
     assert found == []
+
+
+# ---- the Reconciler over a real (SQLite) CMDB -----------------------------------------------------------------------
+
+VM_ID = "6f1c1d7e-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = FakeClock(T0)
+    repo = open_repository(f"sqlite:///{tmp_path / 'cmdb.sqlite'}")
+    repo.add_site(Site("dc", 3))
+    for name in ("host-a", "host-b"):
+        repo.add_host(
+            Host(
+                name=name,
+                address="127.0.0.9",
+                agent_port=1,
+                site="dc",
+                zone="z",
+                subnet="s",
+                virt_type="tcg",
+                hypervisor="qemu",
+                hypervisor_version="7.2.0",
+                patch_level=1,
+                state=HostState.ENROLLED,
+                created_at=T0,
+            )
+        )
+    repo.ensure_tenant("acme")
+    repo.add_vm(vm(VM_ID, VMState.RUNNING), "host-a", T0)
+    return repo, clock, Reconciler(repo, clock, stale_after_s=30)
+
+
+def test_missing_vm_needs_two_reports_after_its_last_change(world):
+    """A VM missing from one report is only a suspect; a second report of its host confirms the alarm."""
+    repo, clock, rec = world
+    rec.note_change(VM_ID)
+    clock.advance(1)
+    rec.accept("host-a", [])
+    assert rec.run() == []
+    assert rec.run() == []  # another pass over the same report confirms nothing
+    clock.advance(2)
+    rec.accept("host-a", [])
+    assert [d.kind for d in rec.run()] == ["vm.missing"]
+    assert [a.kind for a in repo.list_alarms()] == ["vm.missing"]
+    clock.advance(2)
+    rec.accept("host-a", [rt(VM_ID)])
+    rec.run()
+    assert repo.list_alarms() == []
+    kinds_logged = [e.kind for e in repo.list_events(kind_prefix="alarm.")]
+    assert kinds_logged == ["alarm.resolved.vm.missing", "alarm.vm.missing"]
+
+
+def test_reports_received_before_a_change_do_not_count(world):
+    """Reports that predate a VM's lifecycle change never confirm a discrepancy about it."""
+    _, clock, rec = world
+    rec.accept("host-a", [])
+    clock.advance(1)
+    rec.accept("host-a", [])
+    clock.advance(1)
+    rec.note_change(VM_ID)
+    assert rec.run() == []
+
+
+def test_unexpected_copy_is_alarmed_at_once(world):
+    """A copy on a host the CMDB does not name raises an alarm on the first report, recorded as an event."""
+    repo, _clock, rec = world
+    rec.accept("host-a", [rt(VM_ID)])
+    rec.accept("host-b", [rt(VM_ID, managed=False)])
+    found = {d.kind for d in rec.run()}
+    assert found == {"vm.unexpected_copy", "vm.duplicate"}
+    events = repo.list_events(kind_prefix="alarm.vm.unexpected_copy")
+    assert len(events) == 1 and events[0].host == "host-b"
+    rec.run()  # still there: no second event
+    assert len(repo.list_events(kind_prefix="alarm.vm.unexpected_copy")) == 1
+    assert repo.current_placement(VM_ID).host == "host-a"
+
+
+def test_silent_host_is_an_alarm(world):
+    """A host whose last report is older than the staleness limit raises host.unreachable."""
+    _repo, clock, rec = world
+    rec.accept("host-b", [])
+    clock.advance(31)
+    assert [d.kind for d in rec.run()] == ["host.unreachable"]

@@ -1,8 +1,6 @@
 """The agent's HTTPS API. It serves only the controller: every request must come over a connection whose client
 certificate (verified against our CA by TLS) has role ``controller`` and the controller's name."""
 
-
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -10,29 +8,23 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 
 from ferryman.agent.hypervisor.protocol import Hypervisor
-from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
-from ferryman.core.wire import RuntimeDict, runtime_to_dict, spec_from_dict
+from ferryman.core.wire import runtime_to_dict, spec_from_dict
 from ferryman.httperrors import install_error_handlers
 from ferryman.pki.identity import check_peer
 from ferryman.security.asgi_tls import peer_certificate
 
 
-def create_agent_app(settings: AgentSettings, driver: Hypervisor, reporter: Reporter | None) -> FastAPI:
+def create_agent_app(settings: AgentSettings, driver: Hypervisor) -> FastAPI:
     clock = SystemClock()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(reporter.run()) if reporter else None
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             await driver.close()
 
     app = FastAPI(title=f"Ferryman agent {settings.name}", version="0.1.0", lifespan=lifespan)
@@ -58,24 +50,24 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, reporter: Repo
         return {"host": settings.name, "vms": len(await driver.list())}
 
     @app.get("/v1/vms")
-    async def list_vms(_: Controller) -> list[RuntimeDict]:
-        return [runtime_to_dict(v) for v in await driver.list()]
+    async def list_vms(_: Controller) -> list[dict[str, Any]]:
+        return [dict(runtime_to_dict(v)) for v in await driver.list()]
 
     @app.post("/v1/vms")
-    async def create_vm(body: dict[str, Any], _: Controller) -> RuntimeDict:
-        return runtime_to_dict(await driver.create(spec_from_dict(body)))
+    async def create_vm(body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return dict(runtime_to_dict(await driver.create(spec_from_dict(body))))
 
     @app.post("/v1/vms/{vm_id}/{action}")
-    async def vm_action(vm_id: str, action: str, _: Controller) -> RuntimeDict | None:
+    async def vm_action(vm_id: str, action: str, _: Controller) -> dict[str, Any] | None:
         if action == "start":
-            return runtime_to_dict(await driver.start(vm_id))
+            return dict(runtime_to_dict(await driver.start(vm_id)))
         if action == "stop":
             await driver.stop(vm_id)
             return None
         if action == "pause":
-            return runtime_to_dict(await driver.pause(vm_id))
+            return dict(runtime_to_dict(await driver.pause(vm_id)))
         if action == "resume":
-            return runtime_to_dict(await driver.resume(vm_id))
+            return dict(runtime_to_dict(await driver.resume(vm_id)))
         raise errors.NotFound(f"unknown action {action!r}")
 
     @app.delete("/v1/vms/{vm_id}")

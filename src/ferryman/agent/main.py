@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ async def serve(settings: AgentSettings) -> None:
     driver = QemuDriver(settings.state_dir, guest, accel)
     reattached = await driver.reattach()
     log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached))
-    app = create_agent_app(settings, driver, Reporter(settings, driver))
+    app = create_agent_app(settings, driver)
     server = make_server(
         app,
         host=settings.listen_host,
@@ -70,7 +71,18 @@ async def serve(settings: AgentSettings) -> None:
         ca=settings.ca,
         client_cert="required",
     )
-    await server.serve()
+    serving = asyncio.create_task(server.serve())
+    # report only once the controller can reach us: a report makes the host look "up"
+    while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn offers only a flag
+        await asyncio.sleep(0.05)
+    reporting = asyncio.create_task(Reporter(settings, driver).run()) if server.started else None
+    try:
+        await serving
+    finally:
+        if reporting is not None:
+            reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporting
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from ferryman.pki.tls import client_context
+
 
 class CliError(Exception):
     """A one-line error for the user; the CLI prints it and exits non-zero."""
@@ -64,7 +66,7 @@ class Api:
             raise CliError(f"controller CA file {config.ca_file} does not exist")
         self._client = httpx.Client(
             base_url=config.url,
-            verify=str(config.ca_file),
+            verify=client_context(config.ca_file),
             headers={"Authorization": f"Bearer {config.token}"},
             timeout=httpx.Timeout(timeout, connect=5.0),
         )

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 lab_app = typer.Typer(no_args_is_help=True, help="The local lab: a controller, host agents and VMs on this machine.")
 
 
-def _lab() -> "Lab":
+def _lab() -> Lab:
     from ferryman.lab.lab import Lab, default_say
 
     return Lab(default_lab_dir(), default_say)

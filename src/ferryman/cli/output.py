@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# a pipe gets wide lines rather than truncated columns
+console = Console() if sys.stdout.isatty() else Console(width=240)
 
 
 def emit_json(data: Any) -> None:

@@ -4,7 +4,6 @@ People and tools authenticate with bearer API tokens; agents authenticate with t
 identified by that certificate only, never by anything in a request body.
 """
 
-
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
@@ -163,7 +162,7 @@ def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
                     reachable=u.reachable,
                     last_report=u.last_report,
                 )
-        raise errors.NotFound(f"unknown host {name!r}")
+        raise errors.NotFound(f"host {name!r} not found")
 
     @app.post("/api/v1/hosts/{name}/enrol-token")
     async def enrol_token(name: str, who: Person) -> dict[str, str]:

@@ -130,7 +130,7 @@ class Fleet:
         """Register a host and return it with a one-time enrolment token (shown once, stored hashed)."""
         check_name("host", host.name)
         if host.site not in {s.name for s in self.repo.list_sites()}:
-            raise errors.NotFound(f"unknown site {host.site!r}")
+            raise errors.NotFound(f"site {host.site!r} not found")
         if host.memory_mb < MIN_MEMORY_MB:
             raise errors.InvalidInput(f"host memory must be at least {MIN_MEMORY_MB} MiB")
         created = self.repo.add_host(replace(host, state=HostState.PENDING, created_at=self.clock.now()))
@@ -155,6 +155,18 @@ class Fleet:
                 "host.enrol_refused", f"enrolment for unknown host {host_name}", "anonymous", severity=Severity.WARNING
             )
             raise errors.Unauthenticated("enrolment refused") from None
+        try:
+            issued = self.ca.sign_host_csr(csr_pem, host.name, host.address)
+        except errors.FerrymanError as err:
+            self.audit(
+                "host.enrol_refused",
+                f"bad CSR for {host_name}: {err}",
+                "anonymous",
+                host=host_name,
+                severity=Severity.WARNING,
+            )
+            raise
+        # the certificate exists only in memory until the one-time token is consumed; a bad token discards it
         if not self.repo.consume_enrol_token(host_name, hash_secret(token), self.clock.now()):
             self.audit(
                 "host.enrol_refused",
@@ -164,7 +176,6 @@ class Fleet:
                 severity=Severity.WARNING,
             )
             raise errors.Unauthenticated("enrolment refused: the token is wrong, used or expired")
-        issued = self.ca.sign_host_csr(csr_pem, host.name, host.address)
         cert = HostCertificate(
             serial=issued.serial, host=host.name, not_after=issued.not_after, issued_at=self.clock.now()
         )
@@ -224,7 +235,7 @@ class Fleet:
         usage = {u.host.name: u for u in self.host_usage()}
         if req.host is not None:
             if req.host not in usage:
-                raise errors.NotFound(f"unknown host {req.host!r}")
+                raise errors.NotFound(f"host {req.host!r} not found")
             candidate = usage[req.host]
             if candidate.host.state is not HostState.ENROLLED:
                 raise errors.Conflict(f"host {req.host} is not enrolled yet")
@@ -282,6 +293,7 @@ class Fleet:
             state=VMState.CREATING,
             created_at=self.clock.now(),
         )
+        self.reconciler.note_change(vm.id)
         vm = self.repo.add_vm(vm, host.name, self.clock.now())
         self.audit(
             "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
@@ -312,6 +324,7 @@ class Fleet:
             )
             raise
         vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.CREATED))
+        self.reconciler.note_change(vm.id)
         self.audit("vm.created", f"{vm.name} runs on {host.name}", principal, vm=vm.id, host=host.name)
         return vm
 
@@ -325,7 +338,7 @@ class Fleet:
     def get_vm(self, name: str) -> tuple[VM, Placement | None]:
         vm = self.repo.get_vm(name)
         if vm.state is VMState.DELETED:
-            raise errors.NotFound(f"unknown VM {name!r} (deleted)")
+            raise errors.NotFound(f"VM {name!r} not found (deleted)")
         return vm, self.repo.current_placement(vm.id)
 
     async def vm_action(self, name: str, action: VMAction, principal: str) -> VM:
@@ -341,11 +354,16 @@ class Fleet:
             vm=vm.id,
             host=host.name,
         )
+        self.reconciler.note_change(vm.id)
         if action is VMAction.DELETE:
-            await self.agents.destroy_vm(host, vm.id)
+            try:
+                await self.agents.destroy_vm(host, vm.id)
+            except errors.NotFound:
+                log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
             vm = self.repo.delete_vm(vm.id, self.clock.now())
         else:
             await self.agents.vm_action(host, vm.id, action.value)
             vm = self.repo.set_vm_state(vm.id, target)
+        self.reconciler.note_change(vm.id)
         self.audit(f"vm.{target.value}", f"{vm.name} is {target.value}", principal, vm=vm.id, host=host.name)
         return vm

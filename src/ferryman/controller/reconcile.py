@@ -20,9 +20,13 @@ from ferryman.core.models import VM, Event, RunState, Severity, VMRuntime, VMSta
 
 log = structlog.get_logger(__name__)
 
-# discrepancies that are security relevant are alarmed at first sight; the others only when seen on two passes in a row,
-# so that a report racing a lifecycle change does not raise a false alarm
-IMMEDIATE = frozenset({"vm.unexpected_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running"})
+# discrepancies that are security relevant are alarmed at first sight; the others only once two distinct reports of the
+# host, both received after the VM's last lifecycle change, show them, so that a report racing a change (an inventory
+# taken just before a VM was created or stopped) does not raise a false alarm
+IMMEDIATE = frozenset(
+    {"vm.unexpected_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running", "host.unreachable"}
+)
+CONFIRMING_REPORTS = 2
 
 _EXPECTED_RUN_STATE = {VMState.RUNNING: RunState.RUNNING, VMState.PAUSED: RunState.PAUSED}
 
@@ -44,6 +48,7 @@ class HostReport:
     host: str
     received_at: dt.datetime
     vms: tuple[VMRuntime, ...]
+    seq: int = 0
 
 
 def discrepancies(
@@ -119,10 +124,34 @@ class Reconciler:
         self._clock = clock
         self._stale_after = dt.timedelta(seconds=stale_after_s)
         self._reports: dict[str, HostReport] = {}
-        self._suspects: set[tuple[str, str | None, str | None]] = set()
+        self._suspects: dict[tuple[str, str | None, str | None], set[int]] = {}
+        self._changed: dict[str, dt.datetime] = {}
+        self._seq = 0
 
     def accept(self, host: str, vms: list[VMRuntime]) -> None:
-        self._reports[host] = HostReport(host, self._clock.now(), tuple(vms))
+        self._seq += 1
+        self._reports[host] = HostReport(host, self._clock.now(), tuple(vms), self._seq)
+
+    def note_change(self, vm_id: str) -> None:
+        """A lifecycle change of ``vm_id`` is under way: reports received before now say nothing about its state."""
+        self._changed[vm_id] = self._clock.now()
+
+    def _confirmed(self, current: list[Discrepancy]) -> list[Discrepancy]:
+        confirmed, suspects = [], {}
+        for d in current:
+            if d.kind in IMMEDIATE:
+                confirmed.append(d)
+                continue
+            report = self._reports.get(d.host or "")
+            changed = self._changed.get(d.vm_id or "")
+            if report is None or (changed is not None and report.received_at <= changed):
+                continue
+            seen = self._suspects.get(d.key, set()) | {report.seq}
+            suspects[d.key] = seen
+            if len(seen) >= CONFIRMING_REPORTS:
+                confirmed.append(d)
+        self._suspects = suspects
+        return confirmed
 
     def last_report(self, host: str) -> HostReport | None:
         return self._reports.get(host)
@@ -148,8 +177,7 @@ class Reconciler:
             for r in self._reports.values()
             if now - r.received_at > self._stale_after
         ]
-        confirmed = [d for d in current if d.kind in IMMEDIATE or d.key in self._suspects]
-        self._suspects = {d.key for d in current}
+        confirmed = self._confirmed(current)
         for d in confirmed:
             alarm = self._repo.open_alarm(d.kind, d.vm_id, d.host, d.message, now)
             if alarm is not None:

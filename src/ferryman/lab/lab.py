@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -63,6 +64,8 @@ class Lab:
     def __init__(self, lab_dir: Path, say: Say = lambda _msg: None) -> None:
         self.dir = lab_dir.resolve()
         self.say = say
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._agent_started: dict[str, dt.datetime] = {}
 
     # ---- paths -------------------------------------------------------------------------------------------------
 
@@ -140,11 +143,13 @@ class Lab:
 
     def _start_controller(self, state: LabState) -> None:
         self.say(f"[3/5] starting the controller on https://127.0.0.1:{state.port}")
-        state.controller_pid = processes.spawn(
+        proc = processes.spawn(
             ["-m", "ferryman.controller", "--data-dir", str(self.controller_dir), "--bind", f"127.0.0.1:{state.port}"],
             self.dir / "logs" / "controller.log",
             env={"FERRYMAN_RECONCILE_INTERVAL": "3"},
         )
+        self._children[proc.pid] = proc
+        state.controller_pid = proc.pid
         self._save(state)
         token_file = self.controller_dir / "admin.token"
         self._wait("controller", lambda: self.ca_file.exists() and token_file.exists(), 60, state.controller_pid)
@@ -216,8 +221,10 @@ class Lab:
         ]
         if token_file is not None:
             args += ["--enrol-token-file", str(token_file)]
-        pid = processes.spawn(args, self.dir / "logs" / f"{name}.log")
-        state.agents[name] = pid
+        self._agent_started[name] = dt.datetime.now(dt.UTC)
+        proc = processes.spawn(args, self.dir / "logs" / f"{name}.log")
+        self._children[proc.pid] = proc
+        pid = state.agents[name] = proc.pid
         self._save(state)
         return pid
 
@@ -227,8 +234,12 @@ class Lab:
         self._wait(f"agent {name}", lambda: self._host_up(name), timeout_s, pid)
 
     def _host_up(self, name: str) -> bool:
-        hosts = {h["name"]: h for h in self.api().get("/api/v1/hosts")}
-        return hosts.get(name, {}).get("state") == "enrolled" and bool(hosts[name].get("reachable"))
+        """Enrolled, and the controller has a report from the agent process started last (not from a previous one)."""
+        host = {h["name"]: h for h in self.api().get("/api/v1/hosts")}.get(name, {})
+        if host.get("state") != "enrolled" or not host.get("last_report"):
+            return False
+        started = self._agent_started.get(name)
+        return started is None or dt.datetime.fromisoformat(host["last_report"]) > started
 
     def _boot_vms(self, count: int) -> None:
         self.say(f"[5/5] booting {count} VMs of two tenants")
@@ -247,10 +258,25 @@ class Lab:
         while time.monotonic() < deadline:
             if ready():
                 return
-            if pid is not None and not processes.is_alive(pid, self._marker()):
-                raise CliError(f"{what} exited during start-up; see {self.dir / 'logs'}")
+            if pid is not None and not self._alive(pid):
+                raise CliError(f"{what} exited during start-up; see {self.dir / 'logs'}{self._log_tail(what)}")
             time.sleep(0.5)
         raise CliError(f"{what} not ready after {timeout_s:.0f}s; see {self.dir / 'logs'}")
+
+    def _alive(self, pid: int) -> bool:
+        """Our own children are asked directly; processes of an earlier ``lab up`` are checked in /proc."""
+        child = self._children.get(pid)
+        if child is not None:
+            return child.poll() is None
+        return processes.is_alive(pid, self._marker())
+
+    def _log_tail(self, what: str, lines: int = 15) -> str:
+        name = what.rsplit(maxsplit=1)[-1] if what.startswith("agent") else "controller"
+        try:
+            tail = (self.dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "".join(f"\n  | {line}" for line in tail)
 
     # ---- down --------------------------------------------------------------------------------------------------
 

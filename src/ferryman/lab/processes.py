@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 
-def spawn(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> int:
+def spawn(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a daemon in its own session (it outlives the CLI), stdout and stderr appended to ``log_file``."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
@@ -27,7 +27,7 @@ def spawn(args: list[str], log_file: Path, env: dict[str, str] | None = None) ->
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-    return proc.pid
+    return proc
 
 
 def cmdline(pid: int) -> list[str]:
@@ -38,16 +38,25 @@ def cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def _run_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def is_alive(pid: int, marker: str) -> bool:
     """True if ``pid`` runs and its command line contains ``marker`` (guards against pid reuse)."""
-    args = cmdline(pid)
-    if not args:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and any(marker in a for a in args)
+    # a process that has just exec'd can show an empty command line for a moment: look again, a bounded number of times
+    for _ in range(40):
+        state = _run_state(pid)
+        if state is None or state == "Z":
+            return False
+        args = cmdline(pid)
+        if args:
+            return any(marker in a for a in args)
+        time.sleep(0.025)
+    return False
 
 
 def stop(pid: int, marker: str, timeout_s: float = 10.0) -> bool:
