@@ -94,6 +94,10 @@ def test_vm_lifecycle_commands(lab):
     err = one_line_error(lab.cli("vm", "resume", "life-1", check=False))
     assert "cannot resume a VM that is running" in err
     vm_id = lab.cli_json("vm", "show", "life-1")["id"]
+    # the agent pushed QEMU's own events for the pause and the resume, under the host's identity
+    qemu_events = lab.cli_json("events", "--kind", "qemu.", "--vm", "life-1", "--limit", "100")
+    assert {"qemu.stop", "qemu.resume"} <= {e["kind"] for e in qemu_events}
+    assert {e["principal"] for e in qemu_events} == {"host:host-b"}
     time.sleep(8)  # two reconciliation passes: a disagreement would have become an alarm
     alarms = [a for a in lab.cli_json("alarms") if a["vm"] == vm_id]
     assert alarms == []

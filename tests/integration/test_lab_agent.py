@@ -4,6 +4,7 @@ the controller's back."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -52,6 +53,9 @@ def test_agent_sigkill_and_restart_keeps_vm_running(lab):
     vm = lab.api().get("/api/v1/vms/web-1")
     assert vm["host"] == "host-a"
     before = agent_vms(lab, "host-a")[vm["id"]]
+    limits = Path(f"/proc/{before['pid']}/limits").read_text()
+    assert re.search(r"Max core file size\s+0\s+0", limits), "QEMU may dump core (guest memory) to disk"
+    assert "dump-guest-core=off" in " ".join(processes.cmdline(before["pid"]))
     disk = lab.lab.host_dir("host-a") / "vms" / vm["id"] / "disk0.qcow2"
     seq_before = wait_for(lambda: last_seq(disk), 30, "web-1 to write disk records")
     state = lab.state
