@@ -128,3 +128,29 @@ def test_copy_started_behind_the_controllers_back_raises_alarm(lab, tmp_path):
     finally:
         processes.stop(rogue_pid, vm["id"])
     wait_for(lambda: not alarm_raised(), 30, "the alarm to resolve once the rogue copy is gone")
+
+
+def test_agent_resumes_only_with_a_lease_for_the_current_generation(lab):
+    """Fencing: without a lease, or with one for another generation or host, the agent refuses to resume the VM."""
+    from ferryman.core.clock import SystemClock
+    from ferryman.pki.ca import CertificateAuthority
+    from ferryman.pki.tickets import issue_lease
+
+    vm = lab.api().get("/api/v1/vms/test-1")
+    host = vm["host"]
+    url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms/{vm['id']}/resume"
+    ca = CertificateAuthority.load_or_create(lab.dir / "controller" / "pki", SystemClock())
+    lab.cli("vm", "pause", "test-1")
+    try:
+        with httpx.Client(verify=controller_ctx(lab), timeout=30) as client:
+            refused = client.post(url)
+            assert refused.status_code == 403 and "needs a lease" in refused.json()["detail"]
+            _, newer = issue_lease(ca, vm_id=vm["id"], host=host, generation=vm["generation"] + 1)
+            refused = client.post(url, json={"lease": newer})
+            assert refused.status_code == 403 and "this copy is generation" in refused.json()["detail"]
+            _, elsewhere = issue_lease(ca, vm_id=vm["id"], host="host-c", generation=vm["generation"])
+            assert client.post(url, json={"lease": elsewhere}).status_code == 403
+            assert agent_vms(lab, host)[vm["id"]]["run_state"] == "paused"
+    finally:
+        lab.cli("vm", "resume", "test-1")
+    assert agent_vms(lab, host)[vm["id"]]["run_state"] == "running"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -28,8 +29,10 @@ def vm(vm_id: str, state: VMState = VMState.RUNNING) -> VM:
     )
 
 
-def rt(vm_id: str, run_state: RunState = RunState.RUNNING, managed: bool = True) -> VMRuntime:
-    return VMRuntime(vm_id=vm_id, name=f"n-{vm_id}", run_state=run_state, pid=1, managed=managed)
+def rt(
+    vm_id: str, run_state: RunState = RunState.RUNNING, managed: bool = True, generation: int | None = None
+) -> VMRuntime:
+    return VMRuntime(vm_id=vm_id, name=f"n-{vm_id}", run_state=run_state, pid=1, managed=managed, generation=generation)
 
 
 def report(host: str, *runtimes: VMRuntime) -> HostReport:
@@ -54,6 +57,17 @@ def test_copy_on_another_host_is_unexpected_and_duplicate():
     found = discrepancies(vms, placed, [report("host-a", rt("1")), report("host-c", rt("1", managed=False))])
     assert kinds(found) == {("vm.unexpected_copy", "1", "host-c"), ("vm.duplicate", "1", None)}
     assert placed == {"1": "host-a"}
+
+
+def test_older_generation_is_a_stale_copy():
+    """A copy at an older generation than the CMDB's is a stale copy, wherever it runs."""
+    vms = {"1": dataclasses.replace(vm("1"), generation=3)}
+    found = discrepancies(
+        vms,
+        {"1": "host-b"},
+        [report("host-a", rt("1", RunState.PAUSED, generation=2)), report("host-b", rt("1", generation=3))],
+    )
+    assert kinds(found) == {("vm.stale_copy", "1", "host-a"), ("vm.duplicate", "1", None)}
 
 
 def test_unknown_qemu_is_reported():

@@ -401,10 +401,51 @@ def alarms(
 
 def main() -> None:
     from ferryman.cli.lab import lab_app
+    from ferryman.cli.migrate import migration_app
 
     app.add_typer(lab_app, name="lab")
+    app.add_typer(migration_app, name="migration")
     try:
         app(prog_name="ferryman")
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+@vm_app.command("migrate")
+def vm_migrate(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="destination host")],
+    shared_storage: Annotated[
+        bool, typer.Option("--shared-storage", help="RAM only: both hosts see the image")
+    ] = False,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="cap in MiB/s")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the migration to its end")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to follow before giving up")] = 1800,
+    json_: Json = False,
+) -> None:
+    """Live-migrate a VM to another host (mutual TLS, exactly one running copy, source scrubbed)."""
+    from ferryman.cli.migrate import migrate_vm
+
+    migrate_vm(name, to, shared_storage, bandwidth, wait, timeout, json_)
+
+
+@host_app.command("drain")
+def host_drain(
+    name: str,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+    timeout: float = 3600,
+    json_: Json = False,
+) -> None:
+    """Migrate every VM away from a host, within the throttles."""
+    from ferryman.cli.migrate import follow, summary
+
+    result = api().post(f"/api/v1/hosts/{name}/drain")
+    if wait:
+        result["migrations"] = [follow(api(), m["id"], timeout, quiet=json_) for m in result["migrations"]]
+    if json_:
+        return emit_json(result)
+    for m in result["migrations"]:
+        print(summary(m))
+    for refusal in result.get("refused", []):
+        print(f"not moved: {refusal}")

@@ -9,7 +9,9 @@ Invariants the database itself guards (the repository checks them too, to raise 
 - at most one open placement (``valid_to IS NULL``) per VM: partial unique index ``uq_placements_open_vm``;
 - a placement never ends before it starts, and a VM has one placement per generation;
 - VM names are unique among VMs that are not deleted: partial unique index ``uq_vms_live_name``;
-- at most one open alarm per (kind, vm_id, host), NULLs compared as equal: ``uq_alarms_open_key``.
+- at most one open alarm per (kind, vm_id, host), NULLs compared as equal: ``uq_alarms_open_key``;
+- at most one active migration (``outcome IS NULL``) per VM: partial unique index ``uq_migrations_active_vm``; a
+  migration is finished exactly when it has an outcome; a step's ``seq`` is positive and unique per migration.
 
 Times are stored as ``DateTime(timezone=True)`` through :class:`UtcDateTime`, which hands back aware UTC datetimes on
 both backends (SQLite keeps no offset, so its naive values are UTC by construction). X.509 serial numbers are up to 160
@@ -243,4 +245,77 @@ settings = sa.Table(
     metadata,
     sa.Column("key", sa.String(255), primary_key=True),
     sa.Column("value", json_type(), nullable=False),
+)
+
+# -- the migration journal (ferryman.cmdb.journal) ---------------------------------------------------------------------
+
+migrations = sa.Table(
+    "migrations",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
+    sa.Column("source", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("destination", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("shared_storage", sa.Boolean, nullable=False),
+    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("principal", sa.String(255), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("requested_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("outcome", sa.String(32), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("bytes_transferred", sa.BigInteger, nullable=False),
+    sa.Column("downtime_ms", sa.Integer, nullable=True),
+    sa.Column("data", json_type(), nullable=False),
+    sa.CheckConstraint("source <> destination", name="distinct_hosts"),
+    sa.CheckConstraint("generation >= 1", name="generation_positive"),
+    sa.CheckConstraint("bytes_transferred >= 0", name="bytes_non_negative"),
+    sa.CheckConstraint("(outcome IS NULL) = (finished_at IS NULL)", name="finished_with_outcome"),
+    sa.Index("ix_migrations_requested_at", "requested_at"),
+    sa.Index("ix_migrations_vm_id_requested_at", "vm_id", "requested_at"),
+    sa.Index(
+        "uq_migrations_active_vm",
+        "vm_id",
+        unique=True,
+        sqlite_where=sa.text("outcome IS NULL"),
+        postgresql_where=sa.text("outcome IS NULL"),
+    ),
+)
+
+# Append-only: a step is inserted once and never updated or deleted.
+migration_steps = sa.Table(
+    "migration_steps",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("migration_id", sa.String(64), sa.ForeignKey("migrations.id"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("data", json_type(), nullable=False),
+    sa.UniqueConstraint("migration_id", "seq"),
+    sa.CheckConstraint("seq >= 1", name="seq_positive"),
+)
+
+# Append-only evidence that an artefact was destroyed (DESIGN.md invariant 5, "nothing left behind"). host carries no
+# foreign key, as in alarms: a receipt may concern a host the CMDB does not know (residue found by reconciliation on
+# an unenrolled machine), and the evidence must neither block a host's removal nor disappear with it. migration_id is
+# NULL for scrubs that belong to no migration.
+scrub_receipts = sa.Table(
+    "scrub_receipts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("migration_id", sa.String(64), sa.ForeignKey("migrations.id"), nullable=True),
+    sa.Column("host", sa.String(NAME), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("mode", sa.String(32), nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+    sa.Column("sample_hash", sa.String(255), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.CheckConstraint("bytes >= 0", name="bytes_non_negative"),
+    sa.CheckConstraint("duration_s >= 0", name="duration_non_negative"),
+    sa.Index("ix_scrub_receipts_migration_id", "migration_id"),
+    sa.Index("ix_scrub_receipts_host_at", "host", "at"),
 )

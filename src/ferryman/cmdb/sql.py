@@ -1,4 +1,5 @@
-"""The CMDB on SQL: :class:`SqlRepository` implements :class:`~ferryman.cmdb.repository.Repository` on SQLite and
+"""The CMDB on SQL: :class:`SqlRepository` implements :class:`~ferryman.cmdb.repository.Repository` and, through
+:class:`~ferryman.cmdb.journal_sql.SqlJournalMixin`, :class:`~ferryman.cmdb.journal.JournalRepository` on SQLite and
 PostgreSQL.
 
 It exists so that the controller's durable state, above all the temporal relation *VM runs on host*, is changed only in
@@ -34,6 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
+from ferryman.cmdb.journal_sql import SqlJournalMixin
 from ferryman.cmdb.repository import Alarm, ApiToken, HostCertificate, Neighbour
 from ferryman.cmdb.schema import (
     alarms,
@@ -251,8 +253,9 @@ _PLACEMENT_ORDER = (placements.c.valid_from, placements.c.generation, placements
 # -- the repository ----------------------------------------------------------------------------------------------------
 
 
-class SqlRepository:
-    """Every CMDB protocol over one SQLAlchemy engine. Each public method is one transaction."""
+class SqlRepository(SqlJournalMixin):
+    """Every CMDB protocol over one SQLAlchemy engine, the migration journal included (:class:`SqlJournalMixin`).
+    Each public method is one transaction."""
 
     def __init__(self, engine: sa.Engine, *, clock: Clock | None = None) -> None:
         self.engine = engine
@@ -486,30 +489,46 @@ class SqlRepository:
         """
         at = _utc(at)
         with self._write() as conn:
-            row = self._vm_row(conn, vm_id, lock=True)
-            if row.state == VMState.DELETED.value:
-                raise Conflict(f"VM {vm_id!r} is deleted and cannot move")
-            if expected_generation is not None and row.generation != expected_generation:
-                raise Conflict(
-                    f"VM {vm_id!r} is at generation {row.generation}, not {expected_generation}: it moved meanwhile"
-                )
-            self._require_host(conn, to_host)
-            current = self._open_placement(conn, vm_id)
-            if current is None:
-                raise Conflict(f"VM {vm_id!r} has no open placement to move from")
-            if current.host == to_host:
-                raise Conflict(f"VM {vm_id!r} is already on {to_host!r}")
-            self._close_placement(conn, current, at)
-            generation = row.generation + 1
-            bumped = conn.execute(
-                sa.update(vms)
-                .where(vms.c.id == vm_id, vms.c.generation == row.generation)
-                .values(generation=generation)
+            return self._move_vm(conn, vm_id, to_host, at, expected_generation=expected_generation)
+
+    def _move_vm(
+        self,
+        conn: sa.Connection,
+        vm_id: str,
+        to_host: str,
+        at: dt.datetime,
+        *,
+        expected_generation: int | None,
+        from_host: str | None = None,
+    ) -> tuple[VM, Placement]:
+        """:meth:`move_vm` inside the caller's transaction ``conn`` (``at`` already UTC), so the migration commit moves
+        the VM in the same transaction as it updates the journal. With ``from_host``, also Conflict unless the open
+        placement is on that host. Every check runs before the first write; a Conflict from a guarded write leaves
+        the caller's transaction to roll back what was written."""
+        row = self._vm_row(conn, vm_id, lock=True)
+        if row.state == VMState.DELETED.value:
+            raise Conflict(f"VM {vm_id!r} is deleted and cannot move")
+        if expected_generation is not None and row.generation != expected_generation:
+            raise Conflict(
+                f"VM {vm_id!r} is at generation {row.generation}, not {expected_generation}: it moved meanwhile"
             )
-            if bumped.rowcount != 1:
-                raise Conflict(f"VM {vm_id!r} changed generation concurrently")
-            placement = Placement(vm_id=vm_id, host=to_host, generation=generation, valid_from=at)
-            conn.execute(sa.insert(placements).values(**dataclasses.asdict(placement)))
+        self._require_host(conn, to_host)
+        current = self._open_placement(conn, vm_id)
+        if current is None:
+            raise Conflict(f"VM {vm_id!r} has no open placement to move from")
+        if from_host is not None and current.host != from_host:
+            raise Conflict(f"VM {vm_id!r} is on {current.host!r}, not on {from_host!r}")
+        if current.host == to_host:
+            raise Conflict(f"VM {vm_id!r} is already on {to_host!r}")
+        self._close_placement(conn, current, at)
+        generation = row.generation + 1
+        bumped = conn.execute(
+            sa.update(vms).where(vms.c.id == vm_id, vms.c.generation == row.generation).values(generation=generation)
+        )
+        if bumped.rowcount != 1:
+            raise Conflict(f"VM {vm_id!r} changed generation concurrently")
+        placement = Placement(vm_id=vm_id, host=to_host, generation=generation, valid_from=at)
+        conn.execute(sa.insert(placements).values(**dataclasses.asdict(placement)))
         return dataclasses.replace(_vm(row), generation=generation), placement
 
     # -- temporal queries ----------------------------------------------------------------------------------------------

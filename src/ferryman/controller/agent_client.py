@@ -24,8 +24,8 @@ from ferryman.pki.tls import client_context
 
 
 class AgentClient(Protocol):
-    async def create_vm(self, host: Host, spec: VMSpec) -> VMRuntime: ...
-    async def vm_action(self, host: Host, vm_id: str, action: str) -> VMRuntime | None: ...
+    async def create_vm(self, host: Host, spec: VMSpec, lease: str) -> VMRuntime: ...
+    async def vm_action(self, host: Host, vm_id: str, action: str, lease: str | None = None) -> VMRuntime | None: ...
     async def destroy_vm(self, host: Host, vm_id: str) -> None: ...
     async def list_vms(self, host: Host) -> list[VMRuntime]: ...
     async def aclose(self) -> None: ...
@@ -76,11 +76,12 @@ class HttpAgentClient:
             raise errors.Forbidden(f"agent of {host.name} presented no certificate")
         check_peer(der, expected_role="host", expected_name=host.name, is_revoked=self._is_revoked, clock=self._clock)
 
-    async def create_vm(self, host: Host, spec: VMSpec) -> VMRuntime:
-        return runtime_from_dict(await self._call(host, "POST", "/v1/vms", spec_to_dict(spec)))
+    async def create_vm(self, host: Host, spec: VMSpec, lease: str) -> VMRuntime:
+        body = {"spec": spec_to_dict(spec), "lease": lease}
+        return runtime_from_dict(await self._call(host, "POST", "/v1/vms", body))
 
-    async def vm_action(self, host: Host, vm_id: str, action: str) -> VMRuntime | None:
-        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}")
+    async def vm_action(self, host: Host, vm_id: str, action: str, lease: str | None = None) -> VMRuntime | None:
+        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}", {"lease": lease} if lease else None)
         return runtime_from_dict(raw) if raw else None
 
     async def destroy_vm(self, host: Host, vm_id: str) -> None:

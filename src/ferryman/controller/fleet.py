@@ -37,6 +37,7 @@ from ferryman.core.models import (
     next_vm_state,
 )
 from ferryman.pki.ca import CertificateAuthority
+from ferryman.pki.tickets import issue_lease
 from ferryman.security.secrets import hash_secret, new_secret
 
 log = structlog.get_logger(__name__)
@@ -310,7 +311,7 @@ class Fleet:
             record_interval_ms=req.record_interval_ms,
         )
         try:
-            await self.agents.create_vm(host, spec)
+            await self.agents.create_vm(host, spec, self.lease(vm, host.name))
         except errors.AgentUnreachable as err:
             vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.FAILED))
             self.audit(
@@ -334,6 +335,10 @@ class Fleet:
         except errors.FerrymanError as err:
             log.warning("cleanup of failed VM creation failed", vm=vm.id, host=host.name, error=str(err))
         self.repo.delete_vm(vm.id, self.clock.now())
+
+    def lease(self, vm: VM, host: str) -> str:
+        """A signed permission for ``host`` to run ``vm`` at its current generation (fencing of stale copies)."""
+        return issue_lease(self.ca, vm_id=vm.id, host=host, generation=vm.generation)[1]
 
     def get_vm(self, name: str) -> tuple[VM, Placement | None]:
         vm = self.repo.get_vm(name)
@@ -362,7 +367,20 @@ class Fleet:
                 log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
             vm = self.repo.delete_vm(vm.id, self.clock.now())
         else:
-            await self.agents.vm_action(host, vm.id, action.value)
+            needs_lease = action in {VMAction.START, VMAction.RESUME}
+            lease = self.lease(vm, host.name) if needs_lease else None
+            try:
+                await self.agents.vm_action(host, vm.id, action.value, lease)
+            except errors.Forbidden as err:
+                self.audit(
+                    "vm.fenced",
+                    f"{host.name} refused to {action.value} {vm.name}: {err}",
+                    principal,
+                    vm=vm.id,
+                    host=host.name,
+                    severity=Severity.ALARM,
+                )
+                raise
             vm = self.repo.set_vm_state(vm.id, target)
         self.reconciler.note_change(vm.id)
         self.audit(f"vm.{target.value}", f"{vm.name} is {target.value}", principal, vm=vm.id, host=host.name)

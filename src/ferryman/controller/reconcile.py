@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 # host, both received after the VM's last lifecycle change, show them, so that a report racing a change (an inventory
 # taken just before a VM was created or stopped) does not raise a false alarm
 IMMEDIATE = frozenset(
-    {"vm.unexpected_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running", "host.unreachable"}
+    {"vm.unexpected_copy", "vm.stale_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running", "host.unreachable"}
 )
 CONFIRMING_REPORTS = 2
 
@@ -93,6 +93,15 @@ def _check_runtime(vm: VM | None, placed: str | None, host: str, rt: VMRuntime) 
         ]
     if vm.state is VMState.DELETED:
         return [Discrepancy("vm.deleted_but_running", vm.id, host, f"deleted VM {vm.name} still runs on {host}")]
+    if rt.generation is not None and rt.generation < vm.generation:
+        return [
+            Discrepancy(
+                "vm.stale_copy",
+                vm.id,
+                host,
+                f"{vm.name} on {host} is a stale copy (generation {rt.generation}, current {vm.generation})",
+            )
+        ]
     if placed != host:
         where = f"placed on {placed}" if placed else "placed nowhere"
         return [Discrepancy("vm.unexpected_copy", vm.id, host, f"{vm.name} runs on {host} but the CMDB has it {where}")]

@@ -259,3 +259,65 @@ class AgentEventsIn(BaseModel):
 class ReportAck(BaseModel):
     host: str
     accepted: int
+
+
+class MigrateIn(_In):
+    to: str
+    shared_storage: bool = False
+    bandwidth_mib_s: int | None = Field(default=None, ge=1)
+
+
+class MigrationProgressOut(BaseModel):
+    status: str = ""
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    rate_bytes_per_s: float = 0.0
+    dirty_pages_rate: int = 0
+    mirror_offset: int = 0
+    mirror_length: int = 0
+
+
+class MigrationStepOut(BaseModel):
+    seq: int
+    phase: str
+    at: dt.datetime
+    data: dict[str, Any]
+
+
+class ScrubReceiptOut(BaseModel):
+    host: str
+    path: str
+    bytes: int
+    mode: str
+    duration_s: float
+    sample_hash: str
+    at: dt.datetime
+
+
+class MigrationOut(BaseModel):
+    id: str
+    vm_id: str
+    vm: str
+    source: str
+    destination: str
+    shared_storage: bool
+    phase: str
+    principal: str
+    generation: int
+    requested_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    outcome: str | None
+    error: str | None
+    cancel_requested: bool
+    bytes_transferred: int
+    downtime_ms: int | None
+    total_s: float | None
+    data: dict[str, Any]
+    progress: MigrationProgressOut | None = None
+
+
+class MigrationDetail(MigrationOut):
+    steps: list[MigrationStepOut]
+    scrub_receipts: list[ScrubReceiptOut]

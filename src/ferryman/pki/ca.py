@@ -142,6 +142,28 @@ class CertificateAuthority:
         """The CA certificate as PEM, for peers' trust stores."""
         return self._cert.public_bytes(serialization.Encoding.PEM)
 
+    def sign(self, data: bytes) -> bytes:
+        """An ECDSA (SHA-256) signature of ``data`` by the CA key: tickets and leases (see ``ferryman.pki.tickets``)."""
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def issue_crl(
+        self, revoked: Sequence[tuple[int, dt.datetime]], validity: dt.timedelta = dt.timedelta(days=1)
+    ) -> bytes:
+        """A PEM certificate revocation list naming ``(serial, revoked_at)`` pairs, for peers that read CRL files
+        (QEMU's ``tls-creds-x509`` reads ``ca-crl.pem``)."""
+        now = self._clock.now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._cert.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + validity)
+        )
+        for serial, at in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(self._key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM)
+
     def sign_host_csr(
         self, csr_pem: bytes, host: str, address: str, validity: dt.timedelta = DEFAULT_VALIDITY
     ) -> IssuedCertificate:

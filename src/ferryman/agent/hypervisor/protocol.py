@@ -25,6 +25,10 @@ class HypervisorEvent:
 
 
 class Hypervisor(Protocol):
+    def load_spec(self, vm_id: str) -> VMSpec:
+        """The spec this host holds for ``vm_id`` (its generation says how fresh this copy is). NotFound if none."""
+        ...
+
     async def create(self, spec: VMSpec) -> VMRuntime:
         """Create the VM's disks with qemu-img and boot it. Conflict if the VM exists on this host."""
         ...
