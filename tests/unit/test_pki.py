@@ -398,3 +398,17 @@ def test_qemu_dn_refuses_subjects_that_need_escaping() -> None:
     )
     with pytest.raises(PKIError):
         subject_dn_for_qemu(cert)
+
+
+def test_qemu_dn_of_host_matches_issued_certificates(tmp_path):
+    """The DN computed from a host name is the one QEMU reads from the certificate issued to that host."""
+    from cryptography import x509 as _x509
+
+    from ferryman.core.clock import SystemClock
+    from ferryman.pki.ca import CertificateAuthority
+    from ferryman.pki.csr import generate_key, make_csr
+    from ferryman.pki.identity import qemu_dn_of_host, subject_dn_for_qemu
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", SystemClock())
+    issued = ca.sign_host_csr(make_csr(generate_key(), "host-q"), "host-q", "127.0.0.9")
+    assert subject_dn_for_qemu(_x509.load_pem_x509_certificate(issued.pem)) == qemu_dn_of_host("host-q")

@@ -188,3 +188,21 @@ def test_silent_host_is_an_alarm(world):
     rec.accept("host-b", [])
     clock.advance(31)
     assert [d.kind for d in rec.run()] == ["host.unreachable"]
+
+
+def test_active_migration_excuses_its_two_hosts_only():
+    """During a migration the copies on its source and destination are expected; one on a third host is not."""
+    from ferryman.controller.reconcile import excuse_migrations
+
+    vms = {"1": vm("1")}
+    found = discrepancies(
+        vms,
+        {"1": "host-a"},
+        [
+            report("host-a", rt("1", RunState.POSTMIGRATE)),
+            report("host-b", rt("1", RunState.PAUSED)),
+            report("host-c", rt("1")),
+        ],
+    )
+    kept = excuse_migrations(found, {"1": frozenset({"host-a", "host-b"})})
+    assert kinds(kept) == {("vm.unexpected_copy", "1", "host-c")}

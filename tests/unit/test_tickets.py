@@ -35,8 +35,14 @@ def ca(tmp_path, clock):
 
 
 def ticket(ca, **over):
-    args = {"migration_id": "m-1", "vm_id": "vm-1", "source": "host-a", "destination": "host-b", "generation": 3,
-            "shared_storage": False}
+    args = {
+        "migration_id": "m-1",
+        "vm_id": "vm-1",
+        "source": "host-a",
+        "destination": "host-b",
+        "generation": 3,
+        "shared_storage": False,
+    }
     return issue_ticket(ca, **{**args, **over})
 
 

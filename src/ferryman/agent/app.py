@@ -8,8 +8,11 @@ from typing import Annotated, Any
 from cryptography import x509
 from fastapi import Depends, FastAPI, Request
 
+from ferryman.agent.hooks import HookPoint
 from ferryman.agent.hypervisor.protocol import Hypervisor
+from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
+from ferryman.agent.storage.scrub import ScrubMode
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
 from ferryman.core.wire import runtime_to_dict, spec_from_dict
@@ -19,7 +22,7 @@ from ferryman.pki.tickets import verify_lease
 from ferryman.security.asgi_tls import peer_certificate
 
 
-def create_agent_app(settings: AgentSettings, driver: Hypervisor) -> FastAPI:
+def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: MigrationAgent | None = None) -> FastAPI:
     clock = SystemClock()
     ca_cert = x509.load_pem_x509_certificate(settings.ca.read_bytes())
 
@@ -91,4 +94,88 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor) -> FastAPI:
     async def destroy_vm(vm_id: str, _: Controller) -> None:
         await driver.destroy(vm_id)
 
+    if migrations is not None:
+        _migration_routes(app, migrations, Controller)
+
     return app
+
+
+def _ticket(body: dict[str, Any]) -> str:
+    token = body.get("ticket")
+    if not isinstance(token, str):
+        raise errors.Forbidden("a migration step needs the controller's migration ticket")
+    return token
+
+
+def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
+    """One route per migration step; every one needs the controller's client certificate AND the ticket."""
+
+    @app.post("/v1/migrations/{mid}/snapshot")
+    async def snapshot(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.snapshot(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/prepare")
+    async def prepare(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.prepare(mid, _ticket(body), body)
+
+    @app.post("/v1/migrations/{mid}/hooks/{point}")
+    async def hooks(mid: str, point: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        try:
+            hook_point = HookPoint(point)
+        except ValueError:
+            raise errors.NotFound(f"unknown hook point {point!r}") from None
+        return await m.hooks(mid, _ticket(body), hook_point, body.get("context") or {})
+
+    @app.post("/v1/migrations/{mid}/mirror")
+    async def mirror(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.mirror(mid, _ticket(body), body)
+
+    @app.post("/v1/migrations/{mid}/transfer")
+    async def transfer(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.transfer(mid, _ticket(body), body)
+
+    @app.post("/v1/migrations/{mid}/progress")
+    async def progress(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.progress(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/switchover")
+    async def switchover(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.switchover(mid, _ticket(body), float(body.get("within", 600)))
+
+    @app.post("/v1/migrations/{mid}/activate")
+    async def activate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.activate(mid, _ticket(body), str(body.get("lease", "")))
+
+    @app.post("/v1/migrations/{mid}/retire")
+    async def retire(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.retire(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/validate")
+    async def validate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.validate(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/kill-destination")
+    async def kill_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.kill_destination(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/resume-source")
+    async def resume_source(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.resume_source(mid, _ticket(body))
+
+    @app.post("/v1/migrations/{mid}/close")
+    async def close(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        role = body.get("role")
+        if role not in {"source", "destination"}:
+            raise errors.InvalidInput("role must be source or destination")
+        return await m.close(mid, _ticket(body), role)
+
+    @app.post("/v1/migrations/{mid}/scrub")
+    async def scrub(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        side = body.get("side")
+        if side not in {"source", "destination"}:
+            raise errors.InvalidInput("side must be source or destination")
+        try:
+            mode = ScrubMode(body.get("mode", "zero"))
+        except ValueError:
+            raise errors.InvalidInput("mode must be zero, random or crypto") from None
+        return await m.scrub(mid, _ticket(body), side, mode)

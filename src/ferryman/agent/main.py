@@ -15,8 +15,10 @@ from ferryman.agent.app import create_agent_app
 from ferryman.agent.enrol import enrol, is_enrolled
 from ferryman.agent.hypervisor.accel import detect_accel
 from ferryman.agent.hypervisor.qmp import QemuDriver
+from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
+from ferryman.core.clock import SystemClock
 from ferryman.core.errors import FerrymanError
 from ferryman.lab.guest import ensure_guest
 from ferryman.logs import configure_logging
@@ -61,7 +63,7 @@ async def serve(settings: AgentSettings) -> None:
     driver = QemuDriver(settings.state_dir, guest, accel)
     reattached = await driver.reattach()
     log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached))
-    app = create_agent_app(settings, driver)
+    app = create_agent_app(settings, driver, MigrationAgent(settings, driver, SystemClock()))
     server = make_server(
         app,
         host=settings.listen_host,

@@ -93,17 +93,22 @@ class JournalRepository(Protocol):
         bytes_transferred: int | None = None,
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
+        step_data: dict[str, Any] | None = None,
     ) -> MigrationRecord:
         """Set the phase (and optional fields; ``data`` is merged into the record's data) and append a step, one
-        transaction. With ``expected_phase`` it is a compare-and-set (Conflict if the phase differs). An ``outcome``
-        finishes the migration (finished_at = at). Refuses (Conflict) to change a finished migration, and refuses to
-        set ``committed`` (only :meth:`commit_migration` may)."""
+        transaction; the step carries ``step_data`` (default ``data``). With ``expected_phase`` it is a compare-and-set
+        (Conflict if the phase differs). An ``outcome`` finishes the migration (finished_at = at). Refuses (Conflict) to
+        change a finished migration, and to set ``committed`` on a migration not yet committed (only
+        :meth:`commit_migration` commits)."""
         ...
 
-    def commit_migration(self, migration_id: str, at: dt.datetime) -> tuple[MigrationRecord, VM, Placement]:
+    def commit_migration(
+        self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
+    ) -> tuple[MigrationRecord, VM, Placement]:
         """THE commit, one transaction: the migration must be in ``switched_over`` and the VM still at the
         migration's generation, placed on its source; close the source placement, open one on the destination with
-        generation + 1, set the phase ``committed`` and append the step. Conflict (nothing changed) otherwise."""
+        generation + 1, set the phase ``committed``, merge ``data`` and append the step. Conflict (nothing changed)
+        otherwise."""
         ...
 
     def request_cancel(self, migration_id: str, at: dt.datetime) -> MigrationRecord: ...

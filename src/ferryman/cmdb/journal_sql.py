@@ -201,19 +201,23 @@ class SqlJournalMixin:
         bytes_transferred: int | None = None,
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
+        step_data: dict[str, Any] | None = None,
     ) -> MigrationRecord:
         """Set the phase and the given fields, merge ``data`` into the record's data (top-level keys replaced) and
-        append a step carrying ``data``, one transaction; an ``outcome`` finishes the migration at ``at``.
+        append a step carrying ``step_data`` (default: ``data``), one transaction; an ``outcome`` finishes the
+        migration at ``at``.
 
-        NotFound for an unknown migration. Conflict, with nothing written, if the phase asked for is ``committed``, the
-        migration is finished, or ``expected_phase`` is given and differs from the current phase.
+        NotFound for an unknown migration. Conflict, with nothing written, if the phase asked for is ``committed`` while
+        the migration is not committed yet (only :meth:`commit_migration` commits), the migration is finished, or
+        ``expected_phase`` is given and differs from the current phase.
         """
         at = _utc(at)
-        if phase == COMMITTED:
-            raise Conflict(f"migration {migration_id!r}: only commit_migration may set the phase {COMMITTED!r}")
         delta = _json(dict(data or {}), "migration data")
+        step_delta = delta if step_data is None else _json(dict(step_data), "step data")
         with self._write() as conn:
             row = _migration_row(conn, migration_id, lock=True)
+            if phase == COMMITTED and row.phase != COMMITTED:
+                raise Conflict(f"migration {migration_id!r}: only commit_migration may set the phase {COMMITTED!r}")
             _require_unfinished(row)
             if expected_phase is not None and row.phase != expected_phase:
                 raise Conflict(f"migration {migration_id!r} is in phase {row.phase!r}, not {expected_phase!r}")
@@ -223,10 +227,12 @@ class SqlJournalMixin:
             optional = {"error": error, "bytes_transferred": bytes_transferred, "downtime_ms": downtime_ms}
             values |= {name: value for name, value in optional.items() if value is not None}
             _update(conn, row, values)
-            _append_step(conn, migration_id, phase, at, delta)
+            _append_step(conn, migration_id, phase, at, step_delta)
             return _migration(_migration_row(conn, migration_id))
 
-    def commit_migration(self, migration_id: str, at: dt.datetime) -> tuple[MigrationRecord, VM, Placement]:
+    def commit_migration(
+        self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
+    ) -> tuple[MigrationRecord, VM, Placement]:
         """THE commit, one transaction: move the VM from the migration's source to its destination (close the source
         placement at ``at``, open the destination one with generation + 1), set the phase ``committed`` and append
         the step.
@@ -234,9 +240,11 @@ class SqlJournalMixin:
         The move is :meth:`~ferryman.cmdb.sql.SqlRepository.move_vm` with ``expected_generation`` = the migration's
         generation, and also requires the open placement to be on the source. NotFound for an unknown migration;
         Conflict, with nothing changed, if the migration is finished or not in ``switched_over``, or the move is
-        refused. A cancel request does not stop it: the runner reads ``cancel_requested`` before it commits.
+        refused. A cancel request does not stop it: the runner reads ``cancel_requested`` before it commits. ``data``
+        is merged into the record's data in the same transaction (the runner's post-commit state).
         """
         at = _utc(at)
+        delta = _json(dict(data or {}), "migration data")
         with self._write() as conn:
             row = _migration_row(conn, migration_id, lock=True)
             _require_unfinished(row)
@@ -248,7 +256,7 @@ class SqlJournalMixin:
             vm, placement = self._move_vm(
                 conn, row.vm_id, row.destination, at, expected_generation=row.generation, from_host=row.source
             )
-            _update(conn, row, {"phase": COMMITTED, "updated_at": at})
+            _update(conn, row, {"phase": COMMITTED, "updated_at": at, "data": {**row.data, **delta}})
             _append_step(conn, migration_id, COMMITTED, at, {"generation": placement.generation})
             committed = _migration(_migration_row(conn, migration_id))
         return committed, vm, placement

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ferryman.cmdb.journal import JournalRepository
 from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, Site, Tenant, VMState
 
 
@@ -142,5 +143,13 @@ class CredentialRepository(Protocol):
     def put_setting(self, key: str, value: Any) -> None: ...
 
 
-class Repository(InventoryRepository, VMRepository, TemporalQueries, EventRepository, CredentialRepository, Protocol):
+class Repository(
+    InventoryRepository,
+    VMRepository,
+    TemporalQueries,
+    EventRepository,
+    CredentialRepository,
+    JournalRepository,
+    Protocol,
+):
     """Everything the controller needs from the CMDB."""

@@ -52,10 +52,13 @@ class HttpAgentClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, host: Host, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self, host: Host, method: str, path: str, body: dict[str, Any] | None = None, limit_s: float | None = None
+    ) -> Any:
         url = f"{host.agent_url}{path}"
+        timeout = httpx.Timeout(limit_s, connect=5.0) if limit_s is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._client.request(method, url, json=body)
+            response = await self._client.request(method, url, json=body, timeout=timeout)
         except httpx.TransportError as err:
             raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
         self._check_agent_identity(host, response)
@@ -89,3 +92,9 @@ class HttpAgentClient:
 
     async def list_vms(self, host: Host) -> list[VMRuntime]:
         return [runtime_from_dict(r) for r in await self._call(host, "GET", "/v1/vms")]
+
+    async def migration_step(
+        self, host: Host, migration_id: str, step: str, body: dict[str, Any], limit_s: float = 120
+    ) -> Any:
+        """One step of a migration on ``host`` (the body carries the migration ticket)."""
+        return await self._call(host, "POST", f"/v1/migrations/{migration_id}/{step}", body, limit_s)

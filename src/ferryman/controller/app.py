@@ -6,6 +6,7 @@ identified by that certificate only, never by anything in a request body.
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -13,8 +14,10 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, FastAPI, Request
 
+from ferryman.cmdb.journal import MigrationRecord
 from ferryman.controller import schemas as s
 from ferryman.controller.fleet import Fleet, VMRequest
+from ferryman.controller.migrations import MigrationService
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
 from ferryman.core.models import Event, Host, Severity, Site, VMAction
@@ -34,12 +37,16 @@ class Principal:
     role: str
 
 
-def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> FastAPI:
+def create_app(
+    fleet: Fleet, *, migrations: MigrationService | None = None, background: Callable[[], Any] | None = None
+) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(background()) if background else None
+        if migrations is not None:
+            await migrations.recover()
         try:
             yield
         finally:
@@ -47,6 +54,8 @@ def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if migrations is not None:
+                await migrations.close()
             await fleet.agents.aclose()
 
     app = FastAPI(title="Ferryman controller", version="0.1.0", lifespan=lifespan)
@@ -79,6 +88,8 @@ def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> 
     Person = Annotated[Principal, Depends(person)]
     AgentHost = Annotated[Host, Depends(agent_host)]
 
+    if migrations is not None:  # before the VM routes: /vms/{name}/migrate must win over /vms/{name}/{action}
+        _migrations(app, fleet, migrations, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
@@ -91,6 +102,14 @@ def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> 
     async def enrol(body: s.EnrolIn) -> s.EnrolOut:
         cert, pem = fleet.enrol(body.host, body.token, body.csr_pem.encode())
         return s.EnrolOut(certificate_pem=pem.decode(), ca_pem=fleet.ca.cert_pem.decode(), serial=str(cert.serial))
+
+    _agent_reports(app, fleet, AgentHost)
+
+    return app
+
+
+def _agent_reports(app: FastAPI, fleet: Fleet, AgentHost: Any) -> None:
+    """What agents push: inventory (reconciled at once) and QEMU events. The host is the certificate's."""
 
     @app.post("/agent/v1/report", response_model=s.ReportAck)
     async def report(body: s.ReportIn, host: AgentHost) -> s.ReportAck:
@@ -114,8 +133,6 @@ def create_app(fleet: Fleet, *, background: Callable[[], Any] | None = None) -> 
                 )
             )
         return s.ReportAck(host=host.name, accepted=len(body.events))
-
-    return app
 
 
 def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
@@ -266,3 +283,51 @@ def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     @app.get("/api/v1/alarms", response_model=list[s.AlarmOut])
     async def list_alarms(_: Person, all: bool = False) -> list[s.AlarmOut]:
         return [s.AlarmOut.of(a) for a in fleet.repo.list_alarms(open_only=not all)]
+
+
+def _migration_out(fleet: Fleet, svc: MigrationService, r: MigrationRecord) -> dict[str, Any]:
+    vm = fleet.repo.get_vm(r.vm_id)
+    total = (r.finished_at - r.requested_at).total_seconds() if r.finished_at else None
+    out = {**dataclasses.asdict(r), "vm": vm.name, "total_s": total, "progress": svc.progress.get(r.id)}
+    out["data"] = {k: v for k, v in r.data.items() if k not in {"ticket", "machine"}}
+    out["data"]["facts"] = r.data.get("machine", {}).get("facts", {})
+    return out
+
+
+def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) -> None:
+    @app.post("/api/v1/vms/{name}/migrate", response_model=s.MigrationOut, status_code=202)
+    async def migrate(name: str, body: s.MigrateIn, who: Person) -> dict[str, Any]:
+        record = await svc.request(
+            name, body.to, shared_storage=body.shared_storage, principal=who.name, bandwidth_mib_s=body.bandwidth_mib_s
+        )
+        return _migration_out(fleet, svc, record)
+
+    @app.get("/api/v1/migrations", response_model=list[s.MigrationOut])
+    async def list_migrations(_: Person, vm: str | None = None, active: bool = False) -> list[dict[str, Any]]:
+        vm_id = fleet.repo.get_vm(vm).id if vm else None
+        return [_migration_out(fleet, svc, r) for r in fleet.repo.list_migrations(vm_id=vm_id, active_only=active)]
+
+    def find(migration_id: str) -> MigrationRecord:
+        if len(migration_id) < 36:  # a prefix, as listings show
+            hits = [r for r in fleet.repo.list_migrations(limit=5000) if r.id.startswith(migration_id)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise errors.InvalidInput(f"migration id prefix {migration_id!r} is ambiguous")
+        return fleet.repo.get_migration(migration_id)
+
+    @app.get("/api/v1/migrations/{migration_id}", response_model=s.MigrationDetail)
+    async def show_migration(migration_id: str, _: Person) -> dict[str, Any]:
+        r = find(migration_id)
+        steps = [dataclasses.asdict(x) for x in fleet.repo.migration_steps(r.id)]
+        receipts = [dataclasses.asdict(x) for x in fleet.repo.list_scrub_receipts(r.id)]
+        return {**_migration_out(fleet, svc, r), "steps": steps, "scrub_receipts": receipts}
+
+    @app.post("/api/v1/migrations/{migration_id}/cancel", response_model=s.MigrationOut)
+    async def cancel(migration_id: str, who: Person) -> dict[str, Any]:
+        return _migration_out(fleet, svc, await svc.cancel(find(migration_id).id, who.name))
+
+    @app.post("/api/v1/hosts/{name}/drain")
+    async def drain(name: str, who: Person) -> dict[str, Any]:
+        started, refused = await svc.drain(name, who.name)
+        return {"host": name, "migrations": [_migration_out(fleet, svc, r) for r in started], "refused": refused}

@@ -18,6 +18,7 @@ from ferryman.cmdb.sql import open_repository
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
 from ferryman.controller.fleet import Fleet, certificate_revoked
+from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reconcile import Reconciler
 from ferryman.controller.settings import ControllerSettings
 from ferryman.core.clock import Clock, SystemClock
@@ -92,7 +93,8 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
             except FerrymanError as err:
                 log.error("reconciliation pass failed", error=str(err))
 
-    return create_app(fleet, background=reconcile_forever), fleet, files
+    migrations = MigrationService(fleet, agents, settings.governor)
+    return create_app(fleet, migrations=migrations, background=reconcile_forever), fleet, files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,6 +125,24 @@ def _check_runtime(vm: VM | None, placed: str | None, host: str, rt: VMRuntime) 
     return found
 
 
+# what a migration in flight legitimately shows on its two hosts: a paused destination, a source in postmigrate, both
+# at once, and (between the commit and the retirement of the source) a source of the old generation
+MIGRATION_EXPECTED = frozenset(
+    {"vm.unexpected_copy", "vm.duplicate", "vm.stale_copy", "vm.state_mismatch", "vm.missing", "vm.unmanaged_process"}
+)
+
+
+def excuse_migrations(found: list[Discrepancy], migrating: Mapping[str, frozenset[str]]) -> list[Discrepancy]:
+    """Drop the discrepancies an active migration explains; a copy on any third host is still an alarm."""
+    kept = []
+    for d in found:
+        hosts = migrating.get(d.vm_id or "")
+        if hosts is not None and d.kind in MIGRATION_EXPECTED and (d.host is None or d.host in hosts):
+            continue
+        kept.append(d)
+    return kept
+
+
 class Reconciler:
     """Holds the latest report of every host and turns discrepancies into alarms."""
 
@@ -144,6 +162,10 @@ class Reconciler:
     def note_change(self, vm_id: str) -> None:
         """A lifecycle change of ``vm_id`` is under way: reports received before now say nothing about its state."""
         self._changed[vm_id] = self._clock.now()
+
+    def _migrating(self) -> dict[str, frozenset[str]]:
+        """VM id → the two hosts of its migration in flight (their copies are expected until it finishes)."""
+        return {r.vm_id: frozenset({r.source, r.destination}) for r in self._repo.list_migrations(active_only=True)}
 
     def _confirmed(self, current: list[Discrepancy]) -> list[Discrepancy]:
         confirmed, suspects = [], {}
@@ -180,7 +202,7 @@ class Reconciler:
                 if placement is not None:
                     placed_on[vm.id] = placement.host
         fresh = [r for r in self._reports.values() if now - r.received_at <= self._stale_after]
-        current = discrepancies(vms, placed_on, fresh)
+        current = excuse_migrations(discrepancies(vms, placed_on, fresh), self._migrating())
         current += [
             Discrepancy("host.unreachable", None, r.host, f"{r.host} has not reported since {r.received_at:%H:%M:%S}")
             for r in self._reports.values()

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferryman.scheduler.governor import GovernorSettings
+
 
 @dataclass(frozen=True)
 class ReconcileSettings:
@@ -24,6 +26,7 @@ class ControllerSettings:
     agent_timeout_s: float = 60.0
     enrol_token_ttl_s: int = 3600
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    governor: GovernorSettings = field(default_factory=GovernorSettings)
 
     @property
     def pki_dir(self) -> Path:
@@ -47,10 +50,15 @@ class ControllerSettings:
         host, _, port = (bind or env.get("FERRYMAN_BIND") or "127.0.0.1:8443").rpartition(":")
         url = db_url or env.get("FERRYMAN_DB_URL") or f"sqlite:///{data / 'cmdb.sqlite'}"
         interval = float(env.get("FERRYMAN_RECONCILE_INTERVAL", "5"))
+        governor = GovernorSettings(
+            vm_cooldown_s=float(env.get("FERRYMAN_VM_COOLDOWN_S", "300")),
+            principal_rate=int(env.get("FERRYMAN_PRINCIPAL_RATE", "10")),
+        )
         return cls(
             data_dir=data,
             db_url=url,
             bind_host=host or "127.0.0.1",
             bind_port=int(port),
             reconcile=ReconcileSettings(interval_s=interval),
+            governor=governor,
         )

@@ -58,11 +58,17 @@ class LabState:
     agents: dict[str, int] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     started_at: str = ""
+    host_dirs: dict[str, str] = field(default_factory=dict)  # hosts kept outside the lab directory
 
 
 class Lab:
-    def __init__(self, lab_dir: Path, say: Say = lambda _msg: None) -> None:
+    def __init__(
+        self, lab_dir: Path, say: Say = lambda _msg: None, host_storage: dict[str, Path] | None = None
+    ) -> None:
+        """``host_storage`` puts a host's state (disks, snapshots, PKI) in a directory of its own, e.g. on a separate
+        filesystem; by default every host lives under ``lab_dir/hosts``."""
         self.dir = lab_dir.resolve()
+        self._host_storage = {name: path.resolve() for name, path in (host_storage or {}).items()}
         self.say = say
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._agent_started: dict[str, dt.datetime] = {}
@@ -82,7 +88,13 @@ class Lab:
         return self.controller_dir / "pki" / "ca.pem"
 
     def host_dir(self, name: str) -> Path:
-        return self.dir / "hosts" / name
+        return self._host_storage.get(name) or self.dir / "hosts" / name
+
+    def _qemu_roots(self) -> list[Path]:
+        """Every directory a QEMU of this lab references: the lab itself and hosts kept elsewhere."""
+        state = self.load_state()
+        extra = [Path(p) for p in (state.host_dirs if state else {}).values()]
+        return [self.dir, *extra, *self._host_storage.values()]
 
     def load_state(self) -> LabState | None:
         try:
@@ -146,7 +158,8 @@ class Lab:
         proc = processes.spawn(
             ["-m", "ferryman.controller", "--data-dir", str(self.controller_dir), "--bind", f"127.0.0.1:{state.port}"],
             self.dir / "logs" / "controller.log",
-            env={"FERRYMAN_RECONCILE_INTERVAL": "3"},
+            # a lab moves VMs back and forth on purpose: short cooldown, generous request rate
+            env={"FERRYMAN_RECONCILE_INTERVAL": "3", "FERRYMAN_VM_COOLDOWN_S": "5", "FERRYMAN_PRINCIPAL_RATE": "60"},
         )
         self._children[proc.pid] = proc
         state.controller_pid = proc.pid
@@ -188,7 +201,9 @@ class Lab:
                 },
             )
             host_dir = self.host_dir(name)
-            host_dir.mkdir(parents=True, mode=0o700)
+            host_dir.mkdir(parents=True, mode=0o700, exist_ok=name in self._host_storage)
+            if name in self._host_storage:
+                state.host_dirs[name] = str(host_dir)
             token_file = host_dir / "enrol.token"
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
@@ -291,7 +306,7 @@ class Lab:
             for name, pid in state.agents.items():
                 say(f"stopping agent {name}")
                 processes.stop(pid, self._marker())
-        stopped = processes.kill_qemus_under(self.dir)
+        stopped = sum(processes.kill_qemus_under(root) for root in self._qemu_roots() if root.exists())
         say(f"stopped {stopped} QEMU process(es)")
         if state is not None and state.controller_pid:
             say("stopping the controller")
@@ -301,7 +316,9 @@ class Lab:
         return stopped
 
     def _wipe(self) -> None:
-        processes.kill_qemus_under(self.dir)
+        for root in self._qemu_roots():
+            if root.exists():
+                processes.kill_qemus_under(root)
         shutil.rmtree(self.dir, ignore_errors=False)
 
     def status(self) -> dict[str, Any]:

@@ -165,3 +165,9 @@ def subject_dn_for_qemu(cert: x509.Certificate) -> str:
     if not parts:
         raise PKIError("certificate has an empty subject")
     return ",".join(parts)
+
+
+def qemu_dn_of_host(host: str) -> str:
+    """The DN QEMU sees for the host certificates this CA issues to ``host`` (they are issued as
+    ``O=Ferryman, OU=host, CN=<host>``, in that order; see :func:`subject_dn_for_qemu`)."""
+    return f"O=Ferryman,OU=host,CN={host}"

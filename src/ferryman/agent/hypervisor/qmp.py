@@ -4,9 +4,15 @@ Each VM owns a directory, ``<state_dir>/vms/<vm_id>/``::
 
     spec.json      the VMSpec (with its generation), written before anything is started
     disk0.qcow2    one qcow2 image per DiskSpec, made with qemu-img
+    disks.json     only for a VM on shared storage: the image paths it uses instead (never created or deleted here)
+    incoming       present while the VM is a migration destination that has not been activated
     qmp.sock       the QMP monitor socket
     qemu.pid       written by QEMU (-pidfile)
     console.log    the guest's serial console, appended to across boots
+
+A migration destination is started by :meth:`QemuDriver.create_incoming`: the same machine, paused (``-S``) and
+waiting for an incoming migration (``-incoming defer``); it is a managed VM like any other. What it must not do is
+resume on its own: only an explicit ``cont`` (see :mod:`ferryman.agent.hypervisor.migrate`) runs it.
 
 QEMU is started with ``-daemonize``, so it is not a child of the agent and survives the agent's death; a new driver
 finds it again through the pidfile and /proc (:meth:`QemuDriver.reattach`). The driver decides nothing: it never
@@ -46,6 +52,8 @@ from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_na
 from ferryman.lab.guest import GuestImage, kernel_cmdline
 
 GONE = "GONE"
+SHARED_DISKS = "disks.json"
+INCOMING_MARK = "incoming"
 QMP_LOST = "QMP_LOST"
 MACHINE = "q35"
 _RUN_STATES = {state.value: state for state in RunState}
@@ -182,9 +190,25 @@ class QemuDriver:
         """The VM's serial console log."""
         return self._vm_dir(vm_id) / "console.log"
 
+    def vm_dir(self, vm_id: str) -> Path:
+        """The directory holding everything this host keeps for the VM (see the module docstring)."""
+        return self._vm_dir(vm_id)
+
     def disk_paths(self, vm_id: str) -> list[Path]:
         """The VM's disk images, in device order (disk0 is the guest's /dev/vda)."""
-        return [self._vm_dir(vm_id) / f"disk{i}.qcow2" for i in range(len(self.load_spec(vm_id).disks))]
+        return self._disks(self.load_spec(vm_id))
+
+    def _disks(self, spec: VMSpec) -> list[Path]:
+        vm_dir = self._vm_dir(spec.vm_id)
+        try:
+            shared = json.loads((vm_dir / SHARED_DISKS).read_text())
+        except FileNotFoundError:
+            return [vm_dir / f"disk{i}.qcow2" for i in range(len(spec.disks))]
+        except (OSError, ValueError) as err:
+            raise HypervisorError(f"corrupt {SHARED_DISKS} for VM {spec.vm_id}: {err}") from err
+        if not isinstance(shared, list) or len(shared) != len(spec.disks):
+            raise HypervisorError(f"{SHARED_DISKS} of VM {spec.vm_id} does not list one image per disk")
+        return [Path(str(path)) for path in shared]
 
     def load_spec(self, vm_id: str) -> VMSpec:
         """The VM's stored spec; NotFound if this host has no such VM."""
@@ -241,10 +265,59 @@ class QemuDriver:
             self._log.info("vm created", vm=spec.vm_id, pid=runtime.pid, generation=spec.generation)
             return runtime
 
+    async def create_incoming(self, spec: VMSpec, shared_disks: Sequence[Path] | None = None) -> VMRuntime:
+        """Store the spec and start QEMU paused, waiting for an incoming migration (``-incoming defer -S``).
+
+        Without ``shared_disks`` the VM gets fresh, empty qcow2 images of the spec's sizes (the mirror fills them over
+        NBD); with them it opens those existing images in place (shared storage). On failure nothing is left behind.
+        """
+        _validate(spec)
+        if shared_disks is not None and (
+            len(shared_disks) != len(spec.disks) or not all(Path(p).is_absolute() for p in shared_disks)
+        ):
+            raise InvalidInput(f"VM {spec.vm_id} needs one absolute shared image path per disk, got {shared_disks}")
+        async with self._lock(spec.vm_id):
+            vm_dir = self._vm_dir(spec.vm_id)
+            vm_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                vm_dir.mkdir(mode=0o700)
+            except FileExistsError:
+                raise Conflict(f"VM {spec.vm_id} already exists on this host") from None
+            try:
+                self._save_spec(spec)
+                (vm_dir / INCOMING_MARK).touch(mode=0o600)
+                if shared_disks is not None:
+                    (vm_dir / SHARED_DISKS).write_text(json.dumps([str(p) for p in shared_disks]))
+                else:
+                    for index, disk in enumerate(spec.disks):
+                        await self._qemu_img(
+                            "create", "-q", "-f", "qcow2", str(vm_dir / f"disk{index}.qcow2"), disk.size_bytes
+                        )
+                runtime = await self._launch(spec, incoming=True)
+            except BaseException:
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                raise
+            self._log.info("incoming vm prepared", vm=spec.vm_id, pid=runtime.pid, shared=shared_disks is not None)
+            return runtime
+
+    def is_incoming(self, vm_id: str) -> bool:
+        """Whether the VM was started by :meth:`create_incoming` and has not been activated since."""
+        return (self._vm_dir(vm_id) / INCOMING_MARK).exists()
+
+    def mark_activated(self, vm_id: str) -> None:
+        """Record that the incoming VM now is this host's copy of record: it may no longer be discarded as a residue."""
+        (self._vm_dir(vm_id) / INCOMING_MARK).unlink(missing_ok=True)
+
+    def _refuse_incoming(self, vm_id: str) -> None:
+        # An unactivated destination may hold a partial copy: it runs only through activation (after the commit).
+        if self.is_incoming(vm_id):
+            raise Conflict(f"VM {vm_id} is a migration destination that has not been activated; it cannot run yet")
+
     async def start(self, vm_id: str) -> VMRuntime:
         """Boot an existing, stopped VM from its disks; Conflict if it already runs."""
         async with self._lock(vm_id):
             spec = self.load_spec(vm_id)
+            self._refuse_incoming(vm_id)
             if procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None:
                 raise Conflict(f"VM {vm_id} is already running")
             runtime = await self._launch(spec)
@@ -257,6 +330,24 @@ class QemuDriver:
             self.load_spec(vm_id)
             await self._terminate(vm_id)
 
+    async def kill(self, vm_id: str) -> None:
+        """SIGKILL the VM's QEMU at once, without QMP: for a destination that must not live on. Its files stay."""
+        async with self._lock(vm_id):
+            self.load_spec(vm_id)
+            session = self._sessions.get(vm_id)
+            if session is not None:
+                session.expect_exit = True
+            proc = procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid")
+            if proc is not None:
+                procscan.kill(proc.pid)
+                if not await _wait_exit(proc.pid, self.KILL_TIMEOUT):
+                    raise HypervisorError(f"QEMU pid {proc.pid} of VM {vm_id} survived SIGKILL")
+            if session is not None and session.watch is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(session.watch), self.KILL_TIMEOUT)
+            await self._detach(vm_id)
+            self._log.info("vm killed", vm=vm_id, pid=proc.pid if proc else None)
+
     async def pause(self, vm_id: str) -> VMRuntime:
         async with self._lock(vm_id):
             await self._execute(vm_id, "stop")
@@ -264,18 +355,21 @@ class QemuDriver:
 
     async def resume(self, vm_id: str) -> VMRuntime:
         async with self._lock(vm_id):
+            self._refuse_incoming(vm_id)
             await self._execute(vm_id, "cont")
             return await self._runtime(vm_id)
 
     async def destroy(self, vm_id: str) -> None:
-        """Stop the VM if it runs and delete its directory (spec, disks, console log)."""
+        """Stop the VM if it runs and scrub its directory (spec, disks, console log): nothing is merely unlinked."""
+        from ferryman.agent.storage.scrub import ScrubMode, scrub_tree
+
         async with self._lock(vm_id):
             vm_dir = self._vm_dir(vm_id)
             if not vm_dir.is_dir():
                 raise NotFound(f"VM {vm_id} does not exist on this host")
             await self._terminate(vm_id)
-            await asyncio.to_thread(shutil.rmtree, vm_dir)
-            self._log.info("vm destroyed", vm=vm_id)
+            receipts = await asyncio.to_thread(scrub_tree, [vm_dir], ScrubMode.ZERO)
+            self._log.info("vm destroyed", vm=vm_id, scrubbed_bytes=sum(r.bytes for r in receipts))
 
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on an attached VM and return its result (for migration and storage code)."""
@@ -338,7 +432,7 @@ class QemuDriver:
 
     # -- processes ------------------------------------------------------------------------------------------------
 
-    def _argv(self, spec: VMSpec, dir_fd: int) -> builtins.list[str]:
+    def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
         cmdline = kernel_cmdline(
             spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms
@@ -351,15 +445,18 @@ class QemuDriver:
             vcpus=spec.vcpus,
             cmdline=cmdline,
             console=vm_dir / "console.log",
-            disks=[vm_dir / f"disk{i}.qcow2" for i in range(len(spec.disks))],
+            disks=self._disks(spec),
         )
+        if incoming:
+            # Paused until an explicit cont; the migration source and its TLS settings are given later over QMP.
+            argv += ["-incoming", "defer", "-S"]
         argv += ["-qmp", f"unix:{_via_fd(dir_fd, 'qmp.sock')},server=on,wait=off"]
         argv += ["-pidfile", str(vm_dir / "qemu.pid"), "-daemonize"]
         return argv
 
-    async def _launch(self, spec: VMSpec) -> VMRuntime:
+    async def _launch(self, spec: VMSpec, incoming: bool = False) -> VMRuntime:
         """Start QEMU and attach to it; if attaching fails the fresh process is killed, never left unmanaged."""
-        pid = await self._spawn(spec)
+        pid = await self._spawn(spec, incoming)
         try:
             await self._attach(spec.vm_id, pid)
             return await self._runtime(spec.vm_id)
@@ -369,14 +466,14 @@ class QemuDriver:
             await self._detach(spec.vm_id)
             raise
 
-    async def _spawn(self, spec: VMSpec) -> int:
+    async def _spawn(self, spec: VMSpec, incoming: bool) -> int:
         """Run QEMU with -daemonize and return the daemon's pid (it is not our child: it outlives the agent)."""
         vm_dir = self._vm_dir(spec.vm_id)
         for stale in ("qmp.sock", "qemu.pid"):
             (vm_dir / stale).unlink(missing_ok=True)
         dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            argv = self._argv(spec, dir_fd)
+            argv = self._argv(spec, dir_fd, incoming)
             self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
             proc = await asyncio.create_subprocess_exec(
                 *argv,

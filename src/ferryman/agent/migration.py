@@ -1,0 +1,367 @@
+"""The agent's side of a live migration: the steps the controller's runner asks of a source or a destination.
+
+Every call carries the controller-signed migration ticket. The first call of a migration on a host (``snapshot`` on
+the source, ``prepare`` on the destination) verifies the ticket in full, including its single-use nonce, and opens a
+local context for the migration; later calls must present the same ticket for the same migration and role. A ticket
+that names another host, another role or another migration, a forged or expired one, or a replay of a used one is
+refused with :class:`Forbidden`.
+
+The agent decides nothing: it does what the step asks, idempotently where a restarted controller may ask twice, and
+reports facts (ports, bytes, downtime, scrub receipts). The data path itself lives in
+:mod:`ferryman.agent.hypervisor.migrate`; there is no way to ask for a migration without TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from cryptography import x509
+
+from ferryman.agent.hooks import HookPoint, run_hooks
+from ferryman.agent.hypervisor import migrate
+from ferryman.agent.hypervisor.qmp import QemuDriver
+from ferryman.agent.hypervisor.tlsdir import write_tls_dir
+from ferryman.agent.settings import AgentSettings
+from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_tree
+from ferryman.agent.storage.snapshots import list_snapshots, prune_and_scrub, snapshot_disk
+from ferryman.core import errors
+from ferryman.core.clock import Clock
+from ferryman.core.wire import spec_from_dict
+from ferryman.lab.records import read_last_seq
+from ferryman.pki.csr import write_atomic
+from ferryman.pki.tickets import MigrationTicket, NonceStore, Role, verify_lease, verify_ticket
+
+log = structlog.get_logger(__name__)
+
+Side = Literal["source", "destination"]
+
+
+@dataclass(frozen=True)
+class Context:
+    ticket: MigrationTicket
+    role: Role
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (the QEMU that binds it next is the only listener we start there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def receipt_json(r: ScrubReceipt) -> dict[str, Any]:
+    return r.to_audit()
+
+
+class MigrationAgent:
+    """The migration steps of one host."""
+
+    def __init__(self, settings: AgentSettings, driver: QemuDriver, clock: Clock, *, snapshots_keep: int = 1) -> None:
+        self._settings = settings
+        self._driver = driver
+        self._clock = clock
+        self._ca_cert = x509.load_pem_x509_certificate(settings.ca.read_bytes())
+        self._nonces = NonceStore(settings.state_dir / "migrations" / "used-nonces.json")
+        self._snapshots_keep = snapshots_keep
+        self._hooks_dir = settings.state_dir / "hooks"
+
+    # -- tickets and contexts -----------------------------------------------------------------------------------------
+
+    def _context_file(self, migration_id: str) -> Path:
+        return self._settings.state_dir / "migrations" / f"{migration_id}.json"
+
+    def _tls_dir(self, migration_id: str) -> Path:
+        return self._settings.state_dir / "migrations" / migration_id / "tls"
+
+    def open(self, migration_id: str, token: str, role: Role) -> MigrationTicket:
+        """First use of a ticket on this host: full verification with its nonce; idempotent for the same ticket."""
+        existing = self._load(migration_id)
+        if existing is not None:
+            return self.check(migration_id, token, role)
+        ticket = verify_ticket(
+            token,
+            self._ca_cert,
+            me=self._settings.name,
+            role=role,
+            clock=self._clock,
+            nonces=self._nonces,
+            migration_id=migration_id,
+        )
+        path = self._context_file(migration_id)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"token": token, "role": role}).encode(), mode=0o600)
+        return ticket
+
+    def check(self, migration_id: str, token: str, role: Role) -> MigrationTicket:
+        """A later call of an opened migration: the same ticket, still signed, still for this host and role."""
+        stored = self._load(migration_id)
+        if stored is None or stored["role"] != role or stored["token"] != token:
+            raise errors.Forbidden(f"no open {role} migration {migration_id} on {self._settings.name} for this ticket")
+        return verify_ticket(
+            token, self._ca_cert, me=self._settings.name, role=role, clock=self._clock, migration_id=migration_id
+        )
+
+    def _load(self, migration_id: str) -> dict[str, str] | None:
+        try:
+            loaded: dict[str, str] = json.loads(self._context_file(migration_id).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as err:
+            raise errors.Conflict(f"migration context {migration_id} is corrupt") from err
+        return loaded
+
+    def _write_tls(self, migration_id: str, crl_pem: str | None) -> Path:
+        s = self._settings
+        return write_tls_dir(
+            self._tls_dir(migration_id),
+            cert_pem=s.cert.read_bytes(),
+            key_pem=s.key.read_bytes(),
+            ca_pem=s.ca.read_bytes(),
+            crl_pem=crl_pem.encode() if crl_pem else None,
+        )
+
+    def _snapshot_dir(self, vm_id: str) -> Path:
+        return self._settings.state_dir / "snapshots" / vm_id
+
+    # -- source ----------------------------------------------------------------------------------------------------
+
+    async def snapshot(self, migration_id: str, token: str) -> dict[str, Any]:
+        """Open the source side and take the pre-migration snapshot of every disk (older ones pruned and scrubbed)."""
+        ticket = self.open(migration_id, token, "source")
+        spec = self._driver.load_spec(ticket.vm_id)
+        if spec.generation != ticket.generation:
+            raise errors.Conflict(
+                f"this host holds generation {spec.generation} of {ticket.vm_id}, the ticket is for {ticket.generation}"
+            )
+        directory = self._snapshot_dir(ticket.vm_id)
+        taken = []
+        for disk in self._driver.disk_paths(ticket.vm_id):
+            tag = f"pre-{migration_id[:8]}"
+            existing = [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem]
+            path = existing[0] if existing else await asyncio.to_thread(snapshot_disk, disk, directory, tag)
+            taken.append(path.name)
+        pruned = await asyncio.to_thread(prune_and_scrub, directory, self._snapshots_keep, ScrubMode.ZERO)
+        return {
+            "snapshots": ",".join(taken),
+            "pruned": len(pruned),
+            "disk_paths": ",".join(str(p) for p in self._driver.disk_paths(ticket.vm_id)),
+            "dirty_kib_per_s": spec.dirty_kib_per_s,
+            "record_interval_ms": spec.record_interval_ms,
+        }
+
+    async def mirror(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        ticket = self.check(migration_id, token, "source")
+        tls = self._write_tls(migration_id, body.get("crl_pem"))
+        ready = await migrate.start_mirror(
+            self._driver,
+            ticket.vm_id,
+            dst_address=body["dst_address"],
+            dst_name=ticket.destination,
+            nbd_port=int(body["nbd_port"]),
+            tls_dir=tls,
+            within=float(body.get("within", 600)),
+        )
+        return {"mirrored_bytes": sum(p.total_bytes for p in ready)}
+
+    async def transfer(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        ticket = self.check(migration_id, token, "source")
+        tls = self._write_tls(migration_id, body.get("crl_pem"))
+        bandwidth = body.get("bandwidth_bytes_per_s")
+        progress = await migrate.start_transfer(
+            self._driver,
+            ticket.vm_id,
+            dst_address=body["dst_address"],
+            dst_name=ticket.destination,
+            migration_port=int(body["migration_port"]),
+            tls_dir=tls,
+            bandwidth_bytes_per_s=int(bandwidth) if bandwidth else None,
+        )
+        return {"status": str(progress.status)}
+
+    async def progress(self, migration_id: str, token: str) -> dict[str, Any]:
+        ticket = self.check(migration_id, token, "source")
+        p = await migrate.migration_progress(self._driver, ticket.vm_id)
+        mirrors = await migrate.mirror_progress(self._driver, ticket.vm_id)
+        return {
+            "status": str(p.status),
+            "transferred_bytes": p.transferred_bytes,
+            "remaining_bytes": p.remaining_bytes,
+            "total_bytes": p.total_bytes,
+            "rate_bytes_per_s": p.mbps * 1e6 / 8,
+            "dirty_pages_rate": p.dirty_pages_rate,
+            "mirror_offset": sum(m.done_bytes for m in mirrors),
+            "mirror_length": sum(m.total_bytes for m in mirrors),
+        }
+
+    async def switchover(self, migration_id: str, token: str, within: float) -> dict[str, Any]:
+        """Wait for the RAM stream to complete (source paused, destination complete and paused); end the mirrors."""
+        ticket = self.check(migration_id, token, "source")
+        done = await migrate.wait_transfer(self._driver, ticket.vm_id, within=within)
+        await migrate.finish_outgoing(self._driver, ticket.vm_id)
+        return {
+            "transferred_bytes": done.transferred_bytes,
+            "downtime_ms": done.downtime_ms,
+            "total_ms": done.total_time_ms,
+        }
+
+    async def retire(self, migration_id: str, token: str) -> dict[str, Any]:
+        """Quit the source QEMU after the commit (its generation is stale from now on). Idempotent."""
+        ticket = self.check(migration_id, token, "source")
+        with contextlib.suppress(errors.NotFound):
+            await self._driver.stop(ticket.vm_id)
+        return {}
+
+    async def resume_source(self, migration_id: str, token: str) -> dict[str, Any]:
+        """Rollback: stop any outgoing migration and mirror; the source runs again. Idempotent."""
+        ticket = self.check(migration_id, token, "source")
+        state = await migrate.cancel_outgoing(self._driver, ticket.vm_id)
+        return {"run_state": str(state)}
+
+    # -- destination -----------------------------------------------------------------------------------------------
+
+    async def prepare(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Open the destination side: a paused QEMU waiting for the assigned source only, and its disk targets."""
+        ticket = self.open(migration_id, token, "destination")
+        spec = spec_from_dict(body["spec"])
+        if spec.vm_id != ticket.vm_id or spec.generation != ticket.generation:
+            raise errors.Forbidden("the VM spec does not match the migration ticket")
+        if self._driver_has(spec.vm_id) and not self._driver.is_incoming(spec.vm_id):
+            raise errors.Conflict(f"a copy of record of {spec.vm_id} already lives on {self._settings.name}")
+        if self._driver_has(spec.vm_id):  # a retried prepare: start over with a fresh destination
+            await self._discard_destination(spec.vm_id)
+        tls = self._write_tls(migration_id, body.get("crl_pem"))
+        address = self._settings.listen_host
+        ports = {"migration_port": free_port(address), "nbd_port": free_port(address)}
+        shared = [Path(p) for p in body.get("shared_disks") or []]
+        await migrate.prepare_incoming(
+            self._driver,
+            spec,
+            listen=address,
+            migration_port=ports["migration_port"],
+            nbd_port=None if ticket.shared_storage else ports["nbd_port"],
+            tls_dir=tls,
+            allowed_peer_dn=body["source_dn"],
+            with_disk_target=not ticket.shared_storage,
+            shared_disks=shared,
+        )
+        return {"address": address, **ports}
+
+    def _driver_has(self, vm_id: str) -> bool:
+        try:
+            self._driver.load_spec(vm_id)
+        except errors.NotFound:
+            return False
+        return True
+
+    async def activate(self, migration_id: str, token: str, lease: str) -> dict[str, Any]:
+        """After the commit: run the destination under a lease for the new generation. Idempotent."""
+        ticket = self.check(migration_id, token, "destination")
+        generation = ticket.generation + 1
+        verify_lease(
+            lease, self._ca_cert, me=self._settings.name, vm_id=ticket.vm_id, generation=generation, clock=self._clock
+        )
+        if not self._driver.is_incoming(ticket.vm_id):
+            return {"already": True}
+        self._driver.set_generation(ticket.vm_id, generation)
+        runtime = await migrate.activate_incoming(self._driver, ticket.vm_id)
+        return {"pid": runtime.pid, "generation": generation}
+
+    async def validate(self, migration_id: str, token: str) -> dict[str, Any]:
+        """After activation: the guest runs here and keeps appending disk records (read from the host side)."""
+        ticket = self.check(migration_id, token, "destination")
+        spec = self._driver.load_spec(ticket.vm_id)
+        disk = self._driver.disk_paths(ticket.vm_id)[0]
+        before = await asyncio.to_thread(read_last_seq, disk)
+        await asyncio.sleep(max(2.5 * spec.record_interval_ms / 1000, 1.0))
+        after = await asyncio.to_thread(read_last_seq, disk)
+        running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
+        ok = bool(running) and after > before
+        detail = f"running={bool(running)}, disk records {before} -> {after}"
+        return {"ok": ok, "detail": detail, "last_seq": after}
+
+    async def kill_destination(self, migration_id: str, token: str) -> dict[str, Any]:
+        """Rollback: kill the destination QEMU (never a copy of record). Idempotent."""
+        ticket = self.check(migration_id, token, "destination")
+        if self._driver_has(ticket.vm_id) and self._driver.is_incoming(ticket.vm_id):
+            with contextlib.suppress(errors.NotFound):
+                await self._driver.kill(ticket.vm_id)
+        return {}
+
+    async def _discard_destination(self, vm_id: str) -> list[ScrubReceipt]:
+        paths = await migrate.abort_incoming(self._driver, vm_id)
+        return await asyncio.to_thread(scrub_tree, paths, ScrubMode.ZERO)
+
+    async def close(self, migration_id: str, token: str, role: Role) -> dict[str, Any]:
+        """The migration ended: scrub this host's copy of the TLS material and forget the context. Idempotent; a
+        closed migration's ticket can never open it again (its nonce is spent)."""
+        if self._load(migration_id) is None:
+            return {"closed": False}
+        self.check(migration_id, token, role)
+        receipts = await asyncio.to_thread(scrub_tree, [self._tls_dir(migration_id).parent], ScrubMode.ZERO)
+        self._context_file(migration_id).unlink(missing_ok=True)
+        return {"closed": True, "receipts": [receipt_json(r) for r in receipts]}
+
+    # -- both ------------------------------------------------------------------------------------------------------
+
+    async def hooks(self, migration_id: str, token: str, point: HookPoint, context: dict[str, Any]) -> dict[str, Any]:
+        role: Role = (
+            "destination"
+            if point is HookPoint.PRE_MIGRATE_DESTINATION or (point is HookPoint.POST_MIGRATE_DESTINATION)
+            else "source"
+        )
+        ticket = self.check(migration_id, token, role)
+        run = await run_hooks(
+            self._hooks_dir,
+            point,
+            {
+                "migration_id": migration_id,
+                "vm_id": ticket.vm_id,
+                "source": ticket.source,
+                "destination": ticket.destination,
+                "host": self._settings.name,
+                **context,
+            },
+        )
+        return {"vetoed": run.vetoed, "summary": run.summary(), "results": [r.__dict__ for r in run.results]}
+
+    async def scrub(self, migration_id: str, token: str, side: Side, mode: ScrubMode) -> dict[str, Any]:
+        """Scrub every artefact of the losing side of this migration on this host; return the receipts."""
+        ticket = self.check(migration_id, token, side)
+        if side == "destination":
+            if not self._driver_has(ticket.vm_id):
+                paths: list[Path] = []
+            elif not self._driver.is_incoming(ticket.vm_id):
+                raise errors.Conflict("refusing to scrub the copy of record on the destination")
+            else:
+                paths = await migrate.abort_incoming(self._driver, ticket.vm_id)
+        else:
+            paths = await self._source_artefacts(ticket)
+        paths.append(self._tls_dir(migration_id).parent)
+        try:
+            receipts = await asyncio.to_thread(scrub_tree, paths, mode)
+        except ScrubError as err:
+            raise errors.HypervisorError(f"scrub on {self._settings.name} incomplete: {err}") from err
+        self._context_file(migration_id).unlink(missing_ok=True)
+        log.info("migration residues scrubbed", migration=migration_id, side=side, files=len(receipts))
+        return {"receipts": [receipt_json(r) for r in receipts], "at": self._clock.now().isoformat()}
+
+    async def _source_artefacts(self, ticket: MigrationTicket) -> list[Path]:
+        """The retired source's VM directory and its snapshots; shared images stay (the destination runs on them)."""
+        alive = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state != "shutdown"]
+        if alive:
+            raise errors.Conflict(f"a QEMU of {ticket.vm_id} still runs here; retire it before scrubbing")
+        vm_dir = self._driver.vm_dir(ticket.vm_id)
+        paths = [self._snapshot_dir(ticket.vm_id)]
+        if not vm_dir.exists():
+            return paths
+        if ticket.shared_storage:
+            return [*paths, *(p for p in vm_dir.iterdir() if not p.name.startswith("disk"))]
+        return [*paths, vm_dir]

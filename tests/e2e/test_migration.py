@@ -1,0 +1,184 @@
+"""Secure live migration on a running lab, end to end through the CLI: the VM keeps running, its disk records arrive
+without a gap, the source is gone and scrubbed, hooks can veto, cancel rolls back, tickets cannot be replayed."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+
+import httpx
+import pytest
+
+from ferryman.cmdb.sql import open_repository
+from ferryman.lab.records import missing_seqs, read_last_seq, read_records
+
+pytestmark = [pytest.mark.lab, pytest.mark.qemu]
+
+
+def vm_disk(lab, host: str, vm_id: str):
+    return lab.lab.host_dir(host) / "vms" / vm_id / "disk0.qcow2"
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def create(lab, name: str, host: str) -> dict:
+    return lab.cli_json(
+        "vm",
+        "create",
+        name,
+        "--tenant",
+        "acme",
+        "--memory",
+        "128",
+        "--host",
+        host,
+        "--record-ms",
+        "250",
+        "--profile",
+        "environment=production",
+    )
+
+
+def migrate(lab, *args: str) -> tuple[int, dict]:
+    proc = lab.cli("vm", "migrate", *args, "--json", check=False, timeout=600)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {"stderr": proc.stderr}
+
+
+def test_local_storage_migration_keeps_every_record_and_leaves_nothing(lab):
+    """web traffic keeps flowing: records continue on the destination with no gap; the source is gone and scrubbed."""
+    vm = create(lab, "mig-1", "host-a")
+    source_disk = vm_disk(lab, "host-a", vm["id"])
+    before = wait_for(lambda: read_last_seq(source_disk), 30, "records on the source")
+    code, m = migrate(lab, "mig-1", "--to", "host-b")
+    assert code == 0, m
+    assert (m["outcome"], m["source"], m["destination"]) == ("done", "host-a", "host-b")
+    assert m["downtime_ms"] is not None and m["bytes_transferred"] > 0
+
+    shown = lab.cli_json("vm", "show", "mig-1")
+    assert (shown["host"], shown["generation"], shown["state"]) == ("host-b", 2, "running")
+    chain = lab.cli_json("vm", "history", "mig-1")
+    assert [(p["host"], p["generation"]) for p in chain] == [("host-a", 1), ("host-b", 2)]
+    assert chain[0]["valid_to"] == chain[1]["valid_from"]
+
+    dest_disk = vm_disk(lab, "host-b", vm["id"])
+    wait_for(lambda: read_last_seq(dest_disk) > before + 4, 30, "records to continue on the destination")
+    records = read_records(dest_disk)
+    assert missing_seqs(records) == [] and {r.canary for r in records} == {
+        lab.cli_json("vm", "show", "mig-1")["canary"]
+    }
+    assert not (lab.lab.host_dir("host-a") / "vms" / vm["id"]).exists()
+    assert not (lab.lab.host_dir("host-a") / "snapshots" / vm["id"]).exists()
+
+    detail = lab.cli_json("migration", "show", m["id"])
+    phases = [s["phase"] for s in detail["steps"]]
+    assert phases.index("switched_over") < phases.index("committed") < phases.index("activated")
+    assert phases.index("activated") < phases.index("source_retired") < phases.index("scrubbed")
+    scrubbed = {r["path"].rsplit("/", 1)[-1] for r in detail["scrub_receipts"] if r["host"] == "host-a"}
+    assert {"disk0.qcow2", "spec.json", "console.log"} <= scrubbed
+    assert all(r["mode"] == "zero" and len(r["sample_hash"]) == 64 for r in detail["scrub_receipts"])
+    assert [a for a in lab.cli_json("alarms") if a["vm"] == vm["id"]] == []
+    events = lab.cli_json("events", "--vm", "mig-1", "--kind", "migration.", "--limit", "50")
+    assert {"migration.requested", "migration.committed", "migration.done"} <= {e["kind"] for e in events}
+
+    # the governor's cooldown refuses moving it straight back, with the reason
+    code, refused = migrate(lab, "mig-1", "--to", "host-a")
+    assert code == 1 and "cooldown" in refused["stderr"]
+    lab.cli("vm", "delete", "mig-1")
+
+
+def test_shared_storage_migration_moves_ram_only(lab):
+    """--shared-storage moves RAM only: the destination runs on the same image, records continue with no gap."""
+    vm = create(lab, "mig-2", "host-a")
+    disk = vm_disk(lab, "host-a", vm["id"])
+    before = wait_for(lambda: read_last_seq(disk), 30, "records on the source")
+    code, m = migrate(lab, "mig-2", "--to", "host-c", "--shared-storage")
+    assert code == 0 and m["outcome"] == "done", m
+    assert lab.cli_json("vm", "show", "mig-2")["host"] == "host-c"
+    wait_for(lambda: read_last_seq(disk) > before + 4, 30, "records to continue on the shared image")
+    assert missing_seqs(read_records(disk)) == []
+    assert not (lab.lab.host_dir("host-a") / "vms" / vm["id"] / "spec.json").exists()
+    lab.cli("vm", "delete", "mig-2")
+
+
+def test_pre_hook_veto_rolls_back_and_scrubs_the_destination(lab):
+    """A failing pre-migrate-destination hook vetoes: rolled back, VM on the source, destination scrubbed."""
+    vm = create(lab, "mig-3", "host-a")
+    hook_dir = lab.lab.host_dir("host-b") / "hooks" / "pre-migrate-destination.d"
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    hook = hook_dir / "10-maintenance"
+    hook.write_text("#!/bin/sh\necho 'host-b is in a maintenance window' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    try:
+        code, m = migrate(lab, "mig-3", "--to", "host-b")
+    finally:
+        hook.unlink()
+    assert code == 1 and m["outcome"] == "rolled_back", m
+    assert "maintenance window" in (m["error"] or "")
+    shown = lab.cli_json("vm", "show", "mig-3")
+    assert (shown["host"], shown["generation"], shown["state"]) == ("host-a", 1, "running")
+    disk = vm_disk(lab, "host-a", vm["id"])
+    last = read_last_seq(disk)
+    wait_for(lambda: read_last_seq(disk) > last, 30, "the source to keep writing records")
+    assert not (lab.lab.host_dir("host-b") / "vms" / vm["id"]).exists()
+    detail = lab.cli_json("migration", "show", m["id"])
+    assert any(r["host"] == "host-b" for r in detail["scrub_receipts"])
+    lab.cli("vm", "delete", "mig-3")
+
+
+def test_cancel_mid_transfer_rolls_back(lab):
+    """Cancelling a slow migration before its commit leaves exactly one running copy, on the source."""
+    vm = create(lab, "mig-4", "host-a")
+    proc = lab.cli("vm", "migrate", "mig-4", "--to", "host-c", "--bandwidth", "1", "--no-wait", "--json")
+    mid = json.loads(proc.stdout)["id"]
+    wait_for(
+        lambda: lab.cli_json("migration", "show", mid)["phase"] in {"mirroring", "transferring"},
+        60,
+        "the transfer to start",
+    )
+    lab.cli("migration", "cancel", mid, timeout=300)
+    m = lab.cli_json("migration", "show", mid)
+    assert m["outcome"] == "rolled_back" and m["cancel_requested"]
+    assert lab.cli_json("vm", "show", "mig-4")["host"] == "host-a"
+    disk = vm_disk(lab, "host-a", vm["id"])
+    last = read_last_seq(disk)
+    wait_for(lambda: read_last_seq(disk) > last, 30, "the source to keep running")
+    assert not (lab.lab.host_dir("host-c") / "vms" / vm["id"]).exists()
+    lab.cli("vm", "delete", "mig-4")
+
+
+def test_used_ticket_cannot_be_replayed(lab):
+    """A finished migration's ticket is refused by its destination (used) and by any other host (not named)."""
+    done = [m for m in lab.cli_json("migration", "list") if m["outcome"] == "done"]
+    assert done, "needs a completed migration from an earlier test"
+    m = done[0]
+    repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
+    ticket = repo.get_migration(m["id"]).data["ticket"]
+    pki = lab.dir / "controller" / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    spec = {
+        "vm_id": m["vm_id"],
+        "name": "x",
+        "vcpus": 1,
+        "memory_mb": 128,
+        "disks": [{"size_bytes": 1 << 26}],
+        "canary": "c",
+        "generation": 1,
+    }
+    body = {"ticket": ticket, "spec": spec, "source_dn": "O=Ferryman,OU=host,CN=host-a"}
+    for host, expected in (
+        (m["destination"], "already used"),
+        ("host-c" if m["destination"] != "host-c" else "host-a", "not host-"),
+    ):
+        url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/migrations/{m['id']}/prepare"
+        response = httpx.post(url, json=body, verify=ctx, timeout=30)
+        assert response.status_code == 403 and expected in response.json()["detail"], response.text
