@@ -106,6 +106,8 @@ def test_shared_storage_migration_moves_ram_only(lab):
     wait_for(lambda: read_last_seq(disk) > before + 4, 30, "records to continue on the shared image")
     assert missing_seqs(read_records(disk)) == []
     assert not (lab.lab.host_dir("host-a") / "vms" / vm["id"] / "spec.json").exists()
+    time.sleep(7)  # reconciliation passes: host-a must not report host-c's VM as a copy of its own
+    assert [a for a in lab.cli_json("alarms") if a["vm"] == vm["id"]] == []
     lab.cli("vm", "delete", "mig-2")
 
 

@@ -355,7 +355,11 @@ class MigrationAgent:
 
     async def _source_artefacts(self, ticket: MigrationTicket) -> list[Path]:
         """The retired source's VM directory and its snapshots; shared images stay (the destination runs on them)."""
-        alive = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state != "shutdown"]
+        alive = [
+            rt
+            for rt in await self._driver.list()
+            if rt.vm_id == ticket.vm_id and rt.managed and rt.run_state != "shutdown"
+        ]
         if alive:
             raise errors.Conflict(f"a QEMU of {ticket.vm_id} still runs here; retire it before scrubbing")
         vm_dir = self._driver.vm_dir(ticket.vm_id)

@@ -30,7 +30,7 @@ from ferryman.core import errors
 from ferryman.core.models import VM, DiskSpec, Host, HostState, Severity, VMSpec, VMState
 from ferryman.core.wire import spec_to_dict
 from ferryman.migration import machine as m
-from ferryman.migration.states import Phase, Step
+from ferryman.migration.states import Phase, Step, is_terminal
 from ferryman.pki.identity import qemu_dn_of_host
 from ferryman.pki.tickets import issue_lease, issue_ticket
 from ferryman.scheduler.governor import Active, Attempt, Governor, GovernorSettings, MigrationRequest
@@ -234,6 +234,15 @@ class MigrationService:
                 outcome = await self._execute(mid, state, command)
                 if outcome is not None:
                     state, queue = self._apply(mid, state, outcome)
+            if not is_terminal(state.phase):
+                self.fleet.audit(
+                    "alarm.migration_stalled",
+                    f"migration {mid} stopped in {state.phase.value} (pending {state.pending})",
+                    "system",
+                    vm=state.vm_id,
+                    severity=Severity.ALARM,
+                    migration=mid,
+                )
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a bug must not leave a migration silently unattended
@@ -324,20 +333,22 @@ class MigrationService:
         step = command.step
         assert step is not None
         flag = self._cancel.get(mid)
-        if flag is not None and flag.is_set() and not state.committed and state.phase is not Phase.ROLLING_BACK:
+        # a cancel interrupts forward steps before the commit only; rollback and post-commit steps run to their end
+        cancellable = flag is not None and not state.committed and state.phase is not Phase.ROLLING_BACK
+        if cancellable and flag is not None and flag.is_set():
             return m.Cancel()
         try:
             call = asyncio.create_task(self._do(mid, state, step))
-            waiter = asyncio.create_task(flag.wait()) if flag is not None else None
-            done, _ = await asyncio.wait({call, *([waiter] if waiter else [])}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter is not None:
+            if cancellable and flag is not None:
+                waiter = asyncio.create_task(flag.wait())
+                done, _ = await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-            if call not in done:  # cancelled while the step ran: stop it, then let the machine roll back
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, errors.FerrymanError):
-                    await call
-                return m.Cancel()
-            facts = call.result()
+                if call not in done:  # cancelled while the step ran: stop it, then let the machine roll back
+                    call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, errors.FerrymanError):
+                        await call
+                    return m.Cancel()
+            facts = await call
         except errors.TransientError as err:
             return m.StepFailed(step, str(err), retryable=True)
         except errors.FerrymanError as err:

@@ -378,9 +378,23 @@ class QemuDriver:
     # -- inventory ------------------------------------------------------------------------------------------------
 
     async def list(self) -> list[VMRuntime]:
-        """Every live QEMU process that references this state dir, managed or not."""
+        """Every live QEMU process of this host: its own VMs, and any other process that references this state dir
+        (a copy started behind our back), except VMs another host runs on an image kept here (shared storage)."""
         found = await asyncio.to_thread(procscan.scan_qemu)
-        return [await self._describe(proc) for proc in found if proc.references(self.state_dir)]
+        return [
+            await self._describe(proc)
+            for proc in found
+            if proc.references(self.state_dir) and not self._vm_of_another_host(proc)
+        ]
+
+    def _vm_of_another_host(self, proc: QemuProcess) -> bool:
+        """A VM that another host's driver runs (its pidfile is ``<other state dir>/vms/<its uuid>/qemu.pid``)."""
+        pidfile, vm_id = proc.option("-pidfile"), proc.uuid or ""
+        if pidfile is None or not _is_uuid(vm_id):
+            return False
+        path = Path(pidfile)
+        mine = path.is_relative_to(self.state_dir)
+        return not mine and path.name == "qemu.pid" and path.parent.name == vm_id and path.parent.parent.name == "vms"
 
     async def reattach(self) -> builtins.list[VMRuntime]:
         """Reconnect QMP to every VM of this state dir whose process still runs; never starts or kills one."""
