@@ -38,6 +38,7 @@ from ferryman.scheduler.governor import Active, Attempt, Governor, GovernorSetti
 log = structlog.get_logger(__name__)
 
 ACTIVE_STATES = {VMState.RUNNING}
+RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
 
 
 class StepError(Exception):
@@ -350,6 +351,8 @@ class MigrationService:
                     return m.Cancel()
             facts = await call
         except errors.TransientError as err:
+            # the machine may retry this step: leave the failing host a moment first (bounded by max_retries)
+            await asyncio.sleep(min(RETRY_DELAY_S * 2**state.retries, 30.0))
             return m.StepFailed(step, str(err), retryable=True)
         except errors.FerrymanError as err:
             return m.StepFailed(step, str(err), retryable=False)
