@@ -184,3 +184,15 @@ def test_used_ticket_cannot_be_replayed(lab):
         url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/migrations/{m['id']}/prepare"
         response = httpx.post(url, json=body, verify=ctx, timeout=30)
         assert response.status_code == 403 and expected in response.json()["detail"], response.text
+
+
+def test_host_drain_moves_every_running_vm_away(lab):
+    """host drain migrates each running VM off the host, through the same secure path."""
+    lab.cli("vm", "create", "drain-1", "--tenant", "acme", "--memory", "128", "--host", "host-c")
+    result = json.loads(lab.cli("host", "drain", "host-c", "--json", timeout=600).stdout)
+    moved = {m["vm"]: m for m in result["migrations"]}
+    assert moved["drain-1"]["outcome"] == "done" and moved["drain-1"]["destination"] != "host-c"
+    assert result["refused"] == []
+    assert [v["name"] for v in lab.cli_json("vm", "list", "--host", "host-c") if v["state"] == "running"] == []
+    assert lab.cli_json("vm", "show", "drain-1")["generation"] == 2
+    lab.cli("vm", "delete", "drain-1")

@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 Side = Literal["source", "destination"]
 
+VALIDATION_MIN_WAIT_S = 30.0  # how long validation waits, at least, for the migrated guest's next disk record
+
 
 @dataclass(frozen=True)
 class Context:
@@ -279,9 +281,13 @@ class MigrationAgent:
         ticket = self.check(migration_id, token, "destination")
         spec = self._driver.load_spec(ticket.vm_id)
         disk = self._driver.disk_paths(ticket.vm_id)[0]
-        before = await asyncio.to_thread(read_last_seq, disk)
-        await asyncio.sleep(max(2.5 * spec.record_interval_ms / 1000, 1.0))
-        after = await asyncio.to_thread(read_last_seq, disk)
+        before = after = await asyncio.to_thread(read_last_seq, disk)
+        # a new record proves the guest runs and writes here; a guest still booting needs longer than one interval
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(3 * spec.record_interval_ms / 1000, VALIDATION_MIN_WAIT_S)
+        while after <= before and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+            after = await asyncio.to_thread(read_last_seq, disk)
         running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
         ok = bool(running) and after > before
         detail = f"running={bool(running)}, disk records {before} -> {after}"
