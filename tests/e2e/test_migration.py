@@ -87,7 +87,10 @@ def test_local_storage_migration_keeps_every_record_and_leaves_nothing(lab):
     assert all(r["mode"] == "zero" and len(r["sample_hash"]) == 64 for r in detail["scrub_receipts"])
     assert [a for a in lab.cli_json("alarms") if a["vm"] == vm["id"]] == []
     events = lab.cli_json("events", "--vm", "mig-1", "--kind", "migration.", "--limit", "50")
-    assert {"migration.requested", "migration.committed", "migration.done"} <= {e["kind"] for e in events}
+    assert {"migration.requested", "migration.phase", "migration.committed", "migration.done"} <= {
+        e["kind"] for e in events
+    }
+    assert all(e["principal"] == "token:admin" for e in events if e["kind"] == "migration.phase")
 
     # the governor's cooldown refuses moving it straight back, with the reason
     code, refused = migrate(lab, "mig-1", "--to", "host-a")

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from ferryman.cmdb.journal import MigrationRecord, ScrubReceiptRecord
+from ferryman.controller import failpoints
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.fleet import Fleet
 from ferryman.core import errors
@@ -227,6 +228,7 @@ class MigrationService:
         try:
             state, queue = self._apply(mid, state, event)
             while queue and budget > 0:
+                await failpoints.maybe_pause(state.phase, mid)  # fault-injection tests only (off by default)
                 command = queue.pop(0)
                 budget -= 1
                 if isinstance(command, m.Commit):
@@ -313,6 +315,16 @@ class MigrationService:
         )
         if record.phase != state.phase.value:
             log.info("migration transition", migration=mid, frm=record.phase, to=state.phase.value)
+            self.fleet.audit(
+                "migration.phase",
+                f"migration {mid[:8]}: {record.phase} → {state.phase.value}",
+                record.principal,
+                vm=state.vm_id,
+                migration=mid,
+                frm=record.phase,
+                to=state.phase.value,
+                cause=state.cause,
+            )
 
     # -- executing commands ----------------------------------------------------------------------------------------
 
