@@ -12,22 +12,13 @@ import pytest
 
 from ferryman.cmdb.sql import open_repository
 from ferryman.lab.records import missing_seqs, read_last_seq, read_records
+from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
 
 def vm_disk(lab, host: str, vm_id: str):
     return lab.lab.host_dir(host) / "vms" / vm_id / "disk0.qcow2"
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def create(lab, name: str, host: str) -> dict:

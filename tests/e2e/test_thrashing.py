@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ferryman.lab import processes
+from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
@@ -31,15 +32,6 @@ def incoming_pids(vm_id: str) -> list[int]:
 def request(lab, name: str, to: str) -> tuple[dict | None, str]:
     proc = lab.cli("vm", "migrate", name, "--to", to, "--bandwidth", "2", "--no-wait", "--json", check=False)
     return (json.loads(proc.stdout), "") if proc.returncode == 0 else (None, proc.stderr)
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def disrupt(lab, mid: str, vm_id: str) -> dict:

@@ -8,7 +8,6 @@ import re
 import signal
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from ferryman.lab import processes
 from ferryman.lab.guest import ensure_guest
 from ferryman.lab.records import read_records
+from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
@@ -31,16 +31,6 @@ def controller_ctx(lab) -> ssl.SSLContext:
 def agent_vms(lab, host: str) -> dict[str, dict]:
     url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms"
     return {v["vm_id"]: v for v in httpx.get(url, verify=controller_ctx(lab), timeout=30).json()}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def last_seq(disk: Path) -> int:

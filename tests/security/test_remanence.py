@@ -14,19 +14,11 @@ import pytest
 from ferryman.lab.lab import Lab
 from ferryman.lab.records import read_last_seq
 from ferryman.testing.loopfs import loop_mount, scan_for
+from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
 PORT, AGENT_PORT = 19443, 19444
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def follow(api, mid: str) -> dict:
