@@ -228,8 +228,8 @@ class MigrationService:
         try:
             state, queue = self._apply(mid, state, event)
             while queue and budget > 0:
-                await failpoints.maybe_pause(state.phase, mid)  # fault-injection tests only (off by default)
                 command = queue.pop(0)
+                await failpoints.maybe_pause(state.phase, mid, command.step)  # fault injection; off unless configured
                 budget -= 1
                 if isinstance(command, m.Commit):
                     state, queue = self._commit(mid, state)

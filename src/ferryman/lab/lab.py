@@ -63,11 +63,17 @@ class LabState:
 
 class Lab:
     def __init__(
-        self, lab_dir: Path, say: Say = lambda _msg: None, host_storage: dict[str, Path] | None = None
+        self,
+        lab_dir: Path,
+        say: Say = lambda _msg: None,
+        host_storage: dict[str, Path] | None = None,
+        controller_env: dict[str, str] | None = None,
     ) -> None:
         """``host_storage`` puts a host's state (disks, snapshots, PKI) in a directory of its own, e.g. on a separate
-        filesystem; by default every host lives under ``lab_dir/hosts``."""
+        filesystem; by default every host lives under ``lab_dir/hosts``. ``controller_env`` adds environment
+        variables to the controller's (e.g. ``FERRYMAN_FAILPOINTS_DIR`` for fault-injection tests)."""
         self.dir = lab_dir.resolve()
+        self._controller_env = dict(controller_env or {})
         self._host_storage = {name: path.resolve() for name, path in (host_storage or {}).items()}
         self.say = say
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -153,13 +159,18 @@ class Lab:
             raise
         return state
 
-    def _start_controller(self, state: LabState) -> None:
-        self.say(f"[3/5] starting the controller on https://127.0.0.1:{state.port}")
+    def _start_controller(self, state: LabState, step: str = "[3/5] ") -> None:
+        self.say(f"{step}starting the controller on https://127.0.0.1:{state.port}")
         proc = processes.spawn(
             ["-m", "ferryman.controller", "--data-dir", str(self.controller_dir), "--bind", f"127.0.0.1:{state.port}"],
             self.dir / "logs" / "controller.log",
             # a lab moves VMs back and forth on purpose: short cooldown, generous request rate
-            env={"FERRYMAN_RECONCILE_INTERVAL": "3", "FERRYMAN_VM_COOLDOWN_S": "5", "FERRYMAN_PRINCIPAL_RATE": "60"},
+            env={
+                "FERRYMAN_RECONCILE_INTERVAL": "3",
+                "FERRYMAN_VM_COOLDOWN_S": "5",
+                "FERRYMAN_PRINCIPAL_RATE": "60",
+                **self._controller_env,
+            },
         )
         self._children[proc.pid] = proc
         state.controller_pid = proc.pid
@@ -172,6 +183,20 @@ class Lab:
             )
         )
         self._wait("controller API", self._api_ok, 30, state.controller_pid)
+
+    def restart_controller(self) -> LabState:
+        """Stop the controller if it still runs (SIGTERM, then SIGKILL) and start it again on the same data directory
+        and port; returns once its API answers. Its start recovers every unfinished migration from the journal."""
+        state = self.load_state()
+        if state is None:
+            raise CliError(f"no lab in {self.dir}")
+        if state.controller_pid is not None:
+            processes.stop(state.controller_pid, self._marker())
+            child = self._children.pop(state.controller_pid, None)
+            if child is not None:  # our own child: collect its exit status, leave no zombie
+                child.wait(timeout=10)
+        self._start_controller(state, step="")
+        return state
 
     def _api_ok(self) -> bool:
         try:

@@ -1,0 +1,544 @@
+"""The migration protocol under fault injection: hold the runner in one phase, strike, let go, and check the
+invariants of DESIGN.md once the migration has ended.
+
+Faults: SIGKILL of the controller (restarted: recovery), of the source or destination agent (restarted once the
+runner has tripped over its absence), of the source or destination QEMU; a failing pre-migration hook; the
+destination's filesystem full. After the migration ended (within a bound) every case checks:
+
+* one_copy    exactly one live QEMU of the VM, on the host the CMDB names, and it runs (its disk records advance);
+* generation  the CMDB places the VM on the source at generation 1 (not committed) or on the destination at 2
+              (committed), and the running copy's own spec carries that generation;
+* records     every record the guest acknowledged on either console is on that host's disk, with no gap;
+* residue     the losing host keeps no directory or snapshot of the VM;
+* alarm       a STUCK migration raised an operator alarm.
+
+Each VM is fresh, and the governor's memory of earlier attempts is aged out between cases (see
+:func:`forget_attempts`): every case is an experiment of its own, not an attempt at thrashing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import sqlalchemy as sa
+
+from ferryman.agent.hypervisor import procscan
+from ferryman.cli.client import CliError
+from ferryman.cmdb import schema
+from ferryman.cmdb.sql import create_engine
+from ferryman.lab import processes
+from ferryman.lab.records import missing_seqs, read_acks, read_last_seq, read_records
+from ferryman.testing.wait import wait_for
+
+from .conftest import FaultLab, Row
+
+pytestmark = [pytest.mark.lab, pytest.mark.qemu]
+
+Fault = Literal["controller", "source-agent", "dest-agent", "source-qemu", "dest-qemu", "pre-hook", "disk-full"]
+SOURCE, DEST = "host-a", "host-b"
+OUTCOME_WITHIN_S = 240.0  # from the fault to the migration's outcome: post-commit retries take ~30 s at most
+AGENT_DOWN_AT_MOST_S = 30.0
+TRANSFER_MIB_S = 8  # slow enough that a fault held in TRANSFERRING strikes while RAM is still on the wire
+
+CRASHED = "the fault killed the VM's only running copy; the migration cannot invent one (no auto-restart)"
+BUG_NO_CONTEXT = (
+    "agent/migration.py MigrationAgent.kill_destination/scrub (check()): a host with no open context for the "
+    "migration (never prepared, or already scrubbed by this rollback) answers Forbidden, so an idempotent rollback "
+    "step fails permanently and the rollback ends STUCK"
+)
+BUG_COMMIT_DEAD_DEST = (
+    "controller/migrations.py MigrationService._run/_commit: the commit does not check that the destination still "
+    "holds the complete paused copy; a destination dead after SWITCHED_OVER is committed, activation fails, STUCK, "
+    "and the source's complete copy stays paused (fenced)"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the matrix. ``phase`` is where the runner is held; ``rolling_back/<step>``: held in the rollback
+    before that step, the rollback started by a cancel in MIRRORING or, with ``rollback_from="switched_over"``, by a
+    controller restart in SWITCHED_OVER. ``waive``: invariants the expected outcome cannot meet, with the reason
+    printed in the table. ``bug``: a defect this case reveals (strict xfail; ``expect`` is the correct outcome)."""
+
+    fault: Fault
+    phase: str
+    expect: str
+    waive: dict[str, str] = field(default_factory=dict)
+    bug: str | None = None
+    note: str = ""
+    rollback_from: str = "mirroring"
+
+    @property
+    def label(self) -> str:
+        return self.phase + (f" (from {self.rollback_from})" if self.rollback_from != "mirroring" else "")
+
+    @property
+    def id(self) -> str:
+        return f"{self.fault}@{self.label}"
+
+    def param(self, *marks: pytest.MarkDecorator) -> Any:
+        extra = [pytest.mark.xfail(reason=self.bug, strict=True)] if self.bug else []
+        return pytest.param(self, id=self.id, marks=[*marks, *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------- matrix
+
+CASES: list[Case] = [
+    # the controller dies: recovery rolls back before the commit, forward after it
+    *(Case("controller", p, "rolled_back", bug=BUG_NO_CONTEXT) for p in ["admitted", "snapshotted"]),
+    *(
+        Case("controller", p, "rolled_back")
+        for p in ["dest_prepared", "pre_hooks_passed", "mirroring", "transferring", "switched_over"]
+    ),
+    *(
+        Case("controller", p, "done")
+        for p in ["committed", "activated", "source_retired", "scrubbed", "post_hooks_passed"]
+    ),
+    Case("controller", "rolling_back/kill_destination", "rolled_back"),
+    Case("controller", "rolling_back/resume_source", "rolled_back", bug=BUG_NO_CONTEXT),
+    Case(
+        "controller",
+        "rolling_back/resume_source",
+        "rolled_back",
+        bug=BUG_NO_CONTEXT,
+        rollback_from="switched_over",
+        note="the source was paused by the switch-over: stuck here leaves no running copy",
+    ),
+    # an agent dies and comes back once the runner has tripped over its absence
+    Case("source-agent", "admitted", "rolled_back", bug=BUG_NO_CONTEXT, note="the snapshot finds no source agent"),
+    *(Case("source-agent", p, "rolled_back") for p in ["snapshotted", "mirroring", "transferring"]),
+    *(
+        Case("source-agent", p, "done", note="the runner needs the source again only after the commit")
+        for p in ["switched_over"]
+    ),
+    *(Case("source-agent", p, "done") for p in ["committed", "activated", "source_retired"]),
+    Case("source-agent", "rolling_back/kill_destination", "rolled_back"),
+    Case("dest-agent", "dest_prepared", "rolled_back", note="the destination's pre-hook finds no agent"),
+    *(
+        Case("dest-agent", p, "done", note="its QEMU needs no agent until activation, which retries")
+        for p in ["mirroring", "transferring", "switched_over"]
+    ),
+    *(Case("dest-agent", p, "done") for p in ["committed", "activated", "scrubbed"]),
+    Case("dest-agent", "rolling_back/kill_destination", "rolled_back"),
+    # a QEMU dies
+    *(
+        Case("source-qemu", p, "stuck", waive={"one_copy": CRASHED}, note="the rollback cannot resume a dead source")
+        for p in ["dest_prepared", "mirroring", "transferring"]
+    ),
+    *(
+        Case("source-qemu", p, "done", note="the destination already holds the complete copy")
+        for p in ["switched_over", "committed", "activated"]
+    ),
+    *(Case("dest-qemu", p, "rolled_back") for p in ["dest_prepared", "mirroring", "transferring"]),
+    Case("dest-qemu", "switched_over", "rolled_back", bug=BUG_COMMIT_DEAD_DEST),
+    Case(
+        "dest-qemu",
+        "committed",
+        "stuck",
+        waive={"one_copy": "the committed copy died before activation", "residue": "stuck before the source retired"},
+        note="after the commit only roll-forward is allowed: an operator restarts the VM on host-b from its disk",
+    ),
+    Case("dest-qemu", "activated", "stuck", waive={"one_copy": CRASHED}, note="validation finds no running guest"),
+    Case("dest-qemu", "rolling_back/kill_destination", "rolled_back"),
+    # a hook vetoes, the destination's disk is full
+    Case("pre-hook", "dest_prepared", "rolled_back", note="a pre-migrate-source hook exits 1: a veto"),
+    Case(
+        "disk-full",
+        "admitted",
+        "rolled_back",
+        bug=BUG_NO_CONTEXT,
+        note="host-b full before prepare: its ticket nonce store cannot be written",
+    ),
+    Case("disk-full", "dest_prepared", "rolled_back", note="host-b full before the disk mirror"),
+]
+
+SAMPLE = ["controller@transferring", "controller@activated", "dest-qemu@transferring"]
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_fault_matrix(case: Case, fault_lab: FaultLab, fault_table: list[Row]) -> None:
+    """Whatever fails and whenever, the migration ends and the invariants hold (or the case's reason says why not)."""
+    run_case(fault_lab, case, fault_table)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", [c.param() for c in CASES if c.id in SAMPLE])
+def test_fault_sample(case: Case, fault_lab: FaultLab, fault_table: list[Row]) -> None:
+    """A sample of the matrix for the default suite: roll back, roll forward, and a destination that dies."""
+    run_case(fault_lab, case, fault_table)
+
+
+# ------------------------------------------------------------------------------------------------------ one case
+
+
+@dataclass
+class Run:
+    """What a case observed while it ran."""
+
+    vm_name: str
+    vm_id: str
+    migration_id: str = ""
+    acked: int = 0  # highest record number the guest acknowledged on any console
+    fault_at: float = 0.0
+
+
+def run_case(fl: FaultLab, case: Case, table: list[Row]) -> None:
+    if case.fault == "disk-full" and fl.host_b_fs is None:
+        pytest.skip("filling host-b's disk needs its own loop-mounted filesystem (root, util-linux)")
+    row = Row(case.fault, case.label, case.expect, note=case.note)
+    table.append(row)
+    ready_lab(fl)
+    api = fl.lab.api()
+    name = f"f-{uuid.uuid4().hex[:8]}"
+    vm = api.post(
+        "/api/v1/vms",
+        {"name": name, "tenant": "acme", "memory": "128", "disk": "32M", "host": SOURCE, "record_interval_ms": 250},
+    )
+    run = Run(name, vm["id"])
+    try:
+        try:
+            drive(fl, case, run, row)
+        except BaseException:
+            row.verdict = "ERROR"
+            raise
+        failures = check(fl, case, run, row)
+        row.verdict = ("xfail: " if case.bug else "FAIL: ") + ", ".join(failures) if failures else "pass"
+        if case.bug and not failures:
+            row.verdict = "XPASS"
+        assert not failures, f"{case.id}: {failures}: {row.checks}"
+    finally:
+        clean_up(fl, run)
+
+
+def drive(fl: FaultLab, case: Case, run: Run, row: Row) -> None:
+    """Start the migration, hold it where the case says, inject the fault, release, and wait for the outcome."""
+    lab, api, fp = fl.lab, fl.lab.api(), fl.failpoints
+    wait_for(lambda: read_last_seq(disk_of(fl, SOURCE, run.vm_id)) >= 2, 60, "the guest's first records")
+    phase, _, step = case.phase.partition("/")
+    pause, reached = (
+        (f"pause-before-{step}", f"reached-before-{step}") if step else (f"pause-at-{phase}", f"reached-{phase}")
+    )
+    if case.fault == "pre-hook":
+        install_hook(fl, SOURCE, "pre-migrate-source", "echo 'host-a refuses to let go' >&2; exit 1")
+    else:
+        (fp / pause).touch()
+    if step:
+        (fp / f"pause-at-{case.rollback_from}").touch()
+    body: dict[str, Any] = {"to": DEST}
+    if phase == "transferring":
+        body["bandwidth_mib_s"] = TRANSFER_MIB_S
+    run.migration_id = api.post(f"/api/v1/vms/{run.vm_name}/migrate", body)["id"]
+    if step:  # start the rollback this case strikes: a cancel, or a controller restart (recovery)
+        start = fp / f"pause-at-{case.rollback_from}"
+        wait_for((fp / f"reached-{case.rollback_from}").exists, 120, f"{case.rollback_from}", interval_s=0.1)
+        if case.rollback_from == "mirroring":
+            api.post(f"/api/v1/migrations/{run.migration_id}/cancel")
+            start.unlink()
+        else:
+            state = lab.load_state()
+            assert state is not None and state.controller_pid is not None
+            sigkill(state.controller_pid)
+            start.unlink()
+            lab.restart_controller()
+    if case.fault != "pre-hook":
+        wait_for((fp / reached).exists, 120, f"the runner to hold at {pause}", interval_s=0.1)
+    observe_acks(fl, run)
+    run.fault_at = time.monotonic()
+    release = (fp / pause).unlink
+    match case.fault:
+        case "controller":
+            state = lab.load_state()
+            assert state is not None and state.controller_pid is not None
+            sigkill(state.controller_pid)
+            release(missing_ok=True)
+            lab.restart_controller()
+        case "source-agent" | "dest-agent":
+            host = SOURCE if case.fault == "source-agent" else DEST
+            state = lab.load_state()
+            assert state is not None
+            sigkill(state.agents[host])
+            release()
+            # the agent stays down until the runner has tripped over its absence (a step failed), then restarts
+            poll(lambda: (m := migration(fl, run)).get("error") or m["outcome"], AGENT_DOWN_AT_MOST_S)
+            lab.start_agent(state, host)
+            lab.wait_host_up(host)
+        case "source-qemu" | "dest-qemu":
+            host = SOURCE if case.fault == "source-qemu" else DEST
+            pids = qemus_of(fl, run.vm_id).get(host, [])
+            assert pids, f"no QEMU of the VM on {host} to kill"
+            for pid in pids:
+                sigkill(pid)
+            release()
+        case "disk-full":
+            fill_filesystem(fl)
+            release()
+        case "pre-hook":
+            pass
+    deadline = run.fault_at + OUTCOME_WITHIN_S
+    while not (m := migration(fl, run))["outcome"]:
+        observe_acks(fl, run)
+        if time.monotonic() > deadline:
+            row.outcome = f"none after {OUTCOME_WITHIN_S:.0f}s ({m['phase']})"
+            pytest.fail(f"{case.id}: no outcome {OUTCOME_WITHIN_S:.0f}s after the fault: phase {m['phase']}, {m}")
+        time.sleep(0.5)
+    row.outcome, row.seconds = m["outcome"], time.monotonic() - run.fault_at
+
+
+def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
+    """Fill ``row.checks``; return the names of the invariants that failed (waived ones excepted)."""
+    api = fl.lab.api()
+    detail = api.get(f"/api/v1/migrations/{run.migration_id}")
+    committed = any(step["phase"] == "committed" for step in detail["steps"])
+    home, other = (DEST, SOURCE) if committed else (SOURCE, DEST)
+    vm = api.get(f"/api/v1/vms/{run.vm_name}")
+    disk = disk_of(fl, home, run.vm_id)
+    results: dict[str, str | None] = {}
+
+    # one copy: a single live QEMU, on the CMDB's host, running (its records advance); never two, whatever happened
+    before = read_last_seq(disk) if disk.exists() else 0
+    advanced = poll(lambda: disk.exists() and read_last_seq(disk) > before, 15)
+    copies = qemus_of(fl, run.vm_id)
+    live = sum(len(p) for p in copies.values())
+    where = ", ".join(f"{h}:{len(p)}" for h, p in sorted(copies.items())) or "none"
+    if live > 1:
+        results["one_copy"] = f"FAIL: {live} live QEMUs ({where})"
+    elif live == 1 and copies.get(home) and advanced:
+        results["one_copy"] = "ok"
+    else:
+        results["one_copy"] = f"FAIL: {live} live ({where}), records {'advance' if advanced else 'stalled'}"
+
+    # generation: CMDB placement and generation agree with the commit; the running copy's spec too
+    expected = (home, 2 if committed else 1)
+    spec_file = fl.lab.host_dir(home) / "vms" / run.vm_id / "spec.json"
+    spec_generation = read_generation(spec_file)
+    if (vm["host"], vm["generation"]) != expected:
+        results["generation"] = f"FAIL: CMDB says {vm['host']} gen {vm['generation']}, expected {expected}"
+    elif spec_generation not in (None, expected[1]):
+        results["generation"] = f"FAIL: {home}'s spec has generation {spec_generation}, CMDB {expected[1]}"
+    else:
+        results["generation"] = "ok"
+
+    # records: everything acknowledged is on the disk of record, without a gap
+    observe_acks(fl, run)
+    if not disk.exists():
+        results["records"] = f"FAIL: no disk on {home}"
+    else:
+        missing = missing_seqs(read_records(disk), [run.acked])
+        results["records"] = "ok" if not missing else f"FAIL: {len(missing)} missing, first {missing[:5]}"
+
+    row.acked = run.acked
+
+    # residue: nothing of the VM on the losing host (its directory, its pre-migration snapshots)
+    leftovers = [fl.lab.host_dir(other) / kind / run.vm_id for kind in ("vms", "snapshots")]
+    kept = [str(path) for path in leftovers if path.exists()]
+    results["residue"] = "ok" if not kept else f"FAIL: {other} keeps {', '.join(kept)}"
+
+    # alarm: a stuck migration must have told an operator
+    alarms = [
+        e["kind"]
+        for e in api.get("/api/v1/events", kind="alarm.", limit=500)
+        if e["data"].get("migration") == run.migration_id
+    ]
+    if row.outcome == "stuck":
+        stuck_alarm = any(kind.startswith("alarm.migration_stuck") for kind in alarms)
+        results["alarm"] = "ok" if stuck_alarm else f"FAIL: stuck without an alarm ({alarms})"
+    elif alarms:
+        results["alarm"] = f"FAIL: unexpected alarm(s) {alarms}"
+
+    failures = [] if row.outcome == case.expect else [f"outcome {row.outcome} (expected {case.expect})"]
+    causes = [step["data"].get("cause") for step in detail["steps"] if step["data"].get("cause")]
+    if causes:
+        row.note = "; ".join(x for x in (row.note, f"cause: {causes[0]}") if x)
+    if row.outcome == "stuck":
+        row.note = "; ".join(x for x in (row.note, f"stuck: {detail.get('error')}") if x)
+    for name, result in results.items():
+        if result is None:
+            continue
+        shown = result
+        if result != "ok" and name in case.waive:
+            if name == "one_copy" and live > 1:  # two copies are never excused
+                failures.append(name)
+            else:
+                shown = f"waived: {case.waive[name]} ({result.removeprefix('FAIL: ')})"
+        elif result != "ok":
+            failures.append(name)
+        row.checks[name] = shown
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def poll(predicate: Callable[[], Any], timeout_s: float) -> bool:
+    """Like :func:`wait_for`, but a condition that never holds is an answer, not a failure."""
+    try:
+        return bool(wait_for(predicate, timeout_s, "a condition that may never hold", interval_s=0.2))
+    except AssertionError:
+        return False
+
+
+def migration(fl: FaultLab, run: Run) -> dict[str, Any]:
+    """The migration as the controller reports it; a controller that is restarting answers a moment later."""
+    for _ in range(120):
+        try:
+            result: dict[str, Any] = fl.lab.api().get(f"/api/v1/migrations/{run.migration_id}")
+            return result
+        except CliError:
+            time.sleep(0.5)
+    pytest.fail("the controller did not answer for a minute")
+
+
+def disk_of(fl: FaultLab, host: str, vm_id: str) -> Path:
+    return fl.lab.host_dir(host) / "vms" / vm_id / "disk0.qcow2"
+
+
+def read_generation(spec_file: Path) -> int | None:
+    try:
+        return int(json.loads(spec_file.read_text())["generation"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def observe_acks(fl: FaultLab, run: Run) -> None:
+    """Remember the highest acknowledged record seen on either host's console (they are scrubbed later)."""
+    for host in (SOURCE, DEST):
+        acks = read_acks(fl.lab.host_dir(host) / "vms" / run.vm_id / "console.log")
+        run.acked = max([run.acked, *acks])
+
+
+def qemus_of(fl: FaultLab, vm_id: str) -> dict[str, list[int]]:
+    """Live (not zombie) QEMU processes of the VM, by the lab host whose directory they run from."""
+    found: dict[str, list[int]] = {}
+    for proc in procscan.scan_qemu():
+        if proc.uuid != vm_id:
+            continue
+        host = next((h for h in (SOURCE, DEST) if proc.references(fl.lab.host_dir(h))), "elsewhere")
+        found.setdefault(host, []).append(proc.pid)
+    return found
+
+
+def sigkill(pid: int) -> None:
+    """SIGKILL and wait until the process is gone (a zombie counts as gone)."""
+    procscan.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not procscan.is_alive(pid), 10, f"pid {pid} to die", interval_s=0.1)
+
+
+def install_hook(fl: FaultLab, host: str, point: str, script: str) -> None:
+    hook_dir = fl.lab.host_dir(host) / "hooks" / f"{point}.d"
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    hook = hook_dir / "50-fault"
+    hook.write_text(f"#!/bin/sh\n{script}\n")
+    hook.chmod(0o755)
+
+
+def filler(fl: FaultLab) -> Path | None:
+    return None if fl.host_b_fs is None else fl.host_b_fs / "filler"
+
+
+def fill_filesystem(fl: FaultLab) -> None:
+    """Take every free block of host-b's filesystem (root's reserve included) with one preallocated file."""
+    path = filler(fl)
+    assert path is not None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        for chunk in (64 << 20, 4 << 20, 256 << 10, 4 << 10):
+            while True:
+                try:
+                    os.posix_fallocate(fd, size, chunk)
+                except OSError:
+                    break
+                size += chunk
+    finally:
+        os.close(fd)
+    probe = path.with_name("probe")
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        return
+    finally:
+        probe.unlink(missing_ok=True)
+    pytest.fail("host-b's filesystem still takes writes after filling it")
+
+
+def forget_attempts(fl: FaultLab) -> None:
+    """Age every finished migration out of the governor's windows (back-off, circuit breaker).
+
+    The breaker rightly refuses a host pair after three disrupted migrations in an hour; this matrix disrupts the
+    same pair on purpose dozens of times. Moving finished attempts two hours back keeps each case independent
+    without touching the governor.
+    """
+    engine = create_engine(fl.db_url)
+    table = schema.migrations
+    shift = dt.timedelta(hours=2)
+    try:
+        with engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(table.c.id, table.c.requested_at, table.c.updated_at, table.c.finished_at).where(
+                    table.c.outcome.is_not(None), table.c.requested_at > dt.datetime.now(dt.UTC) - shift
+                )
+            ).all()
+            for r in rows:
+                conn.execute(
+                    table.update()
+                    .where(table.c.id == r.id)
+                    .values(
+                        requested_at=r.requested_at - shift,
+                        updated_at=r.updated_at - shift,
+                        finished_at=r.finished_at - shift,
+                    )
+                )
+    finally:
+        engine.dispose()
+
+
+def ready_lab(fl: FaultLab) -> None:
+    """Every process up, no failpoint, hook or filler left from an earlier case, the governor's memory aged."""
+    lab = fl.lab
+    for entry in fl.failpoints.iterdir():
+        entry.unlink()
+    for host in (SOURCE, DEST):
+        shutil.rmtree(lab.host_dir(host) / "hooks", ignore_errors=True)
+    if (path := filler(fl)) is not None:
+        path.unlink(missing_ok=True)
+    alive = lab.running()
+    if not alive.get("controller"):
+        lab.restart_controller()
+    state = lab.load_state()
+    assert state is not None
+    for host in (SOURCE, DEST):
+        if not alive.get(host):
+            lab.start_agent(state, host)
+            lab.wait_host_up(host)
+    forget_attempts(fl)
+
+
+def clean_up(fl: FaultLab, run: Run) -> None:
+    """Delete the case's VM; after a stuck case also whatever the protocol left for an operator."""
+    lab = fl.lab
+    ready_lab(fl)
+    with contextlib.suppress(CliError):
+        lab.api().delete(f"/api/v1/vms/{run.vm_name}")
+    for pids in qemus_of(fl, run.vm_id).values():
+        for pid in pids:
+            processes.stop(pid, run.vm_id)
+    for host in (SOURCE, DEST):
+        for directory in ("vms", "snapshots"):
+            shutil.rmtree(lab.host_dir(host) / directory / run.vm_id, ignore_errors=True)
