@@ -59,10 +59,6 @@ def free_port(address: str) -> int:
         return port
 
 
-def receipt_json(r: ScrubReceipt) -> dict[str, Any]:
-    return r.to_audit()
-
-
 class MigrationAgent:
     """The migration steps of one host."""
 
@@ -313,7 +309,7 @@ class MigrationAgent:
         self.check(migration_id, token, role)
         receipts = await asyncio.to_thread(scrub_tree, [self._tls_dir(migration_id).parent], ScrubMode.ZERO)
         self._context_file(migration_id).unlink(missing_ok=True)
-        return {"closed": True, "receipts": [receipt_json(r) for r in receipts]}
+        return {"closed": True, "receipts": [r.to_audit() for r in receipts]}
 
     # -- both ------------------------------------------------------------------------------------------------------
 
@@ -357,7 +353,7 @@ class MigrationAgent:
             raise errors.HypervisorError(f"scrub on {self._settings.name} incomplete: {err}") from err
         self._context_file(migration_id).unlink(missing_ok=True)
         log.info("migration residues scrubbed", migration=migration_id, side=side, files=len(receipts))
-        return {"receipts": [receipt_json(r) for r in receipts], "at": self._clock.now().isoformat()}
+        return {"receipts": [r.to_audit() for r in receipts], "at": self._clock.now().isoformat()}
 
     async def _source_artefacts(self, ticket: MigrationTicket) -> list[Path]:
         """The retired source's VM directory and its snapshots; shared images stay (the destination runs on them)."""

@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 from ferryman.core.models import VM, Placement
 
-ACTIVE_OUTCOME = None  # a migration whose outcome is None is still active
-
 SWITCHED_OVER = "switched_over"
 COMMITTED = "committed"
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from ferryman.cmdb.journal import COMMITTED, SWITCHED_OVER, MigrationRecord, MigrationStep, ScrubReceiptRecord
 from ferryman.cmdb.schema import migration_steps, migrations, scrub_receipts
+from ferryman.cmdb.values import as_json as _json
+from ferryman.cmdb.values import utc as _utc
 from ferryman.core.errors import Conflict, InvalidInput, NotFound
 from ferryman.core.models import VM, Placement, VMState
 
@@ -35,21 +36,6 @@ _RECEIPT_FIELDS = tuple(f.name for f in dataclasses.fields(ScrubReceiptRecord))
 
 
 # -- value helpers -----------------------------------------------------------------------------------------------------
-
-
-def _utc(value: dt.datetime, what: str = "time") -> dt.datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidInput(f"{what} {value.isoformat()} has no timezone: pass an aware UTC datetime")
-    return value.astimezone(dt.UTC)
-
-
-def _json(value: Any, what: str) -> Any:
-    """``value`` if it can be stored as JSON, else InvalidInput (checked here so both backends answer alike)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise InvalidInput(f"{what} is not JSON-serialisable: {err}") from err
-    return value
 
 
 def _migration(row: sa.Row[Any]) -> MigrationRecord:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,6 +49,8 @@ from ferryman.cmdb.schema import (
     tenants,
     vms,
 )
+from ferryman.cmdb.values import as_json as _json
+from ferryman.cmdb.values import utc as _utc
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, InvalidInput, NotFound, TransientError
 from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, Site, Tenant, VMState
@@ -164,12 +165,6 @@ def _reason(err: sa_exc.StatementError) -> str:
 # -- value helpers -----------------------------------------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime, what: str = "time") -> dt.datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidInput(f"{what} {value.isoformat()} has no timezone: pass an aware UTC datetime")
-    return value.astimezone(dt.UTC)
-
-
 def _window(start: dt.datetime, end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime | None]:
     start = _utc(start, "start")
     if end is None:
@@ -178,15 +173,6 @@ def _window(start: dt.datetime, end: dt.datetime | None) -> tuple[dt.datetime, d
     if end <= start:
         raise InvalidInput(f"empty window: end {end.isoformat()} is not after start {start.isoformat()}")
     return start, end
-
-
-def _json(value: Any, what: str) -> Any:
-    """``value`` if it can be stored as JSON, else InvalidInput (checked here so both backends answer alike)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise InvalidInput(f"{what} is not JSON-serialisable: {err}") from err
-    return value
 
 
 def _eq_or_null(column: sa.ColumnElement[Any], value: Any) -> sa.ColumnElement[bool]:

@@ -42,14 +42,6 @@ ACTIVE_STATES = {VMState.RUNNING}
 RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
 
 
-class StepError(Exception):
-    """A step failed; ``retryable`` follows the error type (TransientError vs PermanentError)."""
-
-    def __init__(self, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
 class MigrationService:
     def __init__(self, fleet: Fleet, agents: HttpAgentClient, settings: GovernorSettings | None = None) -> None:
         self.fleet = fleet
