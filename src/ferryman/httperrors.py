@@ -21,6 +21,7 @@ STATUS: list[tuple[type[errors.FerrymanError], int]] = [
     (errors.CapacityError, 409),
     (errors.PKIError, 400),
     (errors.HypervisorError, 502),
+    (errors.StorageError, 507),
     (errors.AgentUnreachable, 503),
 ]
 

@@ -190,3 +190,95 @@ def test_host_drain_moves_every_running_vm_away(lab):
     assert [v["name"] for v in lab.cli_json("vm", "list", "--host", "host-c") if v["state"] == "running"] == []
     assert lab.cli_json("vm", "show", "drain-1")["generation"] == 2
     lab.cli("vm", "delete", "drain-1")
+
+
+def test_stale_copy_is_removed_and_scrubbed_only_with_proof(lab):
+    """A copy of an older generation left on a host is killed and scrubbed by reconciliation; an agent refuses to
+    discard a copy without a lease proving a later generation runs elsewhere."""
+    from ferryman.core.clock import SystemClock
+    from ferryman.pki.ca import CertificateAuthority
+    from ferryman.pki.tickets import issue_lease
+
+    vm = create(lab, "stale-1", "host-a")
+    code, m = migrate(lab, "stale-1", "--to", "host-b")
+    assert code == 0 and m["outcome"] == "done", m
+    pki = lab.dir / "controller" / "pki"
+    ca = CertificateAuthority.load_or_create(pki, SystemClock())
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+
+    def agent(host: str, path: str) -> str:
+        return f"https://{lab.state.addresses[host]}:{lab.state.agent_port}{path}"
+
+    # the copy of record cannot be discarded: a lease for itself, or for another host at the same generation, is
+    # no proof that the VM moved on
+    for host, generation in (("host-b", 2), ("host-a", 2)):
+        _, lease = issue_lease(ca, vm_id=vm["id"], host=host, generation=generation)
+        refused = httpx.post(
+            agent("host-b", f"/v1/stale-copies/{vm['id']}/remove"), json={"successor": lease}, verify=ctx, timeout=30
+        )
+        assert refused.status_code == 403 and "does not supersede" in refused.json()["detail"], refused.text
+    assert lab.cli_json("vm", "show", "stale-1")["state"] == "running"
+
+    # a generation-1 copy comes back on host-a (as a host that missed the migration would run it)
+    spec = {
+        "vm_id": vm["id"],
+        "name": "stale-1",
+        "vcpus": 1,
+        "memory_mb": 128,
+        "disks": [{"size_bytes": vm["disk_bytes"]}],
+        "canary": lab.cli_json("vm", "show", "stale-1")["canary"],
+        "generation": 1,
+    }
+    _, old_lease = issue_lease(ca, vm_id=vm["id"], host="host-a", generation=1)
+    created = httpx.post(agent("host-a", "/v1/vms"), json={"spec": spec, "lease": old_lease}, verify=ctx, timeout=60)
+    assert created.status_code == 200, created.text
+    stale_dir = lab.lab.host_dir("host-a") / "vms" / vm["id"]
+    assert stale_dir.exists()
+
+    wait_for(lambda: not stale_dir.exists(), 90, "reconciliation to remove the stale copy")
+    events = lab.cli_json("events", "--vm", "stale-1", "--limit", "100")
+    kinds = {e["kind"] for e in events}
+    assert {"alarm.vm.stale_copy", "vm.stale_copy_removed"} <= kinds, kinds
+    removed = next(e for e in events if e["kind"] == "vm.stale_copy_removed")
+    assert any(r["path"].endswith("disk0.qcow2") for r in removed["data"]["receipts"])
+    shown = lab.cli_json("vm", "show", "stale-1")
+    assert (shown["host"], shown["generation"], shown["state"]) == ("host-b", 2, "running")
+    dest_disk = vm_disk(lab, "host-b", vm["id"])
+    last = read_last_seq(dest_disk)
+    wait_for(lambda: read_last_seq(dest_disk) > last, 30, "the copy of record to keep writing records")
+    lab.cli("vm", "delete", "stale-1")
+
+
+def test_rolled_back_vm_can_be_restored_from_its_pre_migration_snapshot(lab):
+    """After a rollback the pre-migration snapshot stays on the source: restore swaps the disk for it (the replaced
+    disk scrubbed) and the guest boots again from that point."""
+    vm = create(lab, "snap-1", "host-a")
+    disk = vm_disk(lab, "host-a", vm["id"])
+    wait_for(lambda: read_last_seq(disk) >= 3, 30, "records on the source")
+    hook_dir = lab.lab.host_dir("host-b") / "hooks" / "pre-migrate-destination.d"
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    hook = hook_dir / "10-veto"
+    hook.write_text("#!/bin/sh\nexit 1\n")
+    hook.chmod(0o755)
+    try:
+        code, m = migrate(lab, "snap-1", "--to", "host-b")
+    finally:
+        hook.unlink()
+    assert code == 1 and m["outcome"] == "rolled_back", m
+    snaps = lab.cli_json("vm", "snapshots", "snap-1")
+    assert [(s["disk"], s["host"]) for s in snaps] == [("disk0", "host-a")]
+    assert snaps[0]["tag"] == f"pre-{m['id'][:8]}"
+
+    refused = lab.cli("vm", "restore", "snap-1", check=False)  # no tty, no --yes: nothing happens
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    at_snapshot = read_last_seq(disk)
+    wait_for(lambda: read_last_seq(disk) > at_snapshot + 3, 30, "the guest to write past the snapshot")
+    restored = json.loads(lab.cli("vm", "restore", "snap-1", "--yes", "--json", timeout=300).stdout)
+    assert (restored["host"], restored["tag"], restored["state"]) == ("host-a", snaps[0]["tag"], "running")
+    wait_for(lambda: read_last_seq(disk) > 0, 30, "the restored guest to write records")
+    events = lab.cli_json("events", "--vm", "snap-1", "--kind", "vm.restore", "--limit", "10")
+    done = next(e for e in events if e["kind"] == "vm.restored")
+    assert any(r["path"].endswith("disk0.qcow2.replaced.partial") for r in done["data"]["receipts"]), done
+    lab.cli("vm", "delete", "snap-1")
+    assert not (lab.lab.host_dir("host-a") / "snapshots" / vm["id"]).exists()

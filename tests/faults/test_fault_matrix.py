@@ -52,17 +52,7 @@ OUTCOME_WITHIN_S = 240.0  # from the fault to the migration's outcome: post-comm
 AGENT_DOWN_AT_MOST_S = 30.0
 TRANSFER_MIB_S = 8  # slow enough that a fault held in TRANSFERRING strikes while RAM is still on the wire
 
-CRASHED = "the fault killed the VM's only running copy; the migration cannot invent one (no auto-restart)"
-BUG_NO_CONTEXT = (
-    "agent/migration.py MigrationAgent.kill_destination/scrub (check()): a host with no open context for the "
-    "migration (never prepared, or already scrubbed by this rollback) answers Forbidden, so an idempotent rollback "
-    "step fails permanently and the rollback ends STUCK"
-)
-BUG_COMMIT_DEAD_DEST = (
-    "controller/migrations.py MigrationService._run/_commit: the commit does not check that the destination still "
-    "holds the complete paused copy; a destination dead after SWITCHED_OVER is committed, activation fails, STUCK, "
-    "and the source's complete copy stays paused (fenced)"
-)
+REBOOTED = "the copy of record's QEMU died and was booted again from its disks"
 
 
 @dataclass(frozen=True)
@@ -97,27 +87,26 @@ class Case:
 
 CASES: list[Case] = [
     # the controller dies: recovery rolls back before the commit, forward after it
-    *(Case("controller", p, "rolled_back", bug=BUG_NO_CONTEXT) for p in ["admitted", "snapshotted"]),
     *(
         Case("controller", p, "rolled_back")
-        for p in ["dest_prepared", "pre_hooks_passed", "mirroring", "transferring", "switched_over"]
+        for p in ["admitted", "snapshotted", "dest_prepared", "pre_hooks_passed", "mirroring", "transferring"]
     ),
+    Case("controller", "switched_over", "rolled_back"),
     *(
         Case("controller", p, "done")
         for p in ["committed", "activated", "source_retired", "scrubbed", "post_hooks_passed"]
     ),
     Case("controller", "rolling_back/kill_destination", "rolled_back"),
-    Case("controller", "rolling_back/resume_source", "rolled_back", bug=BUG_NO_CONTEXT),
+    Case("controller", "rolling_back/resume_source", "rolled_back"),
     Case(
         "controller",
         "rolling_back/resume_source",
         "rolled_back",
-        bug=BUG_NO_CONTEXT,
         rollback_from="switched_over",
-        note="the source was paused by the switch-over: stuck here leaves no running copy",
+        note="the source was paused by the switch-over; the restarted rollback resumes it",
     ),
     # an agent dies and comes back once the runner has tripped over its absence
-    Case("source-agent", "admitted", "rolled_back", bug=BUG_NO_CONTEXT, note="the snapshot finds no source agent"),
+    Case("source-agent", "admitted", "rolled_back", note="the snapshot finds no source agent"),
     *(Case("source-agent", p, "rolled_back") for p in ["snapshotted", "mirroring", "transferring"]),
     *(
         Case("source-agent", p, "done", note="the runner needs the source again only after the commit")
@@ -127,40 +116,30 @@ CASES: list[Case] = [
     Case("source-agent", "rolling_back/kill_destination", "rolled_back"),
     Case("dest-agent", "dest_prepared", "rolled_back", note="the destination's pre-hook finds no agent"),
     *(
-        Case("dest-agent", p, "done", note="its QEMU needs no agent until activation, which retries")
+        Case(
+            "dest-agent",
+            p,
+            "rolled_back",
+            note="the commit needs the destination's word that it holds the complete paused copy; with no agent "
+            "to give it, the source resumes rather than keep the guest paused",
+        )
         for p in ["mirroring", "transferring", "switched_over"]
     ),
     *(Case("dest-agent", p, "done") for p in ["committed", "activated", "scrubbed"]),
     Case("dest-agent", "rolling_back/kill_destination", "rolled_back"),
     # a QEMU dies
-    *(
-        Case("source-qemu", p, "stuck", waive={"one_copy": CRASHED}, note="the rollback cannot resume a dead source")
-        for p in ["dest_prepared", "mirroring", "transferring"]
-    ),
+    *(Case("source-qemu", p, "rolled_back", note=REBOOTED) for p in ["dest_prepared", "mirroring", "transferring"]),
     *(
         Case("source-qemu", p, "done", note="the destination already holds the complete copy")
         for p in ["switched_over", "committed", "activated"]
     ),
     *(Case("dest-qemu", p, "rolled_back") for p in ["dest_prepared", "mirroring", "transferring"]),
-    Case("dest-qemu", "switched_over", "rolled_back", bug=BUG_COMMIT_DEAD_DEST),
-    Case(
-        "dest-qemu",
-        "committed",
-        "stuck",
-        waive={"one_copy": "the committed copy died before activation", "residue": "stuck before the source retired"},
-        note="after the commit only roll-forward is allowed: an operator restarts the VM on host-b from its disk",
-    ),
-    Case("dest-qemu", "activated", "stuck", waive={"one_copy": CRASHED}, note="validation finds no running guest"),
+    Case("dest-qemu", "switched_over", "rolled_back", note="the commit checks the destination first"),
+    *(Case("dest-qemu", p, "done", note=REBOOTED) for p in ["committed", "activated"]),
     Case("dest-qemu", "rolling_back/kill_destination", "rolled_back"),
     # a hook vetoes, the destination's disk is full
     Case("pre-hook", "dest_prepared", "rolled_back", note="a pre-migrate-source hook exits 1: a veto"),
-    Case(
-        "disk-full",
-        "admitted",
-        "rolled_back",
-        bug=BUG_NO_CONTEXT,
-        note="host-b full before prepare: its ticket nonce store cannot be written",
-    ),
+    Case("disk-full", "admitted", "rolled_back", note="host-b full before prepare: its nonce store cannot be written"),
     Case("disk-full", "dest_prepared", "rolled_back", note="host-b full before the disk mirror"),
 ]
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from cryptography import x509
 
-from ferryman.core.errors import Forbidden
+from ferryman.core.errors import Forbidden, StorageError
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.pki.tickets import (
     NonceStore,
@@ -76,6 +76,29 @@ def test_expired_ticket_is_refused(ca, clock):
     clock.advance(61)
     with pytest.raises(Forbidden, match="expired"):
         verify_ticket(token, ca.cert, me="host-a", role="source", clock=clock)
+
+
+def test_ending_steps_accept_an_expired_ticket_but_still_check_it(ca, clock, tmp_path):
+    """Without the expiry check (roll-back and clean-up steps) a ticket still needs the CA's signature and this host."""
+    _, token = ticket(ca, ttl=dt.timedelta(minutes=1))
+    clock.advance(3600)
+    accepted = verify_ticket(token, ca.cert, me="host-b", role="destination", clock=clock, check_expiry=False)
+    assert accepted.migration_id == "m-1"
+    with pytest.raises(Forbidden, match="not host-c"):
+        verify_ticket(token, ca.cert, me="host-c", role="destination", clock=clock, check_expiry=False)
+    _, forged = ticket(rogue_ca(tmp_path, clock))
+    with pytest.raises(Forbidden, match="signature"):
+        verify_ticket(forged, ca.cert, me="host-a", role="source", clock=clock, check_expiry=False)
+
+
+def test_nonce_store_on_unwritable_storage_is_a_storage_error(ca, clock, tmp_path):
+    """A nonce store that cannot be written refuses the ticket with StorageError, not an unhandled OSError."""
+    _, token = ticket(ca)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = NonceStore(blocker / "nonces.json")
+    with pytest.raises(StorageError, match="cannot record the ticket nonce"):
+        verify_ticket(token, ca.cert, me="host-a", role="source", clock=clock, nonces=store)
 
 
 def test_forged_and_altered_tickets_are_refused(ca, clock, tmp_path):

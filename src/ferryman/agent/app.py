@@ -73,6 +73,9 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
         leased(spec.vm_id, spec.generation, body)
         return dict(runtime_to_dict(await driver.create(spec)))
 
+    if migrations is not None:  # before /v1/vms/{vm_id}/{action}, which would take /restore as an action
+        _snapshot_routes(app, migrations, Controller)
+
     @app.post("/v1/vms/{vm_id}/{action}")
     async def vm_action(
         vm_id: str, action: str, _: Controller, body: dict[str, Any] | None = None
@@ -93,6 +96,9 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
     @app.delete("/v1/vms/{vm_id}")
     async def destroy_vm(vm_id: str, _: Controller) -> None:
         await driver.destroy(vm_id)
+        if migrations is not None:
+            await migrations.scrub_snapshots(vm_id)
+
 
     if migrations is not None:
         _migration_routes(app, migrations, Controller)
@@ -105,6 +111,17 @@ def _ticket(body: dict[str, Any]) -> str:
     if not isinstance(token, str):
         raise errors.Forbidden("a migration step needs the controller's migration ticket")
     return token
+
+
+def _snapshot_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
+    @app.get("/v1/vms/{vm_id}/snapshots")
+    async def snapshots(vm_id: str, _: Controller) -> list[dict[str, Any]]:
+        return m.snapshots(vm_id)
+
+    @app.post("/v1/vms/{vm_id}/restore")
+    async def restore(vm_id: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        tag = body.get("tag")
+        return await m.restore(vm_id, str(body.get("lease", "")), str(tag) if tag else None)
 
 
 def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
@@ -160,7 +177,15 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/resume-source")
     async def resume_source(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.resume_source(mid, _ticket(body))
+        return await m.resume_source(mid, _ticket(body), str(body.get("lease", "")))
+
+    @app.post("/v1/migrations/{mid}/check-destination")
+    async def check_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.check_destination(mid, _ticket(body))
+
+    @app.post("/v1/stale-copies/{vm_id}/remove")
+    async def remove_stale_copy(vm_id: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
+        return await m.remove_stale_copy(vm_id, str(body.get("successor", "")), bool(body.get("keep_disks", False)))
 
     @app.post("/v1/migrations/{mid}/close")
     async def close(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:

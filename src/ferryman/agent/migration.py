@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,18 +26,18 @@ import structlog
 from cryptography import x509
 
 from ferryman.agent.hooks import HookPoint, run_hooks
-from ferryman.agent.hypervisor import migrate
+from ferryman.agent.hypervisor import migrate, procscan
 from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.hypervisor.tlsdir import write_tls_dir
 from ferryman.agent.settings import AgentSettings
 from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_tree
-from ferryman.agent.storage.snapshots import list_snapshots, prune_and_scrub, snapshot_disk
+from ferryman.agent.storage.snapshots import list_snapshots, prune_and_scrub, restore_snapshot, snapshot_disk
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.wire import spec_from_dict
 from ferryman.lab.records import read_last_seq
 from ferryman.pki.csr import write_atomic
-from ferryman.pki.tickets import MigrationTicket, NonceStore, Role, verify_lease, verify_ticket
+from ferryman.pki.tickets import MigrationTicket, NonceStore, Role, verify_lease, verify_successor, verify_ticket
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,25 @@ class MigrationAgent:
             token, self._ca_cert, me=self._settings.name, role=role, clock=self._clock, migration_id=migration_id
         )
 
+    def check_ending(self, migration_id: str, token: str, role: Role) -> MigrationTicket:
+        """A step that leads back to a safe state (kill or scrub the losing side, resume the source, roll-back hooks,
+        close). The ticket must be signed and name this host in this role, but this host may hold no context for it
+        (never prepared here, or already scrubbed by an earlier run of the same rollback) and it may have expired:
+        such a step stays possible after any outage. Each is idempotent and none can make a second copy run (resuming
+        the source also needs a lease)."""
+        stored = self._load(migration_id)
+        if stored is not None and (stored["role"] != role or stored["token"] != token):
+            raise errors.Forbidden(f"migration {migration_id} on {self._settings.name} was opened with another ticket")
+        return verify_ticket(
+            token,
+            self._ca_cert,
+            me=self._settings.name,
+            role=role,
+            clock=self._clock,
+            migration_id=migration_id,
+            check_expiry=False,
+        )
+
     def _load(self, migration_id: str) -> dict[str, str] | None:
         try:
             loaded: dict[str, str] = json.loads(self._context_file(migration_id).read_text())
@@ -141,11 +161,15 @@ class MigrationAgent:
             )
         directory = self._snapshot_dir(ticket.vm_id)
         taken = []
-        for disk in self._driver.disk_paths(ticket.vm_id):
-            tag = f"pre-{migration_id[:8]}"
-            existing = [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem]
-            path = existing[0] if existing else await asyncio.to_thread(snapshot_disk, disk, directory, tag)
-            taken.append(path.name)
+        tag = f"pre-{migration_id[:8]}"
+        wanted = [
+            (disk, [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem])
+            for disk in self._driver.disk_paths(ticket.vm_id)
+        ]
+        async with self._paused_for_copy(ticket.vm_id, any(not existing for _, existing in wanted)):
+            for disk, existing in wanted:
+                path = existing[0] if existing else await asyncio.to_thread(snapshot_disk, disk, directory, tag)
+                taken.append(path.name)
         pruned = await asyncio.to_thread(prune_and_scrub, directory, self._snapshots_keep, ScrubMode.ZERO)
         return {
             "snapshots": ",".join(taken),
@@ -154,6 +178,66 @@ class MigrationAgent:
             "dirty_kib_per_s": spec.dirty_kib_per_s,
             "record_interval_ms": spec.record_interval_ms,
         }
+
+    @contextlib.asynccontextmanager
+    async def _paused_for_copy(self, vm_id: str, needed: bool) -> AsyncIterator[None]:
+        """Pause a running guest while qemu-img copies its disks: a paused QEMU has flushed its block layer, so the
+        copy is consistent (a copy of a disk being written may not be). The guest resumes whatever happens."""
+        running = needed and any(rt.vm_id == vm_id and rt.run_state == "running" for rt in await self._driver.list())
+        if running:
+            await self._driver.pause(vm_id)
+        try:
+            yield
+        finally:
+            if running:
+                await self._driver.resume(vm_id)
+
+    # -- snapshots of the copy of record ---------------------------------------------------------------------------
+
+    def snapshots(self, vm_id: str) -> list[dict[str, Any]]:
+        """The VM's snapshots on this host, oldest first."""
+        return [
+            {"disk": s.disk, "tag": s.tag, "taken_at": s.taken_at.isoformat(), "size_bytes": s.size_bytes}
+            for s in list_snapshots(self._snapshot_dir(vm_id))
+        ]
+
+    async def restore(self, vm_id: str, lease: str, tag: str | None) -> dict[str, Any]:
+        """Replace the VM's disks with a snapshot (the newest, or the one tagged ``tag``) and boot it again.
+
+        Only the host of record may: the lease must be for this host and the copy's generation. The replaced disks
+        are scrubbed, not merely unlinked.
+        """
+        spec = self._driver.load_spec(vm_id)
+        verify_lease(
+            lease, self._ca_cert, me=self._settings.name, vm_id=vm_id, generation=spec.generation, clock=self._clock
+        )
+        found = list_snapshots(self._snapshot_dir(vm_id))
+        chosen_tag = tag or (found[-1].tag if found else None)
+        disks = self._driver.disk_paths(vm_id)
+        chosen = {s.disk: s for s in found if s.tag == chosen_tag}
+        missing = [d.name for d in disks if d.stem not in chosen]
+        if chosen_tag is None or missing:
+            where = f"VM {vm_id} on {self._settings.name}"
+            raise errors.NotFound(f"no snapshot {chosen_tag or ''} covers every disk of {where}")
+        with contextlib.suppress(errors.NotFound):
+            await self._driver.stop(vm_id)
+        receipts = []
+        for disk in disks:
+            receipt = await asyncio.to_thread(restore_snapshot, chosen[disk.stem].path, disk)
+            if receipt is not None:
+                receipts.append(receipt)
+        runtime = await self._driver.start(vm_id)
+        log.warning("vm restored from snapshot", vm=vm_id, tag=chosen_tag)
+        return {
+            "tag": chosen_tag,
+            "taken_at": chosen[disks[0].stem].taken_at.isoformat(),
+            "run_state": str(runtime.run_state),
+            "receipts": [r.to_audit() for r in receipts],
+        }
+
+    async def scrub_snapshots(self, vm_id: str) -> list[ScrubReceipt]:
+        """The VM is deleted from this host: its snapshots go too, scrubbed."""
+        return await asyncio.to_thread(scrub_tree, [self._snapshot_dir(vm_id)], ScrubMode.ZERO)
 
     async def mirror(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         ticket = self.check(migration_id, token, "source")
@@ -217,11 +301,29 @@ class MigrationAgent:
             await self._driver.stop(ticket.vm_id)
         return {}
 
-    async def resume_source(self, migration_id: str, token: str) -> dict[str, Any]:
-        """Rollback: stop any outgoing migration and mirror; the source runs again. Idempotent."""
-        ticket = self.check(migration_id, token, "source")
-        state = await migrate.cancel_outgoing(self._driver, ticket.vm_id)
-        return {"run_state": str(state)}
+    async def resume_source(self, migration_id: str, token: str, lease: str) -> dict[str, Any]:
+        """Rollback: stop any outgoing migration and mirror; the source runs again under a lease for its (unchanged)
+        generation. A source QEMU that died is booted again from its disks, which the migration only read. Idempotent.
+        """
+        ticket = self.check_ending(migration_id, token, "source")
+        verify_lease(
+            lease,
+            self._ca_cert,
+            me=self._settings.name,
+            vm_id=ticket.vm_id,
+            generation=ticket.generation,
+            clock=self._clock,
+        )
+        if not self._driver_has(ticket.vm_id):
+            raise errors.Conflict(f"{self._settings.name} holds no copy of VM {ticket.vm_id} to resume")
+        if self._driver.load_spec(ticket.vm_id).generation != ticket.generation:
+            raise errors.Conflict(f"the copy of VM {ticket.vm_id} here is not generation {ticket.generation}")
+        if self._driver.is_alive(ticket.vm_id):
+            state = await migrate.cancel_outgoing(self._driver, ticket.vm_id)
+            return {"run_state": str(state)}
+        log.warning("source QEMU gone; booting the VM again from its disks", migration=migration_id, vm=ticket.vm_id)
+        runtime = await self._driver.start(ticket.vm_id)
+        return {"run_state": str(runtime.run_state), "restarted": True}
 
     # -- destination -----------------------------------------------------------------------------------------------
 
@@ -266,16 +368,43 @@ class MigrationAgent:
         verify_lease(
             lease, self._ca_cert, me=self._settings.name, vm_id=ticket.vm_id, generation=generation, clock=self._clock
         )
-        if not self._driver.is_incoming(ticket.vm_id):
-            return {"already": True}
+        if not self._driver_has(ticket.vm_id):
+            raise errors.Conflict(f"{self._settings.name} holds no copy of VM {ticket.vm_id} to activate")
+        alive = self._driver.is_alive(ticket.vm_id)
+        if not self._driver.is_incoming(ticket.vm_id) and alive:
+            return {"already": True, "generation": generation}
         self._driver.set_generation(ticket.vm_id, generation)
-        runtime = await migrate.activate_incoming(self._driver, ticket.vm_id)
-        return {"pid": runtime.pid, "generation": generation}
+        if alive:
+            runtime = await migrate.activate_incoming(self._driver, ticket.vm_id)
+            return {"pid": runtime.pid, "generation": generation}
+        # The committed copy's QEMU died. Its disks are complete (the mirror converged before the switch-over and
+        # the commit), so roll forward by booting the VM from them: the guest restarts, its acknowledged records stay.
+        log.warning("destination QEMU gone after the commit; booting from its disks", migration=migration_id)
+        self._driver.mark_activated(ticket.vm_id)
+        runtime = await self._driver.start(ticket.vm_id)
+        return {"pid": runtime.pid, "generation": generation, "restarted": True}
+
+    async def check_destination(self, migration_id: str, token: str) -> dict[str, Any]:
+        """Just before the commit: the destination's QEMU is alive, still unactivated, its incoming migration
+        completed and the guest paused there. The controller commits only on ``ok``."""
+        ticket = self.check(migration_id, token, "destination")
+        vm_id = ticket.vm_id
+        if not self._driver_has(vm_id) or not self._driver.is_incoming(vm_id) or not self._driver.is_alive(vm_id):
+            return {"ok": False, "detail": f"no live, unactivated destination QEMU of {vm_id} here"}
+        try:
+            progress = await migrate.migration_progress(self._driver, vm_id)
+            status = (await self._driver.execute(vm_id, "query-status"))["status"]
+        except errors.FerrymanError as err:
+            return {"ok": False, "detail": f"destination QEMU does not answer: {err}"}
+        ok = progress.status is migrate.MigrationStatus.COMPLETED and status == "paused"
+        return {"ok": ok, "detail": f"incoming migration {progress.status}, guest {status}"}
 
     async def validate(self, migration_id: str, token: str) -> dict[str, Any]:
         """After activation: the guest runs here and keeps appending disk records (read from the host side)."""
         ticket = self.check(migration_id, token, "destination")
         spec = self._driver.load_spec(ticket.vm_id)
+        if not self._driver.is_alive(ticket.vm_id):
+            return {"ok": False, "running": False, "detail": "no QEMU of the VM runs here"}
         disk = self._driver.disk_paths(ticket.vm_id)[0]
         before = after = await asyncio.to_thread(read_last_seq, disk)
         # a new record proves the guest runs and writes here; a guest still booting needs longer than one interval
@@ -287,11 +416,11 @@ class MigrationAgent:
         running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
         ok = bool(running) and after > before
         detail = f"running={bool(running)}, disk records {before} -> {after}"
-        return {"ok": ok, "detail": detail, "last_seq": after}
+        return {"ok": ok, "running": bool(running), "detail": detail, "last_seq": after}
 
     async def kill_destination(self, migration_id: str, token: str) -> dict[str, Any]:
         """Rollback: kill the destination QEMU (never a copy of record). Idempotent."""
-        ticket = self.check(migration_id, token, "destination")
+        ticket = self.check_ending(migration_id, token, "destination")
         if self._driver_has(ticket.vm_id) and self._driver.is_incoming(ticket.vm_id):
             with contextlib.suppress(errors.NotFound):
                 await self._driver.kill(ticket.vm_id)
@@ -306,7 +435,7 @@ class MigrationAgent:
         closed migration's ticket can never open it again (its nonce is spent)."""
         if self._load(migration_id) is None:
             return {"closed": False}
-        self.check(migration_id, token, role)
+        self.check_ending(migration_id, token, role)
         receipts = await asyncio.to_thread(scrub_tree, [self._tls_dir(migration_id).parent], ScrubMode.ZERO)
         self._context_file(migration_id).unlink(missing_ok=True)
         return {"closed": True, "receipts": [r.to_audit() for r in receipts]}
@@ -319,7 +448,8 @@ class MigrationAgent:
             if point is HookPoint.PRE_MIGRATE_DESTINATION or (point is HookPoint.POST_MIGRATE_DESTINATION)
             else "source"
         )
-        ticket = self.check(migration_id, token, role)
+        ending = point is HookPoint.ROLLBACK
+        ticket = self.check_ending(migration_id, token, role) if ending else self.check(migration_id, token, role)
         run = await run_hooks(
             self._hooks_dir,
             point,
@@ -336,7 +466,7 @@ class MigrationAgent:
 
     async def scrub(self, migration_id: str, token: str, side: Side, mode: ScrubMode) -> dict[str, Any]:
         """Scrub every artefact of the losing side of this migration on this host; return the receipts."""
-        ticket = self.check(migration_id, token, side)
+        ticket = self.check_ending(migration_id, token, side)
         if side == "destination":
             if not self._driver_has(ticket.vm_id):
                 paths: list[Path] = []
@@ -354,6 +484,33 @@ class MigrationAgent:
         self._context_file(migration_id).unlink(missing_ok=True)
         log.info("migration residues scrubbed", migration=migration_id, side=side, files=len(receipts))
         return {"receipts": [r.to_audit() for r in receipts], "at": self._clock.now().isoformat()}
+
+    async def remove_stale_copy(self, vm_id: str, successor: str, keep_disks: bool) -> dict[str, Any]:
+        """Kill and scrub this host's copy of ``vm_id`` once a lease proves another host runs a later generation.
+
+        Disk images stay when ``keep_disks`` (the copy of record runs on them: shared storage) or when any live QEMU
+        still references them. Idempotent.
+        """
+        try:
+            spec = self._driver.load_spec(vm_id)
+        except errors.NotFound:
+            return {"removed": False, "receipts": []}
+        verify_successor(
+            successor, self._ca_cert, me=self._settings.name, vm_id=vm_id, generation=spec.generation, clock=self._clock
+        )
+        with contextlib.suppress(errors.NotFound):
+            await self._driver.kill(vm_id)
+        disks = self._driver.disk_paths(vm_id)
+        processes = await asyncio.to_thread(procscan.scan_qemu)
+        in_use = {d for d in disks if any(proc.references(d) for proc in processes)}
+        keep = set(disks) if keep_disks else in_use
+        vm_dir = self._driver.vm_dir(vm_id)
+        kept = [p for p in vm_dir.iterdir() if p in keep] if vm_dir.is_dir() else []
+        paths = [self._snapshot_dir(vm_id)]
+        paths += [p for p in vm_dir.iterdir() if p not in kept] if kept else [vm_dir]
+        receipts = await asyncio.to_thread(scrub_tree, paths, ScrubMode.ZERO)
+        log.warning("stale copy removed", vm=vm_id, generation=spec.generation, kept=[str(p) for p in kept])
+        return {"removed": True, "kept": [str(p) for p in kept], "receipts": [r.to_audit() for r in receipts]}
 
     async def _source_artefacts(self, ticket: MigrationTicket) -> list[Path]:
         """The retired source's VM directory and its snapshots; shared images stay (the destination runs on them)."""

@@ -71,7 +71,8 @@ class Api:
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+        """Call the API; the decoded JSON body (``raw``: the text). Errors become one-line CliErrors."""
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as err:
@@ -82,6 +83,8 @@ class Api:
             except ValueError:
                 detail = response.text or response.reason_phrase
             raise CliError(str(detail))
+        if raw:
+            return response.text
         return response.json() if response.content else None
 
     def get(self, path: str, **params: Any) -> Any:

@@ -224,9 +224,10 @@ def vm_create(
     host: Annotated[str | None, typer.Option(help="pin to this host")] = None,
     dirty_rate: Annotated[int, typer.Option("--dirty-kib", help="guest memory dirtying rate, KiB/s")] = 256,
     record_interval: Annotated[int, typer.Option("--record-ms", help="guest disk record interval, ms")] = 1000,
+    force: Annotated[bool, typer.Option("--force", help="break glass: ignore hard placement rules (audited)")] = False,
     json_: Json = False,
 ) -> None:
-    """Create and boot a VM."""
+    """Create and boot a VM (on the best host its placement policies allow, unless --host)."""
     body = {
         "name": name,
         "tenant": tenant,
@@ -237,6 +238,7 @@ def vm_create(
         "host": host,
         "dirty_kib_per_s": dirty_rate,
         "record_interval_ms": record_interval,
+        "force": force,
     }
     print(f"creating {name} ...", file=sys.stderr)
     vm = api().post("/api/v1/vms", body)
@@ -402,9 +404,14 @@ def alarms(
 def main() -> None:
     from ferryman.cli.lab import lab_app
     from ferryman.cli.migrate import migration_app
+    from ferryman.cli.policy import compliance_app, host_set, place, policy_app
 
     app.add_typer(lab_app, name="lab")
     app.add_typer(migration_app, name="migration")
+    app.add_typer(policy_app, name="policy")
+    app.add_typer(compliance_app, name="compliance")
+    app.command("place")(place)
+    host_app.command("set")(host_set)
     try:
         app(prog_name="ferryman")
     except CliError as err:
@@ -422,12 +429,13 @@ def vm_migrate(
     bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="cap in MiB/s")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the migration to its end")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to follow before giving up")] = 1800,
+    force: Annotated[bool, typer.Option("--force", help="break glass: ignore hard placement rules (audited)")] = False,
     json_: Json = False,
 ) -> None:
     """Live-migrate a VM to another host (mutual TLS, exactly one running copy, source scrubbed)."""
     from ferryman.cli.migrate import migrate_vm
 
-    migrate_vm(name, to, shared_storage, bandwidth, wait, timeout, json_)
+    migrate_vm(name, to, shared_storage, bandwidth, wait, timeout, json_, force)
 
 
 @host_app.command("drain")
@@ -449,3 +457,34 @@ def host_drain(
         print(summary(m))
     for refusal in result.get("refused", []):
         print(f"not moved: {refusal}")
+
+
+@vm_app.command("snapshots")
+def vm_snapshots(name: str, json_: Json = False) -> None:
+    """The VM's pre-migration disk snapshots on its host (kept after a rollback; scrubbed after a migration)."""
+    items = api().get(f"/api/v1/vms/{name}/snapshots")
+    if json_:
+        return emit_json(items)
+    table(
+        f"snapshots of {name}",
+        ["TAG", "DISK", "TAKEN", "SIZE", "HOST"],
+        [[s["tag"], s["disk"], short_time(s["taken_at"]), s["size_bytes"], s["host"]] for s in items],
+    )
+
+
+@vm_app.command("restore")
+def vm_restore(
+    name: str,
+    tag: Annotated[str | None, typer.Option("--tag", help="snapshot tag (default: the newest)")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    json_: Json = False,
+) -> None:
+    """Put a VM's disks back to a snapshot and boot it again (the replaced disks are scrubbed)."""
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError("restore discards the VM's current disks: pass --yes to confirm")
+        typer.confirm(f"Restore {name} from {tag or 'its newest snapshot'}, discarding its current disks?", abort=True)
+    result = api().post(f"/api/v1/vms/{name}/restore", {"tag": tag})
+    if json_:
+        return emit_json(result)
+    print(f"{result['vm']} restored on {result['host']} from {result['tag']} (taken {short_time(result['taken_at'])})")

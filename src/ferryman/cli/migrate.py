@@ -84,10 +84,17 @@ def follow(api: Api, migration_id: str, timeout_s: float, quiet: bool = False) -
 
 
 def migrate_vm(
-    name: str, to: str, shared_storage: bool, bandwidth: int | None, wait: bool, timeout: float, json_: bool
+    name: str,
+    to: str,
+    shared_storage: bool,
+    bandwidth: int | None,
+    wait: bool,
+    timeout: float,
+    json_: bool,
+    force: bool = False,
 ) -> None:
     api = _api()
-    body = {"to": to, "shared_storage": shared_storage, "bandwidth_mib_s": bandwidth}
+    body = {"to": to, "shared_storage": shared_storage, "bandwidth_mib_s": bandwidth, "force": force}
     m = api.post(f"/api/v1/vms/{name}/migrate", body)
     if wait:
         m = follow(api, m["id"], timeout, quiet=json_)

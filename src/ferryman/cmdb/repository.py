@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ferryman.cmdb.journal import JournalRepository
+from ferryman.cmdb.policy_store import PolicyRepository
 from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, Site, Tenant, VMState
 
 
@@ -74,6 +75,7 @@ class InventoryRepository(Protocol):
     def get_host(self, name: str) -> Host: ...  # NotFound
     def list_hosts(self) -> list[Host]: ...
     def set_host_state(self, name: str, state: HostState) -> Host: ...
+    def update_host(self, name: str, **changes: Any) -> Host: ...
     def ensure_tenant(self, name: str) -> Tenant: ...
     def list_tenants(self) -> list[Tenant]: ...
 
@@ -150,6 +152,7 @@ class Repository(
     EventRepository,
     CredentialRepository,
     JournalRepository,
+    PolicyRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

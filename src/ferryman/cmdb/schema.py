@@ -319,3 +319,42 @@ scrub_receipts = sa.Table(
     sa.Index("ix_scrub_receipts_migration_id", "migration_id"),
     sa.Index("ix_scrub_receipts_host_at", "host", "at"),
 )
+
+
+# -- placement policies and compliance (ferryman.cmdb.policy_store) ----------------------------------------------------
+
+# Append-only: each apply stores the whole set of policy files as a new version; the newest is in force.
+policy_versions = sa.Table(
+    "policy_versions",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+    sa.Column("principal", sa.String(255), nullable=False),
+    sa.Column("documents", json_type(), nullable=False),
+    sa.CheckConstraint("version >= 1", name="version_positive"),
+)
+
+# A hard-rule violation of one VM, open while resolved_at IS NULL; host has no foreign key, as in alarms.
+violations = sa.Table(
+    "violations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
+    sa.Column("policy", sa.String(NAME), nullable=False),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(NAME), nullable=True),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("first_seen", UtcDateTime, nullable=False),
+    sa.Column("last_seen", UtcDateTime, nullable=False),
+    sa.Column("resolved_at", UtcDateTime, nullable=True),
+    sa.Index("ix_violations_vm_id", "vm_id"),
+    sa.Index(
+        "uq_violations_open_key",
+        "vm_id",
+        "policy",
+        "rule",
+        unique=True,
+        sqlite_where=sa.text("resolved_at IS NULL"),
+        postgresql_where=sa.text("resolved_at IS NULL"),
+    ),
+)

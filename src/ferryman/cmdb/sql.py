@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
 from ferryman.cmdb.journal_sql import SqlJournalMixin
+from ferryman.cmdb.policy_sql import SqlPolicyMixin
 from ferryman.cmdb.repository import Alarm, ApiToken, HostCertificate, Neighbour
 from ferryman.cmdb.schema import (
     alarms,
@@ -205,6 +206,11 @@ def _from_row(cls: type[_D], row: sa.Row[Any], **converted: Any) -> _D:
     return cls(**{f.name: columns[f.name] for f in dataclasses.fields(cls) if f.name not in converted}, **converted)
 
 
+HOST_MUTABLE = frozenset(
+    {"zone", "subnet", "virt_type", "hypervisor", "hypervisor_version", "patch_level", "role", "memory_mb"}
+)
+
+
 def _host(row: sa.Row[Any]) -> Host:
     return _from_row(Host, row, state=HostState(row.state))
 
@@ -239,7 +245,7 @@ _PLACEMENT_ORDER = (placements.c.valid_from, placements.c.generation, placements
 # -- the repository ----------------------------------------------------------------------------------------------------
 
 
-class SqlRepository(SqlJournalMixin):
+class SqlRepository(SqlJournalMixin, SqlPolicyMixin):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included (:class:`SqlJournalMixin`).
     Each public method is one transaction."""
 
@@ -348,6 +354,19 @@ class SqlRepository(SqlJournalMixin):
     def set_host_state(self, name: str, state: HostState) -> Host:
         with self._write() as conn:
             updated = conn.execute(sa.update(hosts).where(hosts.c.name == name).values(state=HostState(state).value))
+            if updated.rowcount == 0:
+                raise NotFound(f"host {name!r} not found")
+            row = conn.execute(sa.select(hosts).where(hosts.c.name == name)).one()
+        return _host(row)
+
+    def update_host(self, name: str, **changes: Any) -> Host:
+        """Change a host's descriptive attributes (zone, subnet, virt_type, hypervisor, hypervisor_version,
+        patch_level, role, memory_mb); its name, address, site and state are not changed here."""
+        unknown = set(changes) - HOST_MUTABLE
+        if unknown:
+            raise InvalidInput(f"host attributes {sorted(unknown)} cannot be changed (use {sorted(HOST_MUTABLE)})")
+        with self._write() as conn:
+            updated = conn.execute(sa.update(hosts).where(hosts.c.name == name).values(**changes))
             if updated.rowcount == 0:
                 raise NotFound(f"host {name!r} not found")
             row = conn.execute(sa.select(hosts).where(hosts.c.name == name)).one()

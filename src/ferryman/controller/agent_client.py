@@ -28,6 +28,9 @@ class AgentClient(Protocol):
     async def vm_action(self, host: Host, vm_id: str, action: str, lease: str | None = None) -> VMRuntime | None: ...
     async def destroy_vm(self, host: Host, vm_id: str) -> None: ...
     async def list_vms(self, host: Host) -> list[VMRuntime]: ...
+    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any: ...
+    async def snapshots(self, host: Host, vm_id: str) -> Any: ...
+    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None) -> Any: ...
     async def aclose(self) -> None: ...
 
 
@@ -92,6 +95,17 @@ class HttpAgentClient:
 
     async def list_vms(self, host: Host) -> list[VMRuntime]:
         return [runtime_from_dict(r) for r in await self._call(host, "GET", "/v1/vms")]
+
+    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any:
+        """Kill and scrub ``host``'s copy of ``vm_id``; ``successor`` is the lease of the copy of record."""
+        body = {"successor": successor, "keep_disks": keep_disks}
+        return await self._call(host, "POST", f"/v1/stale-copies/{vm_id}/remove", body, 600)
+
+    async def snapshots(self, host: Host, vm_id: str) -> Any:
+        return await self._call(host, "GET", f"/v1/vms/{vm_id}/snapshots")
+
+    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None) -> Any:
+        return await self._call(host, "POST", f"/v1/vms/{vm_id}/restore", {"lease": lease, "tag": tag}, 1800)
 
     async def migration_step(
         self, host: Host, migration_id: str, step: str, body: dict[str, Any], limit_s: float = 120

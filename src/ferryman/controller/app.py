@@ -16,8 +16,11 @@ from fastapi import Depends, FastAPI, Request
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.controller import schemas as s
+from ferryman.controller import snapshots
+from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, VMRequest
 from ferryman.controller.migrations import MigrationService
+from ferryman.controller.policy_routes import policy_routes
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
 from ferryman.core.models import Event, Host, Severity, Site, VMAction
@@ -38,7 +41,11 @@ class Principal:
 
 
 def create_app(
-    fleet: Fleet, *, migrations: MigrationService | None = None, background: Callable[[], Any] | None = None
+    fleet: Fleet,
+    *,
+    migrations: MigrationService | None = None,
+    background: Callable[[], Any] | None = None,
+    compliance: Compliance | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -90,6 +97,8 @@ def create_app(
 
     if migrations is not None:  # before the VM routes: /vms/{name}/migrate must win over /vms/{name}/{action}
         _migrations(app, fleet, migrations, Person)
+        if compliance is not None:
+            policy_routes(app, fleet, compliance, migrations, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
@@ -212,6 +221,8 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             host=body.host,
             dirty_kib_per_s=body.dirty_kib_per_s,
             record_interval_ms=body.record_interval_ms,
+            force=body.force,
+            role=who.role,
         )
         vm = await fleet.create_vm(req, who.name)
         return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
@@ -298,7 +309,13 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
     @app.post("/api/v1/vms/{name}/migrate", response_model=s.MigrationOut, status_code=202)
     async def migrate(name: str, body: s.MigrateIn, who: Person) -> dict[str, Any]:
         record = await svc.request(
-            name, body.to, shared_storage=body.shared_storage, principal=who.name, bandwidth_mib_s=body.bandwidth_mib_s
+            name,
+            body.to,
+            shared_storage=body.shared_storage,
+            principal=who.name,
+            bandwidth_mib_s=body.bandwidth_mib_s,
+            force=body.force,
+            role=who.role,
         )
         return _migration_out(fleet, svc, record)
 
@@ -326,6 +343,14 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
     @app.post("/api/v1/migrations/{migration_id}/cancel", response_model=s.MigrationOut)
     async def cancel(migration_id: str, who: Person) -> dict[str, Any]:
         return _migration_out(fleet, svc, await svc.cancel(find(migration_id).id, who.name))
+
+    @app.get("/api/v1/vms/{name}/snapshots")
+    async def vm_snapshots(name: str, _: Person) -> list[dict[str, Any]]:
+        return await snapshots.list_snapshots(fleet, name)
+
+    @app.post("/api/v1/vms/{name}/restore")
+    async def restore_vm(name: str, body: s.RestoreIn, who: Person) -> dict[str, Any]:
+        return await snapshots.restore(fleet, name, body.tag, who.name)
 
     @app.post("/api/v1/hosts/{name}/drain")
     async def drain(name: str, who: Person) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from ferryman.cmdb.journal import ScrubReceiptRecord
 from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
 from ferryman.controller.agent_client import AgentClient
 from ferryman.controller.reconcile import Reconciler
@@ -63,6 +65,35 @@ class VMRequest:
     host: str | None = None
     dirty_kib_per_s: int = 256
     record_interval_ms: int = 1000
+    force: bool = False  # break glass: place against hard policy rules (role permitting; audited)
+    role: str = "admin"  # the requesting principal's role
+
+
+@dataclass(frozen=True)
+class Change:
+    """What changed in the CMDB: a VM (created, moved, deleted) or a host's attributes."""
+
+    vm_id: str | None = None
+    host: str | None = None
+
+
+class Admission(Protocol):
+    """Placement policies as creation sees them: pick a host, or check the one asked for (raises with reasons)."""
+
+    def admit_creation(self, req: VMRequest, candidates: list[Host], principal: str) -> Host | None:
+        """The host the new VM goes to among ``candidates`` (one when the request names it; None: no policy, the
+        fleet chooses); raises PolicyRefused with the reasons when policies allow none (unless forced)."""
+        ...
+
+    def admit_migration(
+        self, vm: VM, destination: str, *, force: bool, role: str, principal: str, automatic: bool = False
+    ) -> None:
+        """Raise PolicyRefused when a hard rule forbids moving ``vm`` to ``destination`` (unless forced)."""
+        ...
+
+    def migration_target(self, vm: VM, candidates: Iterable[str]) -> str | None:
+        """The best allowed destination among ``candidates``, None when none is allowed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +121,21 @@ class Fleet:
         self.clock = clock
         self.reconciler = reconciler
         self._enrol_ttl = dt.timedelta(seconds=enrol_token_ttl_s)
+        self.admission: Admission | None = None
+        self._watchers: list[Callable[[Change], None]] = []
+
+    # ---- change notification (compliance re-checks what a change affects) -----------------------------------------
+
+    def watch(self, watcher: Callable[[Change], None]) -> None:
+        self._watchers.append(watcher)
+
+    def changed(self, change: Change) -> None:
+        """A VM was created, moved or deleted, or a host's attributes changed: tell the watchers (after the commit)."""
+        for watcher in self._watchers:
+            try:
+                watcher(change)
+            except errors.FerrymanError as err:
+                log.error("change watcher failed", change=str(change), error=str(err))
 
     # ---- audit -------------------------------------------------------------------------------------------------
 
@@ -117,6 +163,26 @@ class Fleet:
         log.info(kind, message=message, principal=principal, vm=vm, host=host)
         return self.repo.record_event(event)
 
+    def store_scrub_receipts(
+        self, host: str, receipts: list[dict[str, Any]], migration_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Keep an agent's scrub receipts in the CMDB; returns their short form for the audit event."""
+        at = self.clock.now()
+        for r in receipts:
+            self.repo.add_scrub_receipt(
+                ScrubReceiptRecord(
+                    host=host,
+                    path=r["path"],
+                    bytes=r["bytes"],
+                    mode=r["mode"],
+                    duration_s=r["duration_s"],
+                    sample_hash=r["sample_hash"],
+                    at=at,
+                    migration_id=migration_id,
+                )
+            )
+        return [{k: r[k] for k in ("path", "bytes", "mode", "sample_hash")} for r in receipts]
+
     # ---- sites and hosts ---------------------------------------------------------------------------------------
 
     def add_site(self, site: Site, principal: str) -> Site:
@@ -138,6 +204,7 @@ class Fleet:
         token = new_secret()
         self.repo.add_enrol_token(host.name, hash_secret(token), self.clock.now() + self._enrol_ttl)
         self.audit("host.added", f"host {host.name} registered, waiting for enrolment", principal, host=host.name)
+        self.changed(Change(host=host.name))
         return created, token
 
     def new_enrol_token(self, host_name: str, principal: str) -> str:
@@ -189,7 +256,17 @@ class Fleet:
             host=host.name,
             serial=str(issued.serial),
         )
+        self.changed(Change(host=host.name))
         return cert, issued.pem
+
+    def update_host(self, name: str, principal: str, **changes: Any) -> Host:
+        """Change a host's attributes (patch level, hypervisor version, zone, ...); policies re-check its VMs."""
+        before = self.repo.get_host(name)
+        host = self.repo.update_host(name, **changes)
+        diff = {k: [getattr(before, k), v] for k, v in changes.items() if getattr(before, k) != v}
+        self.audit("host.updated", f"{name}: {diff or 'no change'}", principal, host=name, changes=diff)
+        self.changed(Change(host=name))
+        return host
 
     def revoke_host(self, host_name: str, principal: str) -> list[HostCertificate]:
         self.repo.get_host(host_name)
@@ -232,7 +309,7 @@ class Fleet:
 
     # ---- VMs ---------------------------------------------------------------------------------------------------
 
-    def _choose_host(self, req: VMRequest) -> Host:
+    def _choose_host(self, req: VMRequest, principal: str) -> Host:
         usage = {u.host.name: u for u in self.host_usage()}
         if req.host is not None:
             if req.host not in usage:
@@ -246,6 +323,8 @@ class Fleet:
                     f"host {req.host} is full: {free} MiB free of {candidate.host.memory_mb}, "
                     f"the VM needs {req.memory_mb}"
                 )
+            if self.admission is not None:
+                return self.admission.admit_creation(req, [candidate.host], principal) or candidate.host
             return candidate.host
         eligible = [
             u
@@ -256,7 +335,10 @@ class Fleet:
         ]
         if not eligible:
             raise errors.CapacityError(f"no enrolled host has {req.memory_mb} MiB free")
-        return max(eligible, key=lambda u: (u.host.memory_mb - u.memory_used_mb, u.host.name)).host
+        chosen = None
+        if self.admission is not None:
+            chosen = self.admission.admit_creation(req, [u.host for u in eligible], principal)
+        return chosen or max(eligible, key=lambda u: (u.host.memory_mb - u.memory_used_mb, u.host.name)).host
 
     def _validate(self, req: VMRequest) -> None:
         check_name("VM", req.name)
@@ -279,7 +361,7 @@ class Fleet:
 
     async def create_vm(self, req: VMRequest, principal: str) -> VM:
         self._validate(req)
-        host = self._choose_host(req)
+        host = self._choose_host(req, principal)
         self.repo.ensure_tenant(req.tenant)
         vm = VM(
             id=str(uuid.uuid4()),
@@ -296,6 +378,7 @@ class Fleet:
         )
         self.reconciler.note_change(vm.id)
         vm = self.repo.add_vm(vm, host.name, self.clock.now())
+        self.changed(Change(vm_id=vm.id))
         self.audit(
             "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
         )
@@ -335,6 +418,7 @@ class Fleet:
         except errors.FerrymanError as err:
             log.warning("cleanup of failed VM creation failed", vm=vm.id, host=host.name, error=str(err))
         self.repo.delete_vm(vm.id, self.clock.now())
+        self.changed(Change(vm_id=vm.id))
 
     def lease(self, vm: VM, host: str) -> str:
         """A signed permission for ``host`` to run ``vm`` at its current generation (fencing of stale copies)."""
@@ -366,6 +450,7 @@ class Fleet:
             except errors.NotFound:
                 log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
             vm = self.repo.delete_vm(vm.id, self.clock.now())
+            self.changed(Change(vm_id=vm.id))
         else:
             needs_lease = action in {VMAction.START, VMAction.RESUME}
             lease = self.lease(vm, host.name) if needs_lease else None

@@ -17,10 +17,12 @@ from fastapi import FastAPI
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
+from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, certificate_revoked
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reconcile import Reconciler
 from ferryman.controller.settings import ControllerSettings
+from ferryman.controller.stale import StaleCopies
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import FerrymanError
 from ferryman.logs import configure_logging
@@ -83,18 +85,28 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         is_revoked=functools.partial(certificate_revoked, repo),
     )
     fleet = Fleet(repo, agents, ca, clock, reconciler, settings.enrol_token_ttl_s)
+    reconciler.subscribe(StaleCopies(fleet).schedule)
+    compliance = Compliance(fleet, settings.governor)
+    fleet.admission = compliance
+    fleet.watch(compliance.on_change)
     ensure_admin_token(settings, fleet, clock)
 
     async def reconcile_forever() -> None:
+        loop = asyncio.get_running_loop()
+        next_audit = loop.time() + settings.reconcile.compliance_interval_s
         while True:
             await asyncio.sleep(settings.reconcile.interval_s)
             try:
                 reconciler.run()
+                if loop.time() >= next_audit:  # the periodic full compliance audit
+                    next_audit = loop.time() + settings.reconcile.compliance_interval_s
+                    compliance.audit_all()
             except FerrymanError as err:
                 log.error("reconciliation pass failed", error=str(err))
 
     migrations = MigrationService(fleet, agents, settings.governor)
-    return create_app(fleet, migrations=migrations, background=reconcile_forever), fleet, files
+    app = create_app(fleet, migrations=migrations, background=reconcile_forever, compliance=compliance)
+    return app, fleet, files
 
 
 def main(argv: list[str] | None = None) -> None:

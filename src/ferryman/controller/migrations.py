@@ -23,10 +23,10 @@ from typing import Any
 
 import structlog
 
-from ferryman.cmdb.journal import MigrationRecord, ScrubReceiptRecord
+from ferryman.cmdb.journal import MigrationRecord
 from ferryman.controller import failpoints
 from ferryman.controller.agent_client import HttpAgentClient
-from ferryman.controller.fleet import Fleet
+from ferryman.controller.fleet import Change, Fleet
 from ferryman.core import errors
 from ferryman.core.models import VM, DiskSpec, Host, HostState, Severity, VMSpec, VMState
 from ferryman.core.wire import spec_to_dict
@@ -39,6 +39,7 @@ from ferryman.scheduler.governor import Active, Attempt, Governor, GovernorSetti
 log = structlog.get_logger(__name__)
 
 ACTIVE_STATES = {VMState.RUNNING}
+COMMIT_CHECK_DELAY_S = 0.5  # before asking an unreachable destination again whether it may take over; doubles
 RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
 
 
@@ -85,10 +86,25 @@ class MigrationService:
         return source, destination
 
     async def request(
-        self, vm_name: str, to: str, *, shared_storage: bool, principal: str, bandwidth_mib_s: int | None = None
+        self,
+        vm_name: str,
+        to: str,
+        *,
+        shared_storage: bool,
+        principal: str,
+        bandwidth_mib_s: int | None = None,
+        force: bool = False,
+        role: str = "admin",
+        automatic: bool = False,
     ) -> MigrationRecord:
+        """Admit a migration (policies, then the governor) and start it; ``automatic``: asked by Ferryman itself
+        (drain, remediation), which policies may forbid."""
         vm, _ = self.fleet.get_vm(vm_name)
         source, destination = self._check_request(vm, to)
+        if self.fleet.admission is not None:
+            self.fleet.admission.admit_migration(
+                vm, destination.name, force=force, role=role, principal=principal, automatic=automatic
+            )
         now = self.fleet.clock.now()
         active, history = self._history()
         decision = self.governor.decide(
@@ -140,6 +156,13 @@ class MigrationService:
         self._spawn(mid, state, m.Start())
         return record
 
+    async def wait_finished(self, mid: str, limit_s: float = 1800.0) -> None:
+        """Wait (bounded) until the runner of ``mid`` has stopped."""
+        task = self._tasks.get(mid)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), limit_s)
+
     def _spawn(self, mid: str, state: m.MigrationState, event: m.Event) -> None:
         self._cancel[mid] = asyncio.Event()
         task = asyncio.create_task(self._run(mid, state, event), name=f"migration-{mid}")
@@ -166,24 +189,29 @@ class MigrationService:
             if vm.state is not VMState.RUNNING:
                 refused.append(f"{vm.name}: {vm.state.value}, not running")
                 continue
-            targets = sorted(
-                (
-                    u
-                    for u in self.fleet.host_usage()
-                    if u.host.name != host
-                    and u.reachable
-                    and u.host.role == "compute"
-                    and u.host.memory_mb - u.memory_used_mb >= vm.memory_mb
-                ),
-                key=lambda u: (u.memory_used_mb - u.host.memory_mb, u.host.name),
-            )
+            targets = [
+                u.host.name
+                for u in sorted(
+                    (
+                        u
+                        for u in self.fleet.host_usage()
+                        if u.host.name != host
+                        and u.reachable
+                        and u.host.role == "compute"
+                        and u.host.memory_mb - u.memory_used_mb >= vm.memory_mb
+                    ),
+                    key=lambda u: (u.memory_used_mb - u.host.memory_mb, u.host.name),
+                )
+            ]
             if not targets:
                 refused.append(f"{vm.name}: no other host has {vm.memory_mb} MiB free")
                 continue
+            target = self.fleet.admission.migration_target(vm, targets) if self.fleet.admission else targets[0]
+            if target is None:
+                refused.append(f"{vm.name}: no other host is allowed by its placement policies")
+                continue
             try:
-                started.append(
-                    await self.request(vm.name, targets[0].host.name, shared_storage=False, principal=principal)
-                )
+                started.append(await self.request(vm.name, target, shared_storage=False, principal=principal))
             except errors.FerrymanError as err:
                 refused.append(f"{vm.name}: {err}")
         self.fleet.audit(
@@ -224,7 +252,7 @@ class MigrationService:
                 await failpoints.maybe_pause(state.phase, mid, command.step)  # fault injection; off unless configured
                 budget -= 1
                 if isinstance(command, m.Commit):
-                    state, queue = self._commit(mid, state)
+                    state, queue = await self._commit(mid, state)
                     continue
                 outcome = await self._execute(mid, state, command)
                 if outcome is not None:
@@ -258,8 +286,31 @@ class MigrationService:
         self._persist(mid, new)
         return new, list(commands)
 
-    def _commit(self, mid: str, state: m.MigrationState) -> tuple[m.MigrationState, list[m.Command]]:
-        """The linearisation point: placement, generation, phase and post-commit machine state in ONE transaction."""
+    async def _destination_ready(self, mid: str, state: m.MigrationState) -> str | None:
+        """Why the destination cannot take over now (None: it holds the complete, paused copy). An unreachable agent
+        is asked again a few times, briefly: the guest is paused on both hosts meanwhile, and resuming the source
+        (the rollback) serves it better than waiting long for an agent that may not come back."""
+        attempt = 0
+        while True:
+            try:
+                check = await self._call(state.destination, mid, "check-destination", {}, limit_s=60)
+            except errors.TransientError as err:
+                if attempt >= state.max_retries:
+                    return f"{state.destination} did not answer: {err}"
+                await asyncio.sleep(COMMIT_CHECK_DELAY_S * 2**attempt)
+                attempt += 1
+                continue
+            except errors.FerrymanError as err:
+                return str(err)
+            return None if check["ok"] else str(check["detail"])
+
+    async def _commit(self, mid: str, state: m.MigrationState) -> tuple[m.MigrationState, list[m.Command]]:
+        """The linearisation point: placement, generation, phase and post-commit machine state in ONE transaction,
+        and only once the destination is known to hold the complete copy (else the rollback keeps the source)."""
+        refusal = await self._destination_ready(mid, state)
+        if refusal is not None:
+            failed = m.StepFailed(Step.COMMIT, f"destination not ready: {refusal}", retryable=False)
+            return self._apply(mid, state, failed)
         after, commands = m.step(state, m.StepDone(Step.COMMIT))
         try:
             record, vm, placement = self.repo.commit_migration(
@@ -268,6 +319,7 @@ class MigrationService:
         except errors.FerrymanError as err:  # the transaction did not land: nothing changed
             return self._apply(mid, state, m.StepFailed(Step.COMMIT, str(err), retryable=False))
         self.fleet.reconciler.note_change(vm.id)
+        self.fleet.changed(Change(vm_id=vm.id))
         self.fleet.audit(
             "migration.committed",
             f"{vm.name} now lives on {placement.host} (generation {placement.generation})",
@@ -511,6 +563,8 @@ class MigrationService:
         vm = self.repo.get_vm(state.vm_id)  # committed: vm.generation is the new one
         _, lease = issue_lease(self.fleet.ca, vm_id=vm.id, host=state.destination, generation=vm.generation)
         out = await self._call(state.destination, mid, "activate", {"lease": lease})
+        if out.get("restarted"):
+            self._restarted(mid, state, state.destination)
         return {"activated_generation": out.get("generation")}
 
     async def _step_retire_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
@@ -520,20 +574,7 @@ class MigrationService:
     async def _scrub(self, mid: str, state: m.MigrationState, side: str) -> dict[str, m.Fact]:
         host = state.source if side == "source" else state.destination
         out = await self._call(host, mid, "scrub", {"side": side, "mode": "zero"}, limit_s=1800)
-        at = self.fleet.clock.now()
-        for r in out["receipts"]:
-            self.repo.add_scrub_receipt(
-                ScrubReceiptRecord(
-                    host=host,
-                    path=r["path"],
-                    bytes=r["bytes"],
-                    mode=r["mode"],
-                    duration_s=r["duration_s"],
-                    sample_hash=r["sample_hash"],
-                    at=at,
-                    migration_id=mid,
-                )
-            )
+        receipts = self.fleet.store_scrub_receipts(host, out["receipts"], mid)
         total = sum(r["bytes"] for r in out["receipts"])
         self.fleet.audit(
             "scrub.done",
@@ -543,7 +584,7 @@ class MigrationService:
             host=host,
             migration=mid,
             side=side,
-            receipts=[{k: r[k] for k in ("path", "bytes", "mode", "sample_hash")} for r in out["receipts"]],
+            receipts=receipts,
         )
         return {f"scrubbed_{side}_bytes": total}
 
@@ -556,6 +597,10 @@ class MigrationService:
     async def _step_post_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Validation first (the guest runs on the destination and its disk records continue), then the hooks."""
         check = await self._call(state.destination, mid, "validate", {}, limit_s=120)
+        if not check["ok"] and not check.get("running", True):
+            # the committed copy's QEMU is gone: activation boots it again from its disks (roll forward), once
+            await self._step_activate(mid, state)
+            check = await self._call(state.destination, mid, "validate", {}, limit_s=120)
         if not check["ok"]:
             raise errors.HypervisorError(f"validation on {state.destination} failed: {check['detail']}")
         return {
@@ -591,8 +636,27 @@ class MigrationService:
         return {}
 
     async def _step_resume_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        out = await self._call(state.source, mid, "resume-source", {})
+        """The source runs again under a lease for the generation the migration started from (never committed)."""
+        generation = self.repo.get_migration(mid).generation
+        vm = self.repo.get_vm(state.vm_id)
+        if vm.generation != generation:
+            raise errors.Conflict(f"VM {vm.name} is at generation {vm.generation}: this migration's source is stale")
+        _, lease = issue_lease(self.fleet.ca, vm_id=vm.id, host=state.source, generation=generation)
+        out = await self._call(state.source, mid, "resume-source", {"lease": lease})
+        if out.get("restarted"):
+            self._restarted(mid, state, state.source)
         return {"source_run_state": out.get("run_state")}
+
+    def _restarted(self, mid: str, state: m.MigrationState, host: str) -> None:
+        self.fleet.audit(
+            "migration.vm_restarted",
+            f"the QEMU of the copy of record on {host} had died; the VM was booted again from its disks",
+            "system",
+            vm=state.vm_id,
+            host=host,
+            severity=Severity.WARNING,
+            migration=mid,
+        )
 
     async def _step_rollback_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         out = await self._call(state.source, mid, "hooks/rollback", {"context": {"cause": state.cause}})

@@ -9,7 +9,7 @@ writes alarms.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -154,6 +154,11 @@ class Reconciler:
         self._suspects: dict[tuple[str, str | None, str | None], set[int]] = {}
         self._changed: dict[str, dt.datetime] = {}
         self._seq = 0
+        self._listeners: list[Callable[[list[Discrepancy]], None]] = []
+
+    def subscribe(self, listener: Callable[[list[Discrepancy]], None]) -> None:
+        """Call ``listener`` with the confirmed discrepancies after every pass (to act on them, e.g. stale copies)."""
+        self._listeners.append(listener)
 
     def accept(self, host: str, vms: list[VMRuntime]) -> None:
         self._seq += 1
@@ -234,4 +239,6 @@ class Reconciler:
                     host=alarm.host,
                 )
             )
+        for listener in self._listeners:
+            listener(confirmed)
         return confirmed

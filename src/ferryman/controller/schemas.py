@@ -114,6 +114,7 @@ class VMIn(_In):
     host: str | None = None
     dirty_kib_per_s: int = Field(default=256, ge=0, le=1 << 20)
     record_interval_ms: int = Field(default=1000, ge=50, le=600_000)
+    force: bool = False  # break glass: against hard placement rules (role permitting; audited)
 
 
 class PlacementOut(BaseModel):
@@ -265,6 +266,7 @@ class MigrateIn(_In):
     to: str
     shared_storage: bool = False
     bandwidth_mib_s: int | None = Field(default=None, ge=1)
+    force: bool = False  # break glass: against hard placement rules (role permitting; audited)
 
 
 class MigrationProgressOut(BaseModel):
@@ -321,3 +323,9 @@ class MigrationOut(BaseModel):
 class MigrationDetail(MigrationOut):
     steps: list[MigrationStepOut]
     scrub_receipts: list[ScrubReceiptOut]
+
+
+class RestoreIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tag: str | None = None

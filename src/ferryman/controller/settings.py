@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+from ferryman.core.errors import InvalidInput
 from ferryman.scheduler.governor import GovernorSettings
 
 
@@ -14,6 +17,31 @@ class ReconcileSettings:
     interval_s: float = 5.0
     # an agent whose last report is older than this is "unreachable" in listings
     stale_after_s: float = 30.0
+    # a full compliance audit (every VM against the policies) runs this often; changes are checked at once
+    compliance_interval_s: float = 60.0
+
+
+def governor_from_env(env: Mapping[str, str]) -> GovernorSettings:
+    """Every governor limit can be set as ``FERRYMAN_GOVERNOR_<FIELD>`` (e.g. ``FERRYMAN_GOVERNOR_BREAKER_THRESHOLD``);
+    ``FERRYMAN_VM_COOLDOWN_S`` and ``FERRYMAN_PRINCIPAL_RATE`` are kept as short names. ``none`` unsets an optional
+    limit (the bandwidth cap)."""
+    aliases = {"vm_cooldown_s": "FERRYMAN_VM_COOLDOWN_S", "principal_rate": "FERRYMAN_PRINCIPAL_RATE"}
+    values: dict[str, Any] = {}
+    defaults = GovernorSettings()
+    for f in fields(GovernorSettings):
+        name = f"FERRYMAN_GOVERNOR_{f.name.upper()}"
+        raw = env.get(name, env.get(aliases.get(f.name, name)))
+        if raw is None:
+            continue
+        default = getattr(defaults, f.name)
+        try:
+            if raw.strip().lower() == "none" and f.name == "bandwidth_cap_bytes_per_s":
+                values[f.name] = None
+            else:
+                values[f.name] = float(raw) if isinstance(default, float) else int(raw)
+        except ValueError:
+            raise InvalidInput(f"{name}={raw!r} is not a number") from None
+    return GovernorSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -50,15 +78,14 @@ class ControllerSettings:
         host, _, port = (bind or env.get("FERRYMAN_BIND") or "127.0.0.1:8443").rpartition(":")
         url = db_url or env.get("FERRYMAN_DB_URL") or f"sqlite:///{data / 'cmdb.sqlite'}"
         interval = float(env.get("FERRYMAN_RECONCILE_INTERVAL", "5"))
-        governor = GovernorSettings(
-            vm_cooldown_s=float(env.get("FERRYMAN_VM_COOLDOWN_S", "300")),
-            principal_rate=int(env.get("FERRYMAN_PRINCIPAL_RATE", "10")),
-        )
+        governor = governor_from_env(env)
         return cls(
             data_dir=data,
             db_url=url,
             bind_host=host or "127.0.0.1",
             bind_port=int(port),
-            reconcile=ReconcileSettings(interval_s=interval),
+            reconcile=ReconcileSettings(
+                interval_s=interval, compliance_interval_s=float(env.get("FERRYMAN_COMPLIANCE_INTERVAL", "60"))
+            ),
             governor=governor,
         )

@@ -15,8 +15,10 @@ callers retry a :class:`TransientError` (after ``delay`` seconds, a bounded numb
      │    ├── CapacityError         host full, no host can take the VM
      │    ├── Unauthenticated       missing / bad token or certificate
      │    ├── Forbidden             authenticated but not allowed (revoked, wrong identity)
+ │    │    └── PolicyRefused    a hard placement rule forbids the creation or migration (reasons in the message)
      │    ├── PKIError              CA, CSR, certificate problems
-     │    └── HypervisorError       QEMU refused or died (permanent for this attempt)
+     │    ├── HypervisorError       QEMU refused or died (permanent for this attempt)
+ │    └── StorageError          host storage full or failing (state files, nonce store)
      └── TransientError(delay)
           └── AgentUnreachable      the host agent did not answer
 """
@@ -71,8 +73,20 @@ class Forbidden(PermanentError):
     """The caller is known but may not do this (revoked certificate, identity mismatch)."""
 
 
+class PolicyRefused(Forbidden):
+    """A hard placement-policy rule forbids the creation or migration; the message lists every reason."""
+
+    def __init__(self, message: str, reasons: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons or [])
+
+
 class PKIError(PermanentError):
     """A certificate, key or signing operation failed."""
+
+
+class StorageError(PermanentError):
+    """Host storage is full or failing: a state file could not be written."""
 
 
 class HypervisorError(PermanentError):

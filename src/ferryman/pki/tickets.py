@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ferryman.core.clock import Clock
-from ferryman.core.errors import Forbidden, PKIError
+from ferryman.core.errors import Forbidden, PKIError, StorageError
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.pki.csr import write_atomic
 
@@ -156,8 +156,13 @@ def verify_ticket(
     clock: Clock,
     nonces: NonceStore | None = None,
     migration_id: str | None = None,
+    check_expiry: bool = True,
 ) -> MigrationTicket:
-    """Check a migration ticket as the ``role`` host ``me``; record its nonce so that it cannot be used again."""
+    """Check a migration ticket as the ``role`` host ``me``; record its nonce so that it cannot be used again.
+
+    ``check_expiry=False`` is for the steps that only lead back to a safe state (kill an unactivated destination,
+    scrub the losing side, roll-back hooks): they must still work after a long controller outage.
+    """
     try:
         ticket = MigrationTicket(**_times(verify_document(token, ca_cert, "migration-ticket")))
     except TypeError as err:
@@ -167,7 +172,8 @@ def verify_ticket(
         raise Forbidden(f"ticket {ticket.migration_id} names {assigned} as {role}, not {me}")
     if migration_id is not None and ticket.migration_id != migration_id:
         raise Forbidden(f"ticket is for migration {ticket.migration_id}, not {migration_id}")
-    _check_time("ticket", ticket.issued_at, ticket.expires_at, clock)
+    if check_expiry:
+        _check_time("ticket", ticket.issued_at, ticket.expires_at, clock)
     if nonces is not None:
         nonces.use(f"{role}:{ticket.nonce}", ticket.expires_at, clock.now())
     return ticket
@@ -183,6 +189,26 @@ def verify_lease(token: str, ca_cert: x509.Certificate, *, me: str, vm_id: str, 
         raise Forbidden(f"lease is for VM {lease.vm_id} on {lease.host}, not {vm_id} on {me}")
     if lease.generation != generation:
         raise Forbidden(f"lease is for generation {lease.generation}; this copy is generation {generation}")
+    _check_time("lease", lease.issued_at, lease.expires_at, clock)
+    return lease
+
+
+def verify_successor(
+    token: str, ca_cert: x509.Certificate, *, me: str, vm_id: str, generation: int, clock: Clock
+) -> Lease:
+    """Check that a lease proves this host's copy of ``vm_id`` (at ``generation``) is stale: it lets another host run
+    the VM at a later generation. Only such proof lets an agent discard a copy it holds."""
+    try:
+        lease = Lease(**_times(verify_document(token, ca_cert, "lease")))
+    except TypeError as err:
+        raise Forbidden("malformed lease") from err
+    if lease.vm_id != vm_id:
+        raise Forbidden(f"lease is for VM {lease.vm_id}, not {vm_id}")
+    if lease.host == me or lease.generation <= generation:
+        raise Forbidden(
+            f"lease (generation {lease.generation} on {lease.host}) does not supersede the copy here "
+            f"(generation {generation})"
+        )
     _check_time("lease", lease.issued_at, lease.expires_at, clock)
     return lease
 
@@ -206,10 +232,13 @@ class NonceStore:
             write_atomic(self._path, json.dumps(used).encode(), mode=0o600)
 
     def use(self, nonce: str, expires_at: dt.datetime, now: dt.datetime) -> None:
-        """Record ``nonce``; Forbidden if it was recorded before."""
-        with self._locked() as used:
-            for key in [k for k, exp in used.items() if dt.datetime.fromisoformat(exp) <= now]:
-                del used[key]
-            if nonce in used:
-                raise Forbidden("ticket already used (replay refused)")
-            used[nonce] = expires_at.isoformat()
+        """Record ``nonce``; Forbidden if it was recorded before, StorageError if the store cannot be written."""
+        try:
+            with self._locked() as used:
+                for key in [k for k, exp in used.items() if dt.datetime.fromisoformat(exp) <= now]:
+                    del used[key]
+                if nonce in used:
+                    raise Forbidden("ticket already used (replay refused)")
+                used[nonce] = expires_at.isoformat()
+        except OSError as err:
+            raise StorageError(f"cannot record the ticket nonce in {self._path}: {err.strerror or err}") from err

@@ -304,6 +304,10 @@ class QemuDriver:
         """Whether the VM was started by :meth:`create_incoming` and has not been activated since."""
         return (self._vm_dir(vm_id) / INCOMING_MARK).exists()
 
+    def is_alive(self, vm_id: str) -> bool:
+        """Whether the VM's own QEMU process (the one its pidfile names) is alive."""
+        return procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None
+
     def mark_activated(self, vm_id: str) -> None:
         """Record that the incoming VM now is this host's copy of record: it may no longer be discarded as a residue."""
         (self._vm_dir(vm_id) / INCOMING_MARK).unlink(missing_ok=True)

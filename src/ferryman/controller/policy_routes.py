@@ -1,0 +1,230 @@
+"""REST routes of placement policies, compliance and the per-tenant report (``/api/v1/policies``, ``/api/v1/place``,
+``/api/v1/compliance``), and host attribute changes, which compliance re-checks."""
+
+import dataclasses
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ferryman.controller.compliance import Compliance
+from ferryman.controller.fleet import Fleet
+from ferryman.controller.migrations import MigrationService
+from ferryman.controller.reports import tenant_report
+from ferryman.core import errors
+from ferryman.core.clock import parse_time
+from ferryman.core.units import parse_mib
+from ferryman.policy.schema import PolicyErrors
+
+
+class PolicyFilesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: dict[str, str] = Field(description="file name -> YAML text")
+    dry_run: bool = False
+
+
+class PlaceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str
+    profile: dict[str, str] = Field(default_factory=dict)
+    memory: str = "256M"
+    name: str = "(new)"  # policies may select VMs by name
+
+
+class HostPatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    zone: str | None = None
+    subnet: str | None = None
+    virt_type: str | None = None
+    hypervisor: str | None = None
+    hypervisor_version: str | None = None
+    patch_level: int | None = Field(default=None, ge=0)
+    role: str | None = None
+    memory_mb: int | None = Field(default=None, ge=64)
+
+
+def _vm_names(fleet: Fleet) -> dict[str, str]:
+    return {vm.id: vm.name for vm in fleet.repo.list_vms(include_deleted=True)}
+
+
+def _errors(err: PolicyErrors) -> list[dict[str, Any]]:
+    return [
+        {
+            "file": e.file,
+            "line": e.line,
+            "field": e.field,
+            "problem": e.problem,
+            "allowed": e.allowed,
+            "message": str(e),
+        }
+        for e in err.errors
+    ]
+
+
+def _finding(f: Any) -> dict[str, Any]:
+    return {"vm_id": f.vm_id, "policy": f.policy, "rule": f.rule, "host": f.host, "message": f.message}
+
+
+def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: MigrationService, Person: Any) -> None:
+    def vm_names() -> dict[str, str]:
+        return _vm_names(fleet)
+
+    @app.post("/api/v1/policies/validate")
+    async def validate(body: PolicyFilesIn, _: Person) -> dict[str, Any]:
+        try:
+            policy_set = compliance.validate(body.documents)
+        except PolicyErrors as err:
+            return {"ok": False, "errors": _errors(err), "policies": []}
+        return {"ok": True, "errors": [], "policies": list(policy_set.names)}
+
+    @app.post("/api/v1/policies/apply")
+    async def apply(body: PolicyFilesIn, who: Person) -> dict[str, Any]:
+        try:
+            policy_set = compliance.validate(body.documents)
+        except PolicyErrors as err:
+            return {"applied": False, "version": None, "errors": _errors(err)}
+        preview = compliance.preview(policy_set)
+        names = vm_names()
+        out: dict[str, Any] = {
+            "applied": False,
+            "version": None,
+            "errors": [],
+            "policies": list(policy_set.names),
+            "would_violate": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_violate],
+            "would_resolve": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_resolve],
+        }
+        if body.dry_run:
+            return out
+        version = compliance.apply(body.documents, who.name)
+        return {**out, "applied": True, "version": version.version}
+
+    @app.post("/api/v1/policies/clear")
+    async def clear(who: Person) -> dict[str, Any]:
+        return {"version": compliance.clear(who.name).version}
+
+    @app.get("/api/v1/policies")
+    async def list_policies(_: Person) -> list[dict[str, Any]]:
+        version = compliance.version
+        if compliance.policies is None or version is None:
+            return []
+        return [
+            {
+                "name": p.name,
+                "description": p.description or "",
+                "file": compliance.policies.source(p.name).file,
+                "version": version.version,
+                "applied_at": version.applied_at,
+                "applied_by": version.principal,
+            }
+            for p in compliance.policies
+        ]
+
+    @app.get("/api/v1/policies/versions")
+    async def policy_versions(_: Person) -> list[dict[str, Any]]:
+        return [
+            {"version": v.version, "applied_at": v.applied_at, "applied_by": v.principal, "files": sorted(v.documents)}
+            for v in fleet.repo.list_policy_versions()
+        ]
+
+    @app.get("/api/v1/policies/{name}")
+    async def show_policy(name: str, _: Person) -> dict[str, Any]:
+        if compliance.policies is None or name not in compliance.policies:
+            raise errors.NotFound(f"policy {name!r} is not in force")
+        policy = compliance.policies[name]
+        source = compliance.policies.source(name)
+        return {
+            "name": name,
+            "file": source.file,
+            "version": compliance.version.version if compliance.version else None,
+            "document": policy.model_dump(mode="json", exclude_none=True),
+        }
+
+    @app.post("/api/v1/place")
+    async def place(body: PlaceIn, _: Person) -> dict[str, Any]:
+        decision = compliance.place(body.tenant, body.profile, parse_mib(body.memory), body.name)
+        rejections = {host: [dataclasses.asdict(r) for r in reasons] for host, reasons in decision.rejections.items()}
+        return {"host": decision.host, "score": decision.score, "ranked": decision.ranked, "rejections": rejections}
+
+    compliance_routes(app, fleet, compliance, svc, Person)
+
+
+def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: MigrationService, Person: Any) -> None:
+    def vm_names() -> dict[str, str]:
+        return _vm_names(fleet)
+
+    @app.get("/api/v1/compliance/violations")
+    async def violations(_: Person, all: bool = False) -> list[dict[str, Any]]:
+        names = vm_names()
+        return [
+            {**dataclasses.asdict(v), "vm": names.get(v.vm_id)} for v in fleet.repo.list_violations(open_only=not all)
+        ]
+
+    @app.post("/api/v1/compliance/check")
+    async def check(_: Person) -> dict[str, Any]:
+        opened, resolved = compliance.audit_all()
+        return {"opened": len(opened), "resolved": len(resolved), "open": len(fleet.repo.list_violations())}
+
+    @app.get("/api/v1/compliance/plan")
+    async def plan(_: Person) -> dict[str, Any]:
+        return _plan_out(compliance, vm_names())
+
+    @app.post("/api/v1/compliance/plan/execute")
+    async def execute(who: Person) -> dict[str, Any]:
+        planned = _plan_out(compliance, vm_names())
+        started = []
+        for move in planned["moves"]:
+            try:
+                record = await svc.request(
+                    move["vm"],
+                    move["target"],
+                    shared_storage=False,
+                    principal=who.name,
+                    role=who.role,
+                    automatic=True,
+                )
+            except errors.FerrymanError as err:
+                started.append({**move, "migration": None, "error": str(err)})
+                continue
+            started.append({**move, "migration": record.id, "error": None})
+            await svc.wait_finished(record.id)
+        compliance.audit_all()
+        return {**planned, "executed": started, "remaining": len(fleet.repo.list_violations())}
+
+    @app.get("/api/v1/compliance/report", response_model=None)
+    async def report(_: Person, tenant: str, since: str = "-30d", until: str = "now", format: str = "json") -> Any:
+        start, end = parse_time(since, fleet.clock), parse_time(until, fleet.clock)
+        built = tenant_report(fleet, tenant, start, end)
+        if format == "html":
+            return HTMLResponse(built.render_html())
+        if format != "json":
+            raise errors.InvalidInput("format must be json or html")
+        return built.to_dict()
+
+    @app.patch("/api/v1/hosts/{name}")
+    async def update_host(name: str, body: HostPatchIn, who: Person) -> dict[str, Any]:
+        changes = body.model_dump(exclude_none=True)
+        if not changes:
+            raise errors.InvalidInput("nothing to change")
+        host = fleet.update_host(name, who.name, **changes)
+        return dataclasses.asdict(host)
+
+
+def _plan_out(compliance: Compliance, names: dict[str, str]) -> dict[str, Any]:
+    plan = compliance.plan()
+    return {
+        "moves": [
+            {
+                "vm": m.vm_name,
+                "vm_id": m.vm_id,
+                "source": m.source,
+                "target": m.target,
+                "fixes": [list(k) for k in m.fixes],
+            }
+            for m in plan.moves
+        ],
+        "unresolved": [{**_finding(v), "vm": names.get(v.vm_id), "why": why} for v, why in plan.unresolved],
+    }

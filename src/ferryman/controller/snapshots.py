@@ -1,0 +1,69 @@
+"""Pre-migration snapshots of a VM's disks, as an operator sees and uses them: list them and restore one.
+
+The source agent takes a snapshot of every disk before each migration (its agent keeps the newest per disk). After a
+successful migration the source's snapshots are scrubbed with the rest of the losing side; after a rollback or a
+stuck migration they stay on the host that holds the copy of record, and ``restore`` puts the VM back to that point:
+the agent stops it, swaps each disk for its snapshot (the replaced disks are scrubbed) and boots it under a lease.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferryman.controller.fleet import Fleet
+from ferryman.core import errors
+from ferryman.core.models import VM, Severity, VMAction, VMState, next_vm_state
+
+# the VM runs after a restore: the lifecycle action that gets it there from each state
+RESTORABLE = {
+    VMState.RUNNING: VMAction.START,
+    VMState.PAUSED: VMAction.RESUME,
+    VMState.STOPPED: VMAction.START,
+    VMState.ERROR: VMAction.START,
+}
+
+
+def _placed(fleet: Fleet, name: str) -> tuple[VM, str]:
+    vm, placement = fleet.get_vm(name)
+    if placement is None:
+        raise errors.Conflict(f"{vm.name} has no placement")
+    return vm, placement.host
+
+
+async def list_snapshots(fleet: Fleet, name: str) -> list[dict[str, Any]]:
+    vm, host = _placed(fleet, name)
+    found: list[dict[str, Any]] = await fleet.agents.snapshots(fleet.repo.get_host(host), vm.id)
+    return [{**s, "host": host} for s in found]
+
+
+async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> dict[str, Any]:
+    """Restore ``name`` from its snapshot ``tag`` (default: the newest) on its host; the VM runs afterwards."""
+    vm, host = _placed(fleet, name)
+    if fleet.repo.list_migrations(vm_id=vm.id, active_only=True):
+        raise errors.Conflict(f"{vm.name} is migrating; restore it once the migration has ended")
+    if vm.state not in RESTORABLE:
+        raise errors.Conflict(f"{vm.name} is {vm.state.value}; it cannot be restored")
+    fleet.audit(
+        "vm.restore_requested",
+        f"restore {vm.name} on {host} from {tag or 'its newest snapshot'}",
+        principal,
+        vm=vm.id,
+        host=host,
+    )
+    fleet.reconciler.note_change(vm.id)
+    out: dict[str, Any] = await fleet.agents.restore(fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag)
+    receipts = fleet.store_scrub_receipts(host, out["receipts"])
+    if vm.state is not VMState.RUNNING:
+        vm = fleet.repo.set_vm_state(vm.id, next_vm_state(vm.state, RESTORABLE[vm.state]))
+    fleet.reconciler.note_change(vm.id)
+    fleet.audit(
+        "vm.restored",
+        f"{vm.name} restored on {host} from snapshot {out['tag']} taken {out['taken_at']}",
+        principal,
+        vm=vm.id,
+        host=host,
+        severity=Severity.WARNING,
+        tag=out["tag"],
+        receipts=receipts,
+    )
+    return {"vm": vm.name, "host": host, "tag": out["tag"], "taken_at": out["taken_at"], "state": vm.state.value}
