@@ -295,7 +295,8 @@ def test_name_is_reusable_after_delete(fleet: SqlRepository) -> None:
 
 
 def test_events_newest_first_with_filters(repo: SqlRepository) -> None:
-    """record_event assigns ids; list_events is newest first and filters by time, kind prefix, VM, host, severity."""
+    """record_event assigns ids; list_events is newest first and filters by time window, kind prefix, VM, host and
+    severity."""
     recorded = [
         repo.record_event(Event("vm.created", "web created", at(0), vm="id-web", host="h1", data={"gen": 1})),
         repo.record_event(Event("vm.moved", "web moved", at(10), Severity.WARNING, vm="id-web", host="h2")),
@@ -312,6 +313,7 @@ def test_events_newest_first_with_filters(repo: SqlRepository) -> None:
     assert [e.kind for e in repo.list_events(host="h2")] == ["host.down", "vm.moved"]
     assert [e.kind for e in repo.list_events(min_severity=Severity.WARNING)] == ["host.down", "vm.moved"]
     assert [e.kind for e in repo.list_events(since=at(10))] == ["host.down", "vm_moved", "vm.moved"]
+    assert [e.kind for e in repo.list_events(since=at(10), until=at(20))] == ["vm_moved", "vm.moved"]
     assert [e.kind for e in repo.list_events(limit=1)] == ["host.down"]
 
 

@@ -164,3 +164,15 @@ def test_plan_moves_the_violating_vm_and_respects_cooldown(world):
     plan = compliance.plan()
     assert [(m.vm_name, m.source, m.target) for m in plan.moves] == [("web", "h2", "h1")]
     assert dataclasses.asdict(plan.moves[0])["fixes"] == (("id-web", "prod-vault", "min_patch_level"),)
+
+
+def test_migration_target_counts_moves_already_started(world):
+    """A drain's earlier moves count as arrived: a VM is not sent where a VM it excludes is already headed."""
+    fleet, compliance, _ = world
+    compliance.apply(docs(3), "token:admin")
+    fleet.repo.move_vm("id-ci", "h3", fleet.clock.now())
+    fleet.changed(Change(vm_id="id-ci"))
+    web = fleet.repo.get_vm("web")
+    assert compliance.migration_target(web, ["h1"]) == "h1"
+    assert compliance.migration_target(web, ["h1"], planned={"id-ci": "h1"}) is None
+    assert compliance.index().vm("id-ci").host == "h3"  # the simulation left the index as it was

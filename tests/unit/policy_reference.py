@@ -177,6 +177,7 @@ TENANTS = ("acme", "globex", "initech")
 VERSIONS = ("7.2.0", "7.10.0", "7.9.1", "8.0", "1:7.2+dfsg-7+deb12u6", "not a version")
 HOST_NAMES = tuple(f"h{i:02d}" for i in range(16))
 
+
 @st.composite
 def host_facts(draw: st.DrawFn, name: str) -> HostFacts:
     site = draw(st.sampled_from(sorted(SITES)))

@@ -315,9 +315,7 @@ def test_neighbour_preferences_score_too():
 
 def test_ties_go_to_the_fewest_vms_then_the_first_name():
     """Equal scores: the emptiest host wins, then alphabetical order, also for hosts added later."""
-    index = index_of(
-        require("{min_patch_level: 0}"), [host("h2"), host("h3"), host("h4")], [vm("x", "globex", "h2")]
-    )
+    index = index_of(require("{min_patch_level: 0}"), [host("h2"), host("h3"), host("h4")], [vm("x", "globex", "h2")])
     assert index.place(vm("a")).ranked == [("h3", 0), ("h4", 0), ("h2", 0)]
     index.update_host(host("h1"))  # added after the index was built, sorts first by name
     index.update_host(host("h0", schedulable=False))

@@ -39,6 +39,7 @@ TENANTS, HOST_NAMES = ref.TENANTS, ref.HOST_NAMES
 
 FAST = settings(max_examples=120, deadline=None)
 
+
 def _keys(reasons) -> set[tuple[str, str]]:
     return {(r.policy, r.rule) for r in reasons}
 

@@ -98,9 +98,7 @@ def test_out_of_range_value_says_what_is_allowed():
 
 def test_wrong_type_is_not_coerced():
     """A string where an integer is expected, or an integer where true/false is, is an error (no silent coercion)."""
-    errors = errors_of(
-        {"p.yaml": GOOD.replace("max_vms_per_host: 4", 'max_vms_per_host: "4"').replace("false", "0")}
-    )
+    errors = errors_of({"p.yaml": GOOD.replace("max_vms_per_host: 4", 'max_vms_per_host: "4"').replace("false", "0")})
     assert [(e.line, e.field) for e in errors] == [(8, "require.max_vms_per_host"), (14, "migration.auto_balance")]
     assert errors[1].allowed == "true or false"
 

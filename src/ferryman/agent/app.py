@@ -99,7 +99,6 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
         if migrations is not None:
             await migrations.scrub_snapshots(vm_id)
 
-
     if migrations is not None:
         _migration_routes(app, migrations, Controller)
 

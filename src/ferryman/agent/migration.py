@@ -85,28 +85,30 @@ class MigrationAgent:
         existing = self._load(migration_id)
         if existing is not None:
             return self.check(migration_id, token, role)
-        ticket = verify_ticket(
-            token,
-            self._ca_cert,
-            me=self._settings.name,
-            role=role,
-            clock=self._clock,
-            nonces=self._nonces,
-            migration_id=migration_id,
-        )
+        ticket = self._verify(migration_id, token, role, check_expiry=True)
+        # the context first, the nonce last: a context that cannot be written leaves the ticket usable for a retry
         path = self._context_file(migration_id)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, json.dumps({"token": token, "role": role}).encode(), mode=0o600)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"token": token, "role": role}).encode(), mode=0o600)
+        except (OSError, errors.PKIError) as err:
+            raise errors.StorageError(f"cannot record migration {migration_id}: {err}") from err
+        try:
+            self._nonces.use(f"{role}:{ticket.nonce}", ticket.expires_at, self._clock.now())
+        except errors.FerrymanError:
+            path.unlink(missing_ok=True)
+            raise
         return ticket
 
-    def check(self, migration_id: str, token: str, role: Role) -> MigrationTicket:
-        """A later call of an opened migration: the same ticket, still signed, still for this host and role."""
+    def check(self, migration_id: str, token: str, role: Role, *, committed: bool = False) -> MigrationTicket:
+        """A later call of an opened migration: the same ticket, still signed, still for this host and role.
+
+        ``committed``: a step after the commit (activate, retire, validate, post hooks). Its ticket may have expired
+        during a long controller outage; the migration must still roll forward (activation also needs a lease)."""
         stored = self._load(migration_id)
         if stored is None or stored["role"] != role or stored["token"] != token:
             raise errors.Forbidden(f"no open {role} migration {migration_id} on {self._settings.name} for this ticket")
-        return verify_ticket(
-            token, self._ca_cert, me=self._settings.name, role=role, clock=self._clock, migration_id=migration_id
-        )
+        return self._verify(migration_id, token, role, check_expiry=not committed)
 
     def check_ending(self, migration_id: str, token: str, role: Role) -> MigrationTicket:
         """A step that leads back to a safe state (kill or scrub the losing side, resume the source, roll-back hooks,
@@ -117,6 +119,10 @@ class MigrationAgent:
         stored = self._load(migration_id)
         if stored is not None and (stored["role"] != role or stored["token"] != token):
             raise errors.Forbidden(f"migration {migration_id} on {self._settings.name} was opened with another ticket")
+        return self._verify(migration_id, token, role, check_expiry=False)
+
+    def _verify(self, migration_id: str, token: str, role: Role, *, check_expiry: bool) -> MigrationTicket:
+        """The ticket's signature, host, role and migration (its nonce is the caller's business)."""
         return verify_ticket(
             token,
             self._ca_cert,
@@ -124,7 +130,7 @@ class MigrationAgent:
             role=role,
             clock=self._clock,
             migration_id=migration_id,
-            check_expiry=False,
+            check_expiry=check_expiry,
         )
 
     def _load(self, migration_id: str) -> dict[str, str] | None:
@@ -222,10 +228,16 @@ class MigrationAgent:
         with contextlib.suppress(errors.NotFound):
             await self._driver.stop(vm_id)
         receipts = []
-        for disk in disks:
-            receipt = await asyncio.to_thread(restore_snapshot, chosen[disk.stem].path, disk)
-            if receipt is not None:
-                receipts.append(receipt)
+        try:
+            for disk in disks:
+                receipt = await asyncio.to_thread(restore_snapshot, chosen[disk.stem].path, disk)
+                if receipt is not None:
+                    receipts.append(receipt)
+        except errors.FerrymanError:
+            # a disk that failed keeps its old content (the copy completes before the swap): boot what there is
+            with contextlib.suppress(errors.FerrymanError):
+                await self._driver.start(vm_id)
+            raise
         runtime = await self._driver.start(vm_id)
         log.warning("vm restored from snapshot", vm=vm_id, tag=chosen_tag)
         return {
@@ -296,7 +308,7 @@ class MigrationAgent:
 
     async def retire(self, migration_id: str, token: str) -> dict[str, Any]:
         """Quit the source QEMU after the commit (its generation is stale from now on). Idempotent."""
-        ticket = self.check(migration_id, token, "source")
+        ticket = self.check(migration_id, token, "source", committed=True)
         with contextlib.suppress(errors.NotFound):
             await self._driver.stop(ticket.vm_id)
         return {}
@@ -352,7 +364,14 @@ class MigrationAgent:
             with_disk_target=not ticket.shared_storage,
             shared_disks=shared,
         )
+        self._driver.claim_incoming(spec.vm_id, migration_id)
         return {"address": address, **ports}
+
+    def _ours_incoming(self, vm_id: str, migration_id: str) -> bool:
+        """An unactivated destination of ``vm_id`` here that this migration (or no claimed one) prepared."""
+        if not self._driver_has(vm_id) or not self._driver.is_incoming(vm_id):
+            return False
+        return self._driver.incoming_owner(vm_id) in {None, migration_id}
 
     def _driver_has(self, vm_id: str) -> bool:
         try:
@@ -363,7 +382,7 @@ class MigrationAgent:
 
     async def activate(self, migration_id: str, token: str, lease: str) -> dict[str, Any]:
         """After the commit: run the destination under a lease for the new generation. Idempotent."""
-        ticket = self.check(migration_id, token, "destination")
+        ticket = self.check(migration_id, token, "destination", committed=True)
         generation = ticket.generation + 1
         verify_lease(
             lease, self._ca_cert, me=self._settings.name, vm_id=ticket.vm_id, generation=generation, clock=self._clock
@@ -401,7 +420,7 @@ class MigrationAgent:
 
     async def validate(self, migration_id: str, token: str) -> dict[str, Any]:
         """After activation: the guest runs here and keeps appending disk records (read from the host side)."""
-        ticket = self.check(migration_id, token, "destination")
+        ticket = self.check(migration_id, token, "destination", committed=True)
         spec = self._driver.load_spec(ticket.vm_id)
         if not self._driver.is_alive(ticket.vm_id):
             return {"ok": False, "running": False, "detail": "no QEMU of the VM runs here"}
@@ -421,7 +440,7 @@ class MigrationAgent:
     async def kill_destination(self, migration_id: str, token: str) -> dict[str, Any]:
         """Rollback: kill the destination QEMU (never a copy of record). Idempotent."""
         ticket = self.check_ending(migration_id, token, "destination")
-        if self._driver_has(ticket.vm_id) and self._driver.is_incoming(ticket.vm_id):
+        if self._ours_incoming(ticket.vm_id, migration_id):
             with contextlib.suppress(errors.NotFound):
                 await self._driver.kill(ticket.vm_id)
         return {}
@@ -448,8 +467,11 @@ class MigrationAgent:
             if point is HookPoint.PRE_MIGRATE_DESTINATION or (point is HookPoint.POST_MIGRATE_DESTINATION)
             else "source"
         )
-        ending = point is HookPoint.ROLLBACK
-        ticket = self.check_ending(migration_id, token, role) if ending else self.check(migration_id, token, role)
+        if point is HookPoint.ROLLBACK:
+            ticket = self.check_ending(migration_id, token, role)
+        else:
+            committed = point in {HookPoint.POST_MIGRATE_SOURCE, HookPoint.POST_MIGRATE_DESTINATION}
+            ticket = self.check(migration_id, token, role, committed=committed)
         run = await run_hooks(
             self._hooks_dir,
             point,
@@ -472,6 +494,8 @@ class MigrationAgent:
                 paths: list[Path] = []
             elif not self._driver.is_incoming(ticket.vm_id):
                 raise errors.Conflict("refusing to scrub the copy of record on the destination")
+            elif not self._ours_incoming(ticket.vm_id, migration_id):
+                paths = []  # another migration's destination: not this ticket's to discard
             else:
                 paths = await migrate.abort_incoming(self._driver, ticket.vm_id)
         else:
@@ -525,6 +549,13 @@ class MigrationAgent:
         paths = [self._snapshot_dir(ticket.vm_id)]
         if not vm_dir.exists():
             return paths
+        try:
+            generation = self._driver.load_spec(ticket.vm_id).generation
+        except (errors.NotFound, errors.HypervisorError):  # a scrub interrupted at the spec: finish it
+            generation = ticket.generation
+        if generation != ticket.generation:
+            # the VM came back to this host since: an old ticket must not scrub the new copy
+            raise errors.Conflict(f"the copy of {ticket.vm_id} here is not this migration's source")
         if ticket.shared_storage:
             return [*paths, *(p for p in vm_dir.iterdir() if not p.name.startswith("disk"))]
         return [*paths, vm_dir]

@@ -63,17 +63,7 @@ def policy_validate(paths: Paths, json_: Json = False) -> None:
     if local:
         result: dict[str, Any] = {
             "ok": False,
-            "errors": [
-                {
-                    "file": e.file,
-                    "line": e.line,
-                    "field": e.field,
-                    "problem": e.problem,
-                    "allowed": e.allowed,
-                    "message": str(e),
-                }
-                for e in local
-            ],
+            "errors": [e.as_dict() for e in local],
             "policies": [],
         }
     else:

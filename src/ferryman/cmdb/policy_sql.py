@@ -103,4 +103,3 @@ class SqlPolicyMixin:
             query = query.where(violations.c.vm_id == vm_id)
         with self._read() as conn:
             return [_violation(r) for r in conn.execute(query).all()]
-

@@ -115,6 +115,7 @@ class EventRepository(Protocol):
         host: str | None = None,
         min_severity: Severity | None = None,
         limit: int = 200,
+        until: dt.datetime | None = None,
     ) -> list[Event]: ...
     def open_alarm(self, kind: str, vm_id: str | None, host: str | None, message: str, at: dt.datetime) -> Alarm | None:
         """Open an alarm; if the same (kind, vm_id, host) is already open, bump last_seen and return None."""

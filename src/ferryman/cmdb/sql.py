@@ -631,13 +631,16 @@ class SqlRepository(SqlJournalMixin, SqlPolicyMixin):
         host: str | None = None,
         min_severity: Severity | None = None,
         limit: int = 200,
+        until: dt.datetime | None = None,
     ) -> list[Event]:
-        """Events newest first; ``since`` is inclusive, ``kind_prefix`` matches literally (no wildcards)."""
+        """Events newest first; ``since`` is inclusive, ``until`` exclusive, ``kind_prefix`` matches literally."""
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, got {limit}")
         query = sa.select(events).order_by(events.c.time.desc(), events.c.id.desc()).limit(limit)
         if since is not None:
             query = query.where(events.c.time >= _utc(since, "since"))
+        if until is not None:
+            query = query.where(events.c.time < _utc(until, "until"))
         if kind_prefix:
             query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
         if vm_id is not None:

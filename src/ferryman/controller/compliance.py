@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,15 +151,28 @@ class Compliance:
                 f"migrating {vm.name} to {destination}", reasons, force, role, principal, host=destination, vm=vm.id
             )
 
-    def migration_target(self, vm: VM, candidates: Iterable[str]) -> str | None:
+    def migration_target(
+        self, vm: VM, candidates: Iterable[str], planned: Mapping[str, str] | None = None
+    ) -> str | None:
         """The best allowed destination for ``vm`` among ``candidates`` (None: none allowed); without policies the
-        first candidate."""
+        first candidate. ``planned``: VM id -> destination of migrations already started in the same operation (a
+        drain), counted as arrived so that two VMs that exclude each other are not sent to the same host."""
         allowed = list(candidates)
-        if self._index is None:
+        index = self._index
+        if index is None:
             return allowed[0] if allowed else None
         placement = self.repo.current_placement(vm.id)
         exclude = [h for h in self._index_hosts() if h not in allowed]
-        return self._index.place(_vm_facts(vm, placement.host if placement else None), exclude=exclude).host
+        facts = _vm_facts(vm, placement.host if placement else None)
+        undo: list[tuple[str, str | None]] = []
+        try:
+            for vm_id, target in (planned or {}).items():
+                undo.append((vm_id, index.vm(vm_id).host))
+                index.move_vm(vm_id, target)
+            return index.place(facts, exclude=exclude).host
+        finally:
+            for vm_id, host in reversed(undo):
+                index.move_vm(vm_id, host)
 
     def place(self, tenant: str, profile: dict[str, str], memory_mb: int, name: str = "(new)") -> Any:
         """Where a new VM ``name`` of ``tenant`` with ``profile`` would go now, with every rejected host's reasons."""
@@ -254,8 +267,12 @@ class Compliance:
         return opened, resolved
 
     def audit_all(self) -> tuple[list[Any], list[Any]]:
-        """A full audit: rebuild the index from the CMDB and check every VM."""
-        if self.policies is not None:
+        """A full audit: rebuild the index from the CMDB and check every VM. A version applied meanwhile (by another
+        controller on the same database) is loaded first."""
+        current = self.repo.current_policy_version()
+        if (current.version if current else None) != (self.version.version if self.version else None):
+            self.load()
+        elif self.policies is not None:
             self._index = FleetIndex(compile_policies(self.policies), self.host_facts(), self.vm_facts())
         return self.check(None)
 

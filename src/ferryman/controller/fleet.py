@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -91,8 +91,11 @@ class Admission(Protocol):
         """Raise PolicyRefused when a hard rule forbids moving ``vm`` to ``destination`` (unless forced)."""
         ...
 
-    def migration_target(self, vm: VM, candidates: Iterable[str]) -> str | None:
-        """The best allowed destination among ``candidates``, None when none is allowed."""
+    def migration_target(
+        self, vm: VM, candidates: Iterable[str], planned: Mapping[str, str] | None = None
+    ) -> str | None:
+        """The best allowed destination among ``candidates`` (``planned``: VM id -> destination of moves already
+        started, counted as done), None when none is allowed."""
         ...
 
 

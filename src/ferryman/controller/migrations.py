@@ -97,8 +97,8 @@ class MigrationService:
         role: str = "admin",
         automatic: bool = False,
     ) -> MigrationRecord:
-        """Admit a migration (policies, then the governor) and start it; ``automatic``: asked by Ferryman itself
-        (drain, remediation), which policies may forbid."""
+        """Admit a migration (policies, then the governor) and start it; ``automatic``: a remediation plan's move,
+        which a VM's policies may forbid (``auto_balance: false``). An operator's drain is not automatic."""
         vm, _ = self.fleet.get_vm(vm_name)
         source, destination = self._check_request(vm, to)
         if self.fleet.admission is not None:
@@ -184,6 +184,7 @@ class MigrationService:
         governor's limits; what cannot start now is reported, not retried in a loop."""
         self.repo.get_host(host)
         started, refused = [], []
+        planned: dict[str, str] = {}  # VM id -> destination of the migrations this drain started
         for placement in self.repo.placements_on(host):
             vm = self.repo.get_vm(placement.vm_id)
             if vm.state is not VMState.RUNNING:
@@ -206,12 +207,14 @@ class MigrationService:
             if not targets:
                 refused.append(f"{vm.name}: no other host has {vm.memory_mb} MiB free")
                 continue
-            target = self.fleet.admission.migration_target(vm, targets) if self.fleet.admission else targets[0]
+            admission = self.fleet.admission
+            target = admission.migration_target(vm, targets, planned) if admission else targets[0]
             if target is None:
                 refused.append(f"{vm.name}: no other host is allowed by its placement policies")
                 continue
             try:
                 started.append(await self.request(vm.name, target, shared_storage=False, principal=principal))
+                planned[vm.id] = target
             except errors.FerrymanError as err:
                 refused.append(f"{vm.name}: {err}")
         self.fleet.audit(

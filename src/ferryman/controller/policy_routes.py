@@ -47,22 +47,21 @@ class HostPatchIn(BaseModel):
     memory_mb: int | None = Field(default=None, ge=64)
 
 
+POLICY_ROLES = frozenset({"admin"})
+"""Roles whose tokens may apply or clear placement policies."""
+
+
+def _may_change_policies(role: str) -> None:
+    if role not in POLICY_ROLES:
+        raise errors.Forbidden(f"changing placement policies needs the role {', '.join(sorted(POLICY_ROLES))}")
+
+
 def _vm_names(fleet: Fleet) -> dict[str, str]:
     return {vm.id: vm.name for vm in fleet.repo.list_vms(include_deleted=True)}
 
 
 def _errors(err: PolicyErrors) -> list[dict[str, Any]]:
-    return [
-        {
-            "file": e.file,
-            "line": e.line,
-            "field": e.field,
-            "problem": e.problem,
-            "allowed": e.allowed,
-            "message": str(e),
-        }
-        for e in err.errors
-    ]
+    return [e.as_dict() for e in err.errors]
 
 
 def _finding(f: Any) -> dict[str, Any]:
@@ -99,11 +98,13 @@ def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: Migra
         }
         if body.dry_run:
             return out
+        _may_change_policies(who.role)
         version = compliance.apply(body.documents, who.name)
         return {**out, "applied": True, "version": version.version}
 
     @app.post("/api/v1/policies/clear")
     async def clear(who: Person) -> dict[str, Any]:
+        _may_change_policies(who.role)
         return {"version": compliance.clear(who.name).version}
 
     @app.get("/api/v1/policies")

@@ -55,8 +55,7 @@ def tenant_report(fleet: Fleet, tenant: str, start: dt.datetime, end: dt.datetim
     hosts = [ReportHost(h.name, h.site, levels.get(h.site, 0)) for h in repo.list_hosts() if h.name in used_hosts]
     incidents = [
         ReportIncident(e.time, e.kind, e.severity.value, e.vm, e.host)
-        for e in repo.list_events(since=start, min_severity=Severity.WARNING, limit=MAX_INCIDENTS)
-        if e.time < end
+        for e in repo.list_events(since=start, until=end, min_severity=Severity.WARNING, limit=MAX_INCIDENTS)
     ]
     ordered = sorted(
         placements.values(), key=lambda p: (p.valid_from, p.host, every_vm[p.vm_id].created_at or p.valid_from)

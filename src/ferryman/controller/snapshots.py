@@ -51,7 +51,18 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
         host=host,
     )
     fleet.reconciler.note_change(vm.id)
-    out: dict[str, Any] = await fleet.agents.restore(fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag)
+    try:
+        out: dict[str, Any] = await fleet.agents.restore(fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag)
+    except errors.FerrymanError as err:
+        fleet.audit(
+            "vm.restore_failed",
+            f"restore of {vm.name} on {host} failed: {err}",
+            principal,
+            vm=vm.id,
+            host=host,
+            severity=Severity.WARNING,
+        )
+        raise
     receipts = fleet.store_scrub_receipts(host, out["receipts"])
     if vm.state is not VMState.RUNNING:
         vm = fleet.repo.set_vm_state(vm.id, next_vm_state(vm.state, RESTORABLE[vm.state]))

@@ -229,7 +229,10 @@ class NonceStore:
             except ValueError:
                 raise PKIError(f"nonce store {self._path} is corrupt; refusing every ticket") from None
             yield used
-            write_atomic(self._path, json.dumps(used).encode(), mode=0o600)
+            try:
+                write_atomic(self._path, json.dumps(used).encode(), mode=0o600)
+            except PKIError as err:  # write_atomic's wrapping of an OSError (a full disk)
+                raise StorageError(f"cannot record the ticket nonce: {err}") from err
 
     def use(self, nonce: str, expires_at: dt.datetime, now: dt.datetime) -> None:
         """Record ``nonce``; Forbidden if it was recorded before, StorageError if the store cannot be written."""

@@ -100,9 +100,7 @@ class CompiledRules:
 
     @property
     def has_neighbour_rules(self) -> bool:
-        return bool(
-            self.max_vms is not None or self.forbids or self.dedicated or self.min_neighbour_level is not None
-        )
+        return bool(self.max_vms is not None or self.forbids or self.dedicated or self.min_neighbour_level is not None)
 
 
 @dataclass(frozen=True)
@@ -168,9 +166,7 @@ class CompiledPolicies:
                 for i, entry in enumerate(policy.prefer)
                 if (rules := _rules(policy.name, f"prefer[{i}]", entry, selectors, hard=False, weight=entry.weight))
             )
-            compiled.append(
-                CompiledPolicy(index, policy.name, policy, Matcher.of(policy.select), require, prefers)
-            )
+            compiled.append(CompiledPolicy(index, policy.name, policy, Matcher.of(policy.select), require, prefers))
         self.policies: tuple[CompiledPolicy, ...] = tuple(compiled)
         self.selectors: tuple[Selector, ...] = tuple(selectors)
         requires = [(p, p.require) for p in compiled if p.require is not None]

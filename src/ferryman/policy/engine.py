@@ -157,9 +157,7 @@ class FleetIndex(FleetState):
         present = self._present
         checks = [
             Check("", "schedulable", present & ~self._placeable, self._explain_unschedulable),
-            Check(
-                "", "capacity", present & ~self._memory.fitting(vm.memory_mb), partial(self._explain_memory, vm)
-            ),
+            Check("", "capacity", present & ~self._memory.fitting(vm.memory_mb), partial(self._explain_memory, vm)),
         ]
         if moving:
             checks += self._target_checks(cls)
@@ -183,10 +181,7 @@ class FleetIndex(FleetState):
         def explain_host(predicate: HostPredicate) -> Callable[[int], str]:
             return partial(self._explain_host, predicate.explain, rules.policy)
 
-        return [
-            Check(rules.policy, p.rule, self._predicate_failing(p), explain_host(p))
-            for p in rules.host
-        ]
+        return [Check(rules.policy, p.rule, self._predicate_failing(p), explain_host(p)) for p in rules.host]
 
     def _own_checks(self, rules: CompiledRules, arriving: IndexedVM) -> list[Check]:
         """The neighbour rules of ``rules`` for a VM arriving (on no host yet): the hosts where they would fail."""
@@ -238,8 +233,7 @@ class FleetIndex(FleetState):
         for policy, floor in self.compiled.demands:
             if traits.level < floor:
                 what = (
-                    f"whose policy {policy} requires neighbours of security level ≥ {floor}; "
-                    f"this VM has {traits.level}"
+                    f"whose policy {policy} requires neighbours of security level ≥ {floor}; this VM has {traits.level}"
                 )
                 explain = partial(self._explain_their_rule, vm, policy, what)
                 found.append(Check(policy, "min_neighbour_security_level", self._demands.bits(policy), explain))

@@ -78,9 +78,7 @@ class SiteLevelAtLeast(HostPredicate):
         return index.at_least("site_security_level", self.floor)
 
     def explain(self, host: HostFacts, policy: str) -> str:
-        return (
-            f"site {host.site} has security level {host.site_security_level} < {self.floor} required by {policy}"
-        )
+        return f"site {host.site} has security level {host.site_security_level} < {self.floor} required by {policy}"
 
 
 @dataclass(frozen=True)
@@ -189,9 +187,7 @@ def unsatisfiable(policy_set: PolicySet, hosts: Sequence[HostFacts]) -> list[Pol
     for policy in policy_set:
         source = policy_set.source(policy.name)
         predicates = host_predicates(policy.require)
-        passing = [
-            {h.name for h, v in zip(hosts, versions, strict=True) if p.test(h, v)} for p in predicates
-        ]
+        passing = [{h.name for h, v in zip(hosts, versions, strict=True) if p.test(h, v)} for p in predicates]
         for predicate, names in zip(predicates, passing, strict=True):
             if not names:
                 field_path = f"require.{predicate.rule}"

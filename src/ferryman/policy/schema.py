@@ -78,6 +78,17 @@ class PolicyError(InvalidInput):
         self.problem = problem
         self.allowed = allowed
 
+    def as_dict(self) -> dict[str, Any]:
+        """The error as the API and ``policy validate --json`` show it."""
+        return {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "problem": self.problem,
+            "allowed": self.allowed,
+            "message": str(self),
+        }
+
     def _key(self) -> tuple[str, int | None, str, str, str]:
         return (self.file, self.line, self.field, self.problem, self.allowed)
 

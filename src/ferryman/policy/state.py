@@ -328,7 +328,6 @@ class FleetState:
             if stored is not None and host is not None:
                 self._attach(stored, host)
 
-
     def _bits_of(self, names: Collection[str]) -> int:
         bits = 0
         for name in names:

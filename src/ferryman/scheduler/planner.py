@@ -96,9 +96,7 @@ def plan_remediation(
     moves, solver = greedy, "greedy"
     if left or len(greedy) > bound:
         with _restoring(index):
-            solved = _cp_sat_plan(
-                index, initial, limits, frozen_vms, candidate_hosts, max_candidates, time_limit_s
-            )
+            solved = _cp_sat_plan(index, initial, limits, frozen_vms, candidate_hosts, max_candidates, time_limit_s)
         if solved is not None:
             with _restoring(index):
                 solved_left = _outcome(index, initial, solved)
@@ -116,9 +114,7 @@ def plan_remediation(
             Move(vm_id, index.vm(vm_id).name, source, target, keys)
             for (vm_id, source, target), keys in zip(ordered, fixes, strict=True)
         ]
-        unresolved = [
-            (v, _why_unresolved(index, v, notes, frozen_vms, limits, ordered)) for v in index.violations()
-        ]
+        unresolved = [(v, _why_unresolved(index, v, notes, frozen_vms, limits, ordered)) for v in index.violations()]
     return Plan(planned, unresolved, solver, bound)
 
 
@@ -351,9 +347,7 @@ class _CpSat:
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return None
         return [
-            (c, self.origin[c], h)
-            for (c, h), var in sorted(x.items())
-            if h != self.origin[c] and solver.value(var)
+            (c, self.origin[c], h) for (c, h), var in sorted(x.items()) if h != self.origin[c] and solver.value(var)
         ]
 
     def _movable(self, vm_id: str) -> bool:

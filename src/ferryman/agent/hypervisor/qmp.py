@@ -308,6 +308,17 @@ class QemuDriver:
         """Whether the VM's own QEMU process (the one its pidfile names) is alive."""
         return procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None
 
+    def claim_incoming(self, vm_id: str, owner: str) -> None:
+        """Name the migration an unactivated destination belongs to (another migration's ticket cannot discard it)."""
+        (self._vm_dir(vm_id) / INCOMING_MARK).write_text(owner)
+
+    def incoming_owner(self, vm_id: str) -> str | None:
+        """The migration that claimed this unactivated destination (None: unclaimed or not a destination)."""
+        try:
+            return (self._vm_dir(vm_id) / INCOMING_MARK).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
     def mark_activated(self, vm_id: str) -> None:
         """Record that the incoming VM now is this host's copy of record: it may no longer be discarded as a residue."""
         (self._vm_dir(vm_id) / INCOMING_MARK).unlink(missing_ok=True)
