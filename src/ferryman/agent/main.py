@@ -38,8 +38,16 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=os.environ.get("FERRYMAN_ACCEL", "auto"))
     p.add_argument("--report-interval", type=float, default=2.0)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument(
+        "--snapshots-keep",
+        type=int,
+        default=os.environ.get("FERRYMAN_SNAPSHOTS_KEEP", "1"),  # argparse applies ``type`` to a string default
+        help="pre-migration snapshots kept per disk (default 1; 0: none kept after the migration)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    if args.snapshots_keep < 0:
+        p.error("--snapshots-keep must be 0 or more")
     host, _, port = args.listen.rpartition(":")
     settings = AgentSettings(
         name=args.name,
@@ -51,6 +59,7 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
         accel=args.accel,
         report_interval_s=args.report_interval,
         cache_dir=args.cache_dir,
+        snapshots_keep=args.snapshots_keep,
     )
     return settings, args
 
@@ -63,7 +72,8 @@ async def serve(settings: AgentSettings) -> None:
     driver = QemuDriver(settings.state_dir, guest, accel)
     reattached = await driver.reattach()
     log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached))
-    app = create_agent_app(settings, driver, MigrationAgent(settings, driver, SystemClock()))
+    migrations = MigrationAgent(settings, driver, SystemClock(), snapshots_keep=settings.snapshots_keep)
+    app = create_agent_app(settings, driver, migrations)
     server = make_server(
         app,
         host=settings.listen_host,

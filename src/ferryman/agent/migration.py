@@ -171,6 +171,7 @@ class MigrationAgent:
         wanted = [
             (disk, [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem])
             for disk in self._driver.disk_paths(ticket.vm_id)
+            if self._snapshots_keep > 0  # retention 0: no pre-migration snapshot at all
         ]
         async with self._paused_for_copy(ticket.vm_id, any(not existing for _, existing in wanted)):
             for disk, existing in wanted:

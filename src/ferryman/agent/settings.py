@@ -18,6 +18,7 @@ class AgentSettings:
     accel: str = "auto"
     report_interval_s: float = 2.0
     cache_dir: Path | None = None
+    snapshots_keep: int = 1  # pre-migration snapshots kept per disk (older ones are scrubbed); 0 keeps none
 
     @property
     def pki_dir(self) -> Path:
