@@ -176,3 +176,14 @@ def test_migration_target_counts_moves_already_started(world):
     assert compliance.migration_target(web, ["h1"]) == "h1"
     assert compliance.migration_target(web, ["h1"], planned={"id-ci": "h1"}) is None
     assert compliance.index().vm("id-ci").host == "h3"  # the simulation left the index as it was
+
+
+def test_two_policies_that_together_leave_no_host_are_refused_at_apply(world):
+    """Each policy alone has hosts, but a VM both select has none: apply names both and the VM."""
+    fleet, compliance, _ = world
+    edge_only = "name: edge-only\nselect:\n  tenants: [acme]\nrequire:\n  sites: [edge]\n"
+    with pytest.raises(PolicyErrors, match=r"together with edge-only it leaves no host for web") as refused:
+        compliance.apply({**docs(3), "edge.yaml": edge_only}, "token:admin")
+    (error,) = refused.value.errors
+    assert (error.file, error.field) == ("prod.yaml", "require") and error.line is not None
+    assert fleet.repo.current_policy_version() is None

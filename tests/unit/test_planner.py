@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +12,7 @@ from hypothesis import strategies as st
 from ferryman.core.errors import InvalidInput
 from ferryman.policy import FleetIndex, HostFacts, VMFacts, compile_policies, parse_policies
 from ferryman.scheduler.planner import Plan, lower_bound, plan_remediation
+from ferryman.testing import policy_reference as ref
 
 NO_TEST_NEIGHBOURS = """
 name: acme-production
@@ -256,22 +253,6 @@ def test_negative_limits_are_refused():
     index = index_of(PATCHED, [host("h1")], [])
     with pytest.raises(InvalidInput):
         plan(index, max_in=-1)
-
-
-def _load_reference() -> Any:
-    """tests/unit is not a package: load the reference evaluator (and its strategies) by path, once."""
-    if "policy_reference" in sys.modules:
-        return sys.modules["policy_reference"]
-    path = Path(__file__).with_name("policy_reference.py")
-    spec = importlib.util.spec_from_file_location("policy_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["policy_reference"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
 
 
 @settings(max_examples=60, deadline=None)

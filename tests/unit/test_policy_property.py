@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ferryman.policy import FleetIndex, VMFacts, compile_policies, parse_policies
+from ferryman.testing import policy_reference as ref
 
-
-def _load_reference() -> Any:
-    """tests/unit is not a package: load the reference evaluator (and its strategies) by path, once."""
-    if "policy_reference" in sys.modules:
-        return sys.modules["policy_reference"]
-    path = Path(__file__).with_name("policy_reference.py")
-    spec = importlib.util.spec_from_file_location("policy_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["policy_reference"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
 fleets, host_facts, policy_sets, profiles, vm_facts = (
     ref.fleets,
     ref.host_facts,

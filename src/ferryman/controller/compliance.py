@@ -29,7 +29,7 @@ from ferryman.core.models import VM, Host, HostState, Severity, VMState
 from ferryman.policy.engine import FleetIndex, compile_policies
 from ferryman.policy.facts import HostFacts, VMFacts
 from ferryman.policy.hostrules import unsatisfiable
-from ferryman.policy.schema import PolicyErrors, PolicySet, parse_policies
+from ferryman.policy.schema import PolicyError, PolicyErrors, PolicySet, parse_policies
 from ferryman.scheduler.governor import GovernorSettings
 from ferryman.scheduler.planner import Plan, plan_remediation
 
@@ -283,10 +283,36 @@ class Compliance:
         if not documents:
             raise errors.InvalidInput("no policy files given")
         policy_set = parse_policies(documents)
-        problems = unsatisfiable(policy_set, self.host_facts())
+        hosts = self.host_facts()
+        problems = unsatisfiable(policy_set, hosts) or self._joint_conflicts(policy_set, hosts)
         if problems:
             raise PolicyErrors(problems)
         return policy_set
+
+    def _joint_conflicts(self, policy_set: PolicySet, hosts: list[HostFacts]) -> list[PolicyError]:
+        """Policies that each leave some host but together leave none for a VM of the fleet they all select."""
+        vms = self.vm_facts()
+        index = FleetIndex(compile_policies(policy_set), hosts, vms)
+        found: list[PolicyError] = []
+        seen: set[tuple[str, ...]] = set()
+        for vm in vms:
+            names = tuple(index.policies_of(vm.id))
+            if len(names) < 2 or names in seen:
+                continue
+            seen.add(names)
+            if not index.eligible_hosts(vm):
+                source = policy_set.source(names[0])
+                found.append(
+                    PolicyError(
+                        source.file,
+                        source.line_of("require"),
+                        "require",
+                        f"together with {', '.join(names[1:])} it leaves no host for {vm.name} (and every VM they "
+                        "all select)",
+                        "host rules that some host of the fleet satisfies together",
+                    )
+                )
+        return found
 
     def preview(self, policy_set: PolicySet) -> Preview:
         candidate = FleetIndex(compile_policies(policy_set), self.host_facts(), self.vm_facts())

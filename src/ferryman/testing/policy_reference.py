@@ -7,7 +7,7 @@ so the property tests can hold the compiled, bitset-based engine to it. Nothing 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import yaml
@@ -254,7 +254,7 @@ def selectors(draw: st.DrawFn, neighbour: bool) -> dict[str, Any]:
 @st.composite
 def rule_sets(draw: st.DrawFn) -> dict[str, Any]:
     rules: dict[str, Any] = {}
-    options = {
+    options: dict[str, Callable[[], Any]] = {
         "min_site_security_level": lambda: draw(st.integers(0, 3)),
         "sites": lambda: _some(draw, tuple(SITES)),
         "forbidden_sites": lambda: _some(draw, tuple(SITES))[:1],
