@@ -282,3 +282,76 @@ def test_rolled_back_vm_can_be_restored_from_its_pre_migration_snapshot(lab):
     assert any(r["path"].endswith("disk0.qcow2.replaced.partial") for r in done["data"]["receipts"]), done
     lab.cli("vm", "delete", "snap-1")
     assert not (lab.lab.host_dir("host-a") / "snapshots" / vm["id"]).exists()
+
+
+def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
+    """A rolled-back migration's ticket, replayed at its destination while a newer migration of the same VM holds a
+    prepared destination there, kills and scrubs nothing of it: the newer migration completes."""
+    vm = create(lab, "old-1", "host-a")
+    veto = lab.lab.host_dir("host-a") / "hooks" / "pre-migrate-source.d" / "10-veto"
+    veto.parent.mkdir(parents=True, exist_ok=True)
+    veto.write_text("#!/bin/sh\nexit 1\n")
+    veto.chmod(0o755)
+    try:
+        code, first = migrate(lab, "old-1", "--to", "host-b")
+    finally:
+        veto.unlink()
+    assert code == 1 and first["outcome"] == "rolled_back", first
+    repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
+    old_ticket = repo.get_migration(first["id"]).data["ticket"]
+
+    hold = veto.with_name("20-hold")  # the second migration waits here, its destination prepared on host-b
+    hold.write_text("#!/bin/sh\nsleep 12\n")
+    hold.chmod(0o755)
+    try:
+
+        def start() -> dict | None:  # the governor backs off a few seconds after the vetoed attempt
+            proc = lab.cli("vm", "migrate", "old-1", "--to", "host-b", "--no-wait", "--json", check=False)
+            return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+        second = wait_for(start, 30, "the governor to admit the second migration", interval_s=2)
+        incoming = lab.lab.host_dir("host-b") / "vms" / vm["id"] / "incoming"
+        wait_for(incoming.exists, 30, "the second migration's destination")
+        pki = lab.dir / "controller" / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+        base = f"https://{lab.state.addresses['host-b']}:{lab.state.agent_port}/v1/migrations/{first['id']}"
+        for step, body in (("kill-destination", {}), ("scrub", {"side": "destination", "mode": "zero"})):
+            response = httpx.post(f"{base}/{step}", json={"ticket": old_ticket, **body}, verify=ctx, timeout=60)
+            assert response.status_code == 200, response.text
+        assert incoming.exists() and (incoming.parent / "disk0.qcow2").exists()
+    finally:
+        hold.unlink()
+    done = wait_for(
+        lambda: (m := lab.cli_json("migration", "show", second["id"]))["outcome"] and m, 300, "the second migration"
+    )
+    assert done["outcome"] == "done", done
+    assert lab.cli_json("vm", "show", "old-1")["host"] == "host-b"
+    lab.cli("vm", "delete", "old-1")
+
+
+def test_an_old_ticket_cannot_scrub_the_copy_that_came_back(lab):
+    """After A → B → A, the first migration's ticket replayed at A (its source) cannot scrub the stopped copy of
+    record there: it is a newer generation than the ticket's."""
+    vm = create(lab, "back-1", "host-a")
+    code, there = migrate(lab, "back-1", "--to", "host-b")
+    assert code == 0 and there["outcome"] == "done", there
+
+    def back() -> dict | None:  # the VM's cooldown (5 s in the lab) must pass first
+        code, m = migrate(lab, "back-1", "--to", "host-a")
+        return m if code == 0 else None
+
+    assert wait_for(back, 60, "the migration back to host-a", interval_s=2)["outcome"] == "done"
+    lab.cli("vm", "stop", "back-1")
+    repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
+    old_ticket = repo.get_migration(there["id"]).data["ticket"]
+    pki = lab.dir / "controller" / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    url = f"https://{lab.state.addresses['host-a']}:{lab.state.agent_port}/v1/migrations/{there['id']}/scrub"
+    refused = httpx.post(url, json={"ticket": old_ticket, "side": "source"}, verify=ctx, timeout=60)
+    assert refused.status_code == 409 and "not this migration's source" in refused.json()["detail"], refused.text
+    assert vm_disk(lab, "host-a", vm["id"]).exists()
+    lab.cli("vm", "start", "back-1")
+    assert lab.cli_json("vm", "show", "back-1")["state"] == "running"
+    lab.cli("vm", "delete", "back-1")

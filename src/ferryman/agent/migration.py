@@ -364,8 +364,8 @@ class MigrationAgent:
             allowed_peer_dn=body["source_dn"],
             with_disk_target=not ticket.shared_storage,
             shared_disks=shared,
+            owner=migration_id,
         )
-        self._driver.claim_incoming(spec.vm_id, migration_id)
         return {"address": address, **ports}
 
     def _ours_incoming(self, vm_id: str, migration_id: str) -> bool:

@@ -204,6 +204,7 @@ async def prepare_incoming(
     allowed_peer_dn: str,
     with_disk_target: bool,
     shared_disks: Sequence[Path] = (),
+    owner: str | None = None,
     multifd_channels: int | None = None,
 ) -> IncomingMigration:
     """Start the destination QEMU paused, accepting only ``allowed_peer_dn`` over TLS on ``listen``.
@@ -221,7 +222,7 @@ async def prepare_incoming(
     if not allowed_peer_dn.strip():
         raise InvalidInput("the source's DN is required: the destination admits one host only")
     check_tls_dir(tls_dir, "server")
-    runtime = await driver.create_incoming(spec, None if with_disk_target else shared_disks)
+    runtime = await driver.create_incoming(spec, None if with_disk_target else shared_disks, owner=owner)
     vm_id = spec.vm_id
     try:
         await _add_object(driver, vm_id, "tls-creds-x509", SERVER_CREDS, dir=str(tls_dir), endpoint="server")

@@ -265,7 +265,9 @@ class QemuDriver:
             self._log.info("vm created", vm=spec.vm_id, pid=runtime.pid, generation=spec.generation)
             return runtime
 
-    async def create_incoming(self, spec: VMSpec, shared_disks: Sequence[Path] | None = None) -> VMRuntime:
+    async def create_incoming(
+        self, spec: VMSpec, shared_disks: Sequence[Path] | None = None, *, owner: str | None = None
+    ) -> VMRuntime:
         """Store the spec and start QEMU paused, waiting for an incoming migration (``-incoming defer -S``).
 
         Without ``shared_disks`` the VM gets fresh, empty qcow2 images of the spec's sizes (the mirror fills them over
@@ -285,7 +287,10 @@ class QemuDriver:
                 raise Conflict(f"VM {spec.vm_id} already exists on this host") from None
             try:
                 self._save_spec(spec)
+                # the mark names the migration that owns this destination from its first moment
                 (vm_dir / INCOMING_MARK).touch(mode=0o600)
+                if owner is not None:
+                    (vm_dir / INCOMING_MARK).write_text(owner)
                 if shared_disks is not None:
                     (vm_dir / SHARED_DISKS).write_text(json.dumps([str(p) for p in shared_disks]))
                 else:
@@ -307,10 +312,6 @@ class QemuDriver:
     def is_alive(self, vm_id: str) -> bool:
         """Whether the VM's own QEMU process (the one its pidfile names) is alive."""
         return procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None
-
-    def claim_incoming(self, vm_id: str, owner: str) -> None:
-        """Name the migration an unactivated destination belongs to (another migration's ticket cannot discard it)."""
-        (self._vm_dir(vm_id) / INCOMING_MARK).write_text(owner)
 
     def incoming_owner(self, vm_id: str) -> str | None:
         """The migration that claimed this unactivated destination (None: unclaimed or not a destination)."""
