@@ -17,6 +17,23 @@ from ferryman.testing.wait import wait_for
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
 
+def controller_ctx(lab) -> ssl.SSLContext:
+    """The controller's client TLS context, as an attacker holding the controller's key would use it."""
+    pki = lab.dir / "controller" / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    return ctx
+
+
+def install_hook(lab, host: str, point: str, name: str, script: str):
+    """An executable hook ``name`` for ``point`` on ``host``; returns its path (the caller removes it)."""
+    hook = lab.lab.host_dir(host) / "hooks" / f"{point}.d" / name
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(f"#!/bin/sh\n{script}\n")
+    hook.chmod(0o755)
+    return hook
+
+
 def vm_disk(lab, host: str, vm_id: str):
     return lab.lab.host_dir(host) / "vms" / vm_id / "disk0.qcow2"
 
@@ -108,11 +125,13 @@ def test_shared_storage_migration_moves_ram_only(lab):
 def test_pre_hook_veto_rolls_back_and_scrubs_the_destination(lab):
     """A failing pre-migrate-destination hook vetoes: rolled back, VM on the source, destination scrubbed."""
     vm = create(lab, "mig-3", "host-a")
-    hook_dir = lab.lab.host_dir("host-b") / "hooks" / "pre-migrate-destination.d"
-    hook_dir.mkdir(parents=True, exist_ok=True)
-    hook = hook_dir / "10-maintenance"
-    hook.write_text("#!/bin/sh\necho 'host-b is in a maintenance window' >&2\nexit 1\n")
-    hook.chmod(0o755)
+    hook = install_hook(
+        lab,
+        "host-b",
+        "pre-migrate-destination",
+        "10-maintenance",
+        "echo 'host-b is in a maintenance window' >&2; exit 1",
+    )
     try:
         code, m = migrate(lab, "mig-3", "--to", "host-b")
     finally:
@@ -158,9 +177,7 @@ def test_used_ticket_cannot_be_replayed(lab):
     m = done[0]
     repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
     ticket = repo.get_migration(m["id"]).data["ticket"]
-    pki = lab.dir / "controller" / "pki"
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    ctx = controller_ctx(lab)
     spec = {
         "vm_id": m["vm_id"],
         "name": "x",
@@ -202,10 +219,8 @@ def test_stale_copy_is_removed_and_scrubbed_only_with_proof(lab):
     vm = create(lab, "stale-1", "host-a")
     code, m = migrate(lab, "stale-1", "--to", "host-b")
     assert code == 0 and m["outcome"] == "done", m
-    pki = lab.dir / "controller" / "pki"
-    ca = CertificateAuthority.load_or_create(pki, SystemClock())
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    ca = CertificateAuthority.load_or_create(lab.dir / "controller" / "pki", SystemClock())
+    ctx = controller_ctx(lab)
 
     def agent(host: str, path: str) -> str:
         return f"https://{lab.state.addresses[host]}:{lab.state.agent_port}{path}"
@@ -256,11 +271,7 @@ def test_rolled_back_vm_can_be_restored_from_its_pre_migration_snapshot(lab):
     vm = create(lab, "snap-1", "host-a")
     disk = vm_disk(lab, "host-a", vm["id"])
     wait_for(lambda: read_last_seq(disk) >= 3, 30, "records on the source")
-    hook_dir = lab.lab.host_dir("host-b") / "hooks" / "pre-migrate-destination.d"
-    hook_dir.mkdir(parents=True, exist_ok=True)
-    hook = hook_dir / "10-veto"
-    hook.write_text("#!/bin/sh\nexit 1\n")
-    hook.chmod(0o755)
+    hook = install_hook(lab, "host-b", "pre-migrate-destination", "10-veto", "exit 1")
     try:
         code, m = migrate(lab, "snap-1", "--to", "host-b")
     finally:
@@ -288,10 +299,7 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
     """A rolled-back migration's ticket, replayed at its destination while a newer migration of the same VM holds a
     prepared destination there, kills and scrubs nothing of it: the newer migration completes."""
     vm = create(lab, "old-1", "host-a")
-    veto = lab.lab.host_dir("host-a") / "hooks" / "pre-migrate-source.d" / "10-veto"
-    veto.parent.mkdir(parents=True, exist_ok=True)
-    veto.write_text("#!/bin/sh\nexit 1\n")
-    veto.chmod(0o755)
+    veto = install_hook(lab, "host-a", "pre-migrate-source", "10-veto", "exit 1")
     try:
         code, first = migrate(lab, "old-1", "--to", "host-b")
     finally:
@@ -300,9 +308,8 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
     repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
     old_ticket = repo.get_migration(first["id"]).data["ticket"]
 
-    hold = veto.with_name("20-hold")  # the second migration waits here, its destination prepared on host-b
-    hold.write_text("#!/bin/sh\nsleep 12\n")
-    hold.chmod(0o755)
+    # the second migration waits here, its destination prepared on host-b
+    hold = install_hook(lab, "host-a", "pre-migrate-source", "20-hold", "sleep 12")
     try:
 
         def start() -> dict | None:  # the governor backs off a few seconds after the vetoed attempt
@@ -312,9 +319,7 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
         second = wait_for(start, 30, "the governor to admit the second migration", interval_s=2)
         incoming = lab.lab.host_dir("host-b") / "vms" / vm["id"] / "incoming"
         wait_for(incoming.exists, 30, "the second migration's destination")
-        pki = lab.dir / "controller" / "pki"
-        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+        ctx = controller_ctx(lab)
         base = f"https://{lab.state.addresses['host-b']}:{lab.state.agent_port}/v1/migrations/{first['id']}"
         for step, body in (("kill-destination", {}), ("scrub", {"side": "destination", "mode": "zero"})):
             response = httpx.post(f"{base}/{step}", json={"ticket": old_ticket, **body}, verify=ctx, timeout=60)
@@ -345,9 +350,7 @@ def test_an_old_ticket_cannot_scrub_the_copy_that_came_back(lab):
     lab.cli("vm", "stop", "back-1")
     repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
     old_ticket = repo.get_migration(there["id"]).data["ticket"]
-    pki = lab.dir / "controller" / "pki"
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    ctx.load_cert_chain(str(pki / "controller.pem"), str(pki / "controller.key"))
+    ctx = controller_ctx(lab)
     url = f"https://{lab.state.addresses['host-a']}:{lab.state.agent_port}/v1/migrations/{there['id']}/scrub"
     refused = httpx.post(url, json={"ticket": old_ticket, "side": "source"}, verify=ctx, timeout=60)
     assert refused.status_code == 409 and "not this migration's source" in refused.json()["detail"], refused.text

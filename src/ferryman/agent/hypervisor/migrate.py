@@ -511,7 +511,13 @@ async def _drop_mirrors(driver: QemuDriver, vm_id: str, *, force: bool, within: 
     errors = []
     for job in await _mirror_jobs(driver, vm_id):
         if job.status not in ("concluded", "aborting", "null"):
-            await driver.execute(vm_id, "block-job-cancel", {"device": job.job_id, "force": force})
+            try:
+                await driver.execute(vm_id, "block-job-cancel", {"device": job.job_id, "force": force})
+            except HypervisorError:
+                # the job may have concluded between the query and the cancel (QEMU then refuses the verb)
+                now = {j.job_id: j.status for j in await _mirror_jobs(driver, vm_id)}
+                if now.get(job.job_id) not in ("concluded", "aborting", "null"):
+                    raise
         final = await _wait_concluded(driver, vm_id, job.job_id, within)
         await driver.execute(vm_id, "job-dismiss", {"id": job.job_id})
         if final.error and not force:
