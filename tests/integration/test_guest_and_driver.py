@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import gzip
 import os
 import signal
@@ -18,8 +20,10 @@ import pytest
 
 from ferryman.agent.hypervisor import accel as accel_mod
 from ferryman.agent.hypervisor import procscan
+from ferryman.agent.hypervisor.backup import live_snapshot
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.hypervisor.qmp import GONE, QemuDriver
+from ferryman.agent.storage.scrub import is_encrypted_image, luks_passphrase
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
 from ferryman.core.models import DiskSpec, RunState, VMSpec
 from ferryman.lab import guest as guest_mod
@@ -76,6 +80,21 @@ async def wait_seq_above(driver: QemuDriver, vm_id: str, seq: int, within: float
             return found
         await asyncio.sleep(0.25)
     pytest.fail(f"records of {vm_id} did not pass seq {seq} within {within}s")
+
+
+async def poll_records(disk: Path, key: bytes | None = None, within: float = 30.0) -> list[Record]:
+    """The disk's records once there are some (read with ``key`` for an encrypted image)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = await asyncio.to_thread(read_records, disk, key=key)
+        if found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.25)
+
+
+def files_holding(paths: list[Path], *needles: bytes) -> list[Path]:
+    """The regular files among ``paths`` that contain any of ``needles``."""
+    return [p for p in paths if p.is_file() and any(n in p.read_bytes() for n in needles)]
 
 
 async def next_event(stream: AsyncIterator[HypervisorEvent], name: str, vm_id: str) -> HypervisorEvent:
@@ -347,6 +366,84 @@ async def test_destroy_stops_the_vm_and_removes_its_files(driver: QemuDriver) ->
     assert not procscan.is_alive(runtime.pid)
     assert not (driver.state_dir / "vms" / spec.vm_id).exists()
     assert await driver.list() == []
+
+
+@pytest.mark.qemu
+async def test_encrypted_vm_runs_only_with_its_key_and_never_shows_it(driver: QemuDriver) -> None:
+    """An encrypted VM's image is LUKS qcow2; it boots with the key held in memory, which appears neither on any
+    command line nor in the VM's directory; its records read back only with the key; restarting it needs the key
+    again once forgotten; destroying it crypto-erases the image."""
+    key = os.urandom(32)
+    spec = make_spec("sealed", encrypted=True)
+    with pytest.raises(InvalidInput, match="disk key"):
+        await driver.create(spec)
+    assert not (driver.state_dir / "vms" / spec.vm_id).exists()
+    driver.use_key(spec.vm_id, key)
+    pid = (await driver.create(spec)).pid
+    assert pid is not None
+    await wait_ready(driver, spec.vm_id)
+    disk = driver.disk_paths(spec.vm_id)[0]
+    assert is_encrypted_image(disk)
+    found = await poll_records(disk, key)
+    assert found and {r.canary for r in found} == {spec.canary}
+    with pytest.raises(HypervisorError):
+        await asyncio.to_thread(read_records, disk)  # without the key qemu-io cannot open it
+    with pytest.raises(HypervisorError):
+        await asyncio.to_thread(read_records, disk, key=os.urandom(32))
+    passphrase = luks_passphrase(key)
+    secrets = (key, passphrase, base64.b64encode(passphrase))
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    vm_files = [cmdline, *(driver.state_dir / "vms" / spec.vm_id).iterdir()]
+    assert await asyncio.to_thread(files_holding, vm_files, *secrets) == []
+    assert await asyncio.to_thread(files_holding, [disk], spec.canary.encode()) == []  # ciphertext only at rest
+    await driver.stop(spec.vm_id)
+    driver.forget_key(spec.vm_id)
+    with pytest.raises(InvalidInput, match="disk key"):
+        await driver.start(spec.vm_id)
+    driver.use_key(spec.vm_id, key)
+    await driver.start(spec.vm_id)
+    await wait_ready(driver, spec.vm_id, boots=2)
+    await driver.destroy(spec.vm_id)
+    assert not (driver.state_dir / "vms" / spec.vm_id).exists()
+    assert driver._keys == {}  # the key is forgotten with the copy
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_live_snapshot_never_pauses_the_guest_and_holds_a_point_in_time(
+    driver: QemuDriver, tmp_path: Path, encrypted: bool
+) -> None:
+    """blockdev-backup snapshots a running disk: the guest is never paused (QEMU emits no STOP), the snapshot holds
+    a gap-free prefix of the records as of the job's start, and an encrypted disk's snapshot is encrypted under the
+    same key and unreadable without it. Nothing is left in QEMU (no job, no target node)."""
+    key = os.urandom(32) if encrypted else None
+    spec = make_spec("live-snap", encrypted=encrypted)
+    driver.use_key(spec.vm_id, key)
+    await driver.create(spec)
+    await wait_ready(driver, spec.vm_id)
+    disk = driver.disk_paths(spec.vm_id)[0]
+    assert len(await poll_records(disk, key)) > 0
+    events = driver.events()
+    path = await live_snapshot(driver, spec.vm_id, 0, disk, DISK_BYTES, tmp_path / "snaps", "pre-test", key=key)
+    await driver.execute(spec.vm_id, "query-status")  # a marker: every event before it has been delivered
+    stops = []
+    with contextlib.suppress(TimeoutError):
+        stops.append(await asyncio.wait_for(next_event(events, "STOP", spec.vm_id), 1.0))
+    assert stops == []
+    assert (await driver.execute(spec.vm_id, "query-status"))["status"] == "running"
+    assert [p.name for p in (tmp_path / "snaps").iterdir()] == [path.name]  # no partial left
+    snap = await asyncio.to_thread(read_records, path, key=key)
+    assert snap and missing_seqs(snap) == [] and {r.canary for r in snap} == {spec.canary}
+    later = await wait_seq_above(driver, spec.vm_id, snap[-1].seq) if not encrypted else None
+    if later is not None:
+        assert later[: len(snap)] == snap  # the snapshot is the disk's past: the same records, in order
+    assert is_encrypted_image(path) is encrypted
+    if encrypted:
+        with pytest.raises(HypervisorError):
+            await asyncio.to_thread(read_records, path)
+    assert await driver.execute(spec.vm_id, "query-jobs") == []
+    nodes = {n["node-name"] for n in await driver.execute(spec.vm_id, "query-named-block-nodes")}
+    assert not any(n.startswith("snapshot-target") for n in nodes)
 
 
 # -- accelerator ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The agent's HTTPS API. It serves only the controller: every request must come over a connection whose client
 certificate (verified against our CA by TLS) has role ``controller`` and the controller's name."""
 
+import base64
+import binascii
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -71,6 +73,7 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
     async def create_vm(body: dict[str, Any], _: Controller) -> dict[str, Any]:
         spec = spec_from_dict(body.get("spec") or {})
         leased(spec.vm_id, spec.generation, body)
+        driver.use_key(spec.vm_id, disk_key(body))
         return dict(runtime_to_dict(await driver.create(spec)))
 
     if migrations is not None:  # before /v1/vms/{vm_id}/{action}, which would take /restore as an action
@@ -82,6 +85,7 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
     ) -> dict[str, Any] | None:
         if action in {"start", "resume"}:
             leased(vm_id, driver.load_spec(vm_id).generation, body)
+            driver.use_key(vm_id, disk_key(body))
         if action == "start":
             return dict(runtime_to_dict(await driver.start(vm_id)))
         if action == "stop":
@@ -105,6 +109,20 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
     return app
 
 
+def disk_key(body: dict[str, Any] | None) -> bytes | None:
+    """The copy's disk key the controller sent with a request (base64 ``disk_key``), or None."""
+    raw = (body or {}).get("disk_key")
+    if raw is None:
+        return None
+    try:
+        key = base64.b64decode(str(raw), validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidInput("disk_key must be base64") from None
+    if len(key) < 16:
+        raise errors.InvalidInput("disk_key is too short")
+    return key
+
+
 def _ticket(body: dict[str, Any]) -> str:
     token = body.get("ticket")
     if not isinstance(token, str):
@@ -120,7 +138,7 @@ def _snapshot_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
     @app.post("/v1/vms/{vm_id}/restore")
     async def restore(vm_id: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
         tag = body.get("tag")
-        return await m.restore(vm_id, str(body.get("lease", "")), str(tag) if tag else None)
+        return await m.restore(vm_id, str(body.get("lease", "")), str(tag) if tag else None, disk_key(body))
 
 
 def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
@@ -128,11 +146,11 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/snapshot")
     async def snapshot(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.snapshot(mid, _ticket(body))
+        return await m.snapshot(mid, _ticket(body), disk_key(body))
 
     @app.post("/v1/migrations/{mid}/prepare")
     async def prepare(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.prepare(mid, _ticket(body), body)
+        return await m.prepare(mid, _ticket(body), body, disk_key(body))
 
     @app.post("/v1/migrations/{mid}/hooks/{point}")
     async def hooks(mid: str, point: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
@@ -160,7 +178,7 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/activate")
     async def activate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.activate(mid, _ticket(body), str(body.get("lease", "")))
+        return await m.activate(mid, _ticket(body), str(body.get("lease", "")), disk_key(body))
 
     @app.post("/v1/migrations/{mid}/retire")
     async def retire(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
@@ -168,7 +186,7 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/validate")
     async def validate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.validate(mid, _ticket(body))
+        return await m.validate(mid, _ticket(body), disk_key(body))
 
     @app.post("/v1/migrations/{mid}/kill-destination")
     async def kill_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
@@ -176,7 +194,7 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/resume-source")
     async def resume_source(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.resume_source(mid, _ticket(body), str(body.get("lease", "")))
+        return await m.resume_source(mid, _ticket(body), str(body.get("lease", "")), disk_key(body))
 
     @app.post("/v1/migrations/{mid}/check-destination")
     async def check_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:

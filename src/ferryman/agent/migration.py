@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +26,15 @@ from cryptography import x509
 
 from ferryman.agent.hooks import HookPoint, run_hooks
 from ferryman.agent.hypervisor import migrate, procscan
-from ferryman.agent.hypervisor.qmp import QemuDriver
+from ferryman.agent.hypervisor.backup import live_snapshot
+from ferryman.agent.hypervisor.qmp import LUKS_ITER_TIME_MS, QemuDriver
 from ferryman.agent.hypervisor.tlsdir import write_tls_dir
 from ferryman.agent.settings import AgentSettings
 from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_tree
 from ferryman.agent.storage.snapshots import list_snapshots, prune_and_scrub, restore_snapshot, snapshot_disk
 from ferryman.core import errors
 from ferryman.core.clock import Clock
+from ferryman.core.models import VMSpec
 from ferryman.core.wire import spec_from_dict
 from ferryman.lab.records import read_last_seq
 from ferryman.pki.csr import write_atomic
@@ -157,27 +158,35 @@ class MigrationAgent:
 
     # -- source ----------------------------------------------------------------------------------------------------
 
-    async def snapshot(self, migration_id: str, token: str) -> dict[str, Any]:
-        """Open the source side and take the pre-migration snapshot of every disk (older ones pruned and scrubbed)."""
+    async def snapshot(self, migration_id: str, token: str, key: bytes | None = None) -> dict[str, Any]:
+        """Open the source side and take the pre-migration snapshot of every disk (older ones pruned and scrubbed).
+        An encrypted VM's snapshots are encrypted under its copy's key, like its disks."""
         ticket = self.open(migration_id, token, "source")
         spec = self._driver.load_spec(ticket.vm_id)
         if spec.generation != ticket.generation:
             raise errors.Conflict(
                 f"this host holds generation {spec.generation} of {ticket.vm_id}, the ticket is for {ticket.generation}"
             )
+        self._driver.use_key(ticket.vm_id, key)
+        disk_key = self._driver.key_of(ticket.vm_id)
         directory = self._snapshot_dir(ticket.vm_id)
         taken = []
         tag = f"pre-{migration_id[:8]}"
-        wanted = [
-            (disk, [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem])
-            for disk in self._driver.disk_paths(ticket.vm_id)
-            if self._snapshots_keep > 0  # retention 0: no pre-migration snapshot at all
-        ]
-        async with self._paused_for_copy(ticket.vm_id, any(not existing for _, existing in wanted)):
-            for disk, existing in wanted:
-                path = existing[0] if existing else await asyncio.to_thread(snapshot_disk, disk, directory, tag)
-                taken.append(path.name)
-        pruned = await asyncio.to_thread(prune_and_scrub, directory, self._snapshots_keep, ScrubMode.ZERO)
+        live = self._driver.is_alive(ticket.vm_id)
+        for index, disk in enumerate(self._driver.disk_paths(ticket.vm_id) if self._snapshots_keep > 0 else []):
+            # retention 0: no pre-migration snapshot at all; a retried step keeps the snapshot it took
+            existing = [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem]
+            if existing:
+                path = existing[0]
+            elif live:  # inside the running QEMU: the guest is never paused for the copy
+                size = spec.disks[index].size_bytes
+                path = await live_snapshot(self._driver, ticket.vm_id, index, disk, size, directory, tag, key=disk_key)
+            else:  # nothing holds the disk: copy it from outside
+                path = await asyncio.to_thread(
+                    snapshot_disk, disk, directory, tag, key=disk_key, iter_time_ms=LUKS_ITER_TIME_MS
+                )
+            taken.append(path.name)
+        pruned = await asyncio.to_thread(prune_and_scrub, directory, self._snapshots_keep, _mode(spec))
         return {
             "snapshots": ",".join(taken),
             "pruned": len(pruned),
@@ -185,19 +194,6 @@ class MigrationAgent:
             "dirty_kib_per_s": spec.dirty_kib_per_s,
             "record_interval_ms": spec.record_interval_ms,
         }
-
-    @contextlib.asynccontextmanager
-    async def _paused_for_copy(self, vm_id: str, needed: bool) -> AsyncIterator[None]:
-        """Pause a running guest while qemu-img copies its disks: a paused QEMU has flushed its block layer, so the
-        copy is consistent (a copy of a disk being written may not be). The guest resumes whatever happens."""
-        running = needed and any(rt.vm_id == vm_id and rt.run_state == "running" for rt in await self._driver.list())
-        if running:
-            await self._driver.pause(vm_id)
-        try:
-            yield
-        finally:
-            if running:
-                await self._driver.resume(vm_id)
 
     # -- snapshots of the copy of record ---------------------------------------------------------------------------
 
@@ -208,7 +204,7 @@ class MigrationAgent:
             for s in list_snapshots(self._snapshot_dir(vm_id))
         ]
 
-    async def restore(self, vm_id: str, lease: str, tag: str | None) -> dict[str, Any]:
+    async def restore(self, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> dict[str, Any]:
         """Replace the VM's disks with a snapshot (the newest, or the one tagged ``tag``) and boot it again.
 
         Only the host of record may: the lease must be for this host and the copy's generation. The replaced disks
@@ -218,6 +214,8 @@ class MigrationAgent:
         verify_lease(
             lease, self._ca_cert, me=self._settings.name, vm_id=vm_id, generation=spec.generation, clock=self._clock
         )
+        self._driver.use_key(vm_id, key)
+        disk_key = self._driver.key_of(vm_id)
         found = list_snapshots(self._snapshot_dir(vm_id))
         chosen_tag = tag or (found[-1].tag if found else None)
         disks = self._driver.disk_paths(vm_id)
@@ -231,7 +229,14 @@ class MigrationAgent:
         receipts = []
         try:
             for disk in disks:
-                receipt = await asyncio.to_thread(restore_snapshot, chosen[disk.stem].path, disk)
+                receipt = await asyncio.to_thread(
+                    restore_snapshot,
+                    chosen[disk.stem].path,
+                    disk,
+                    key=disk_key,
+                    iter_time_ms=LUKS_ITER_TIME_MS,
+                    mode=_mode(spec),
+                )
                 if receipt is not None:
                     receipts.append(receipt)
         except errors.FerrymanError:
@@ -250,7 +255,7 @@ class MigrationAgent:
 
     async def scrub_snapshots(self, vm_id: str) -> list[ScrubReceipt]:
         """The VM is deleted from this host: its snapshots go too, scrubbed."""
-        return await asyncio.to_thread(scrub_tree, [self._snapshot_dir(vm_id)], ScrubMode.ZERO)
+        return await asyncio.to_thread(scrub_tree, [self._snapshot_dir(vm_id)], ScrubMode.CRYPTO)
 
     async def mirror(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         ticket = self.check(migration_id, token, "source")
@@ -314,7 +319,9 @@ class MigrationAgent:
             await self._driver.stop(ticket.vm_id)
         return {}
 
-    async def resume_source(self, migration_id: str, token: str, lease: str) -> dict[str, Any]:
+    async def resume_source(
+        self, migration_id: str, token: str, lease: str, key: bytes | None = None
+    ) -> dict[str, Any]:
         """Rollback: stop any outgoing migration and mirror; the source runs again under a lease for its (unchanged)
         generation. A source QEMU that died is booted again from its disks, which the migration only read. Idempotent.
         """
@@ -331,6 +338,7 @@ class MigrationAgent:
             raise errors.Conflict(f"{self._settings.name} holds no copy of VM {ticket.vm_id} to resume")
         if self._driver.load_spec(ticket.vm_id).generation != ticket.generation:
             raise errors.Conflict(f"the copy of VM {ticket.vm_id} here is not generation {ticket.generation}")
+        self._driver.use_key(ticket.vm_id, key)
         if self._driver.is_alive(ticket.vm_id):
             state = await migrate.cancel_outgoing(self._driver, ticket.vm_id)
             return {"run_state": str(state)}
@@ -340,7 +348,9 @@ class MigrationAgent:
 
     # -- destination -----------------------------------------------------------------------------------------------
 
-    async def prepare(self, migration_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(
+        self, migration_id: str, token: str, body: dict[str, Any], key: bytes | None = None
+    ) -> dict[str, Any]:
         """Open the destination side: a paused QEMU waiting for the assigned source only, and its disk targets."""
         ticket = self.open(migration_id, token, "destination")
         spec = spec_from_dict(body["spec"])
@@ -351,6 +361,7 @@ class MigrationAgent:
         if self._driver_has(spec.vm_id):  # a retried prepare: start over with a fresh destination
             await self._discard_destination(spec.vm_id)
         tls = self._write_tls(migration_id, body.get("crl_pem"))
+        self._driver.use_key(spec.vm_id, key)
         address = self._settings.listen_host
         ports = {"migration_port": free_port(address), "nbd_port": free_port(address)}
         shared = [Path(p) for p in body.get("shared_disks") or []]
@@ -381,7 +392,7 @@ class MigrationAgent:
             return False
         return True
 
-    async def activate(self, migration_id: str, token: str, lease: str) -> dict[str, Any]:
+    async def activate(self, migration_id: str, token: str, lease: str, key: bytes | None = None) -> dict[str, Any]:
         """After the commit: run the destination under a lease for the new generation. Idempotent."""
         ticket = self.check(migration_id, token, "destination", committed=True)
         generation = ticket.generation + 1
@@ -390,6 +401,7 @@ class MigrationAgent:
         )
         if not self._driver_has(ticket.vm_id):
             raise errors.Conflict(f"{self._settings.name} holds no copy of VM {ticket.vm_id} to activate")
+        self._driver.use_key(ticket.vm_id, key)
         alive = self._driver.is_alive(ticket.vm_id)
         if not self._driver.is_incoming(ticket.vm_id) and alive:
             return {"already": True, "generation": generation}
@@ -419,20 +431,23 @@ class MigrationAgent:
         ok = progress.status is migrate.MigrationStatus.COMPLETED and status == "paused"
         return {"ok": ok, "detail": f"incoming migration {progress.status}, guest {status}"}
 
-    async def validate(self, migration_id: str, token: str) -> dict[str, Any]:
-        """After activation: the guest runs here and keeps appending disk records (read from the host side)."""
+    async def validate(self, migration_id: str, token: str, key: bytes | None = None) -> dict[str, Any]:
+        """After activation: the guest runs here and keeps appending disk records (read from the host side, with
+        the copy's key if it is encrypted)."""
         ticket = self.check(migration_id, token, "destination", committed=True)
         spec = self._driver.load_spec(ticket.vm_id)
+        self._driver.use_key(ticket.vm_id, key)
+        disk_key = self._driver.key_of(ticket.vm_id)
         if not self._driver.is_alive(ticket.vm_id):
             return {"ok": False, "running": False, "detail": "no QEMU of the VM runs here"}
         disk = self._driver.disk_paths(ticket.vm_id)[0]
-        before = after = await asyncio.to_thread(read_last_seq, disk)
+        before = after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
         # a new record proves the guest runs and writes here; a guest still booting needs longer than one interval
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(3 * spec.record_interval_ms / 1000, VALIDATION_MIN_WAIT_S)
         while after <= before and loop.time() < deadline:
             await asyncio.sleep(0.2)
-            after = await asyncio.to_thread(read_last_seq, disk)
+            after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
         running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
         ok = bool(running) and after > before
         detail = f"running={bool(running)}, disk records {before} -> {after}"
@@ -448,7 +463,8 @@ class MigrationAgent:
 
     async def _discard_destination(self, vm_id: str) -> list[ScrubReceipt]:
         paths = await migrate.abort_incoming(self._driver, vm_id)
-        return await asyncio.to_thread(scrub_tree, paths, ScrubMode.ZERO)
+        self._driver.forget_key(vm_id)
+        return await asyncio.to_thread(scrub_tree, paths, ScrubMode.CRYPTO)
 
     async def close(self, migration_id: str, token: str, role: Role) -> dict[str, Any]:
         """The migration ended: scrub this host's copy of the TLS material and forget the context. Idempotent; a
@@ -499,8 +515,10 @@ class MigrationAgent:
                 paths = []  # another migration's destination: not this ticket's to discard
             else:
                 paths = await migrate.abort_incoming(self._driver, ticket.vm_id)
+                self._driver.forget_key(ticket.vm_id)
         else:
             paths = await self._source_artefacts(ticket)
+            self._driver.forget_key(ticket.vm_id)
         paths.append(self._tls_dir(migration_id).parent)
         try:
             receipts = await asyncio.to_thread(scrub_tree, paths, mode)
@@ -525,6 +543,7 @@ class MigrationAgent:
         )
         with contextlib.suppress(errors.NotFound):
             await self._driver.kill(vm_id)
+        self._driver.forget_key(vm_id)
         disks = self._driver.disk_paths(vm_id)
         processes = await asyncio.to_thread(procscan.scan_qemu)
         in_use = {d for d in disks if any(proc.references(d) for proc in processes)}
@@ -533,7 +552,7 @@ class MigrationAgent:
         kept = [p for p in vm_dir.iterdir() if p in keep] if vm_dir.is_dir() else []
         paths = [self._snapshot_dir(vm_id)]
         paths += [p for p in vm_dir.iterdir() if p not in kept] if kept else [vm_dir]
-        receipts = await asyncio.to_thread(scrub_tree, paths, ScrubMode.ZERO)
+        receipts = await asyncio.to_thread(scrub_tree, paths, _mode(spec))
         log.warning("stale copy removed", vm=vm_id, generation=spec.generation, kept=[str(p) for p in kept])
         return {"removed": True, "kept": [str(p) for p in kept], "receipts": [r.to_audit() for r in receipts]}
 
@@ -560,3 +579,9 @@ class MigrationAgent:
         if ticket.shared_storage:
             return [*paths, *(p for p in vm_dir.iterdir() if not p.name.startswith("disk"))]
         return [*paths, vm_dir]
+
+
+def _mode(spec: VMSpec) -> ScrubMode:
+    """How this host scrubs a VM's artefacts on its own account: crypto-erase for an encrypted VM (its images hold
+    only ciphertext; the headers with the keyslots are destroyed, every other file is zeroed), zeros otherwise."""
+    return ScrubMode.CRYPTO if spec.encrypted else ScrubMode.ZERO

@@ -225,6 +225,9 @@ def vm_create(
     dirty_rate: Annotated[int, typer.Option("--dirty-kib", help="guest memory dirtying rate, KiB/s")] = 256,
     record_interval: Annotated[int, typer.Option("--record-ms", help="guest disk record interval, ms")] = 1000,
     force: Annotated[bool, typer.Option("--force", help="break glass: ignore hard placement rules (audited)")] = False,
+    encrypted: Annotated[
+        bool, typer.Option("--encrypted", help="LUKS-encrypted disks under per-copy keys (crypto-erase on discard)")
+    ] = False,
     json_: Json = False,
 ) -> None:
     """Create and boot a VM (on the best host its placement policies allow, unless --host)."""
@@ -239,6 +242,7 @@ def vm_create(
         "dirty_kib_per_s": dirty_rate,
         "record_interval_ms": record_interval,
         "force": force,
+        "encrypted": encrypted,
     }
     print(f"creating {name} ...", file=sys.stderr)
     vm = api().post("/api/v1/vms", body)
@@ -294,6 +298,7 @@ def vm_show(name: str, json_: Json = False) -> None:
             ("vcpus", vm["vcpus"]),
             ("disk", f"{vm['disk_bytes'] >> 20} MiB"),
             ("profile", ", ".join(f"{k}={v}" for k, v in sorted(vm["profile"].items())) or "-"),
+            ("encrypted", "yes (per-copy disk keys)" if vm.get("encrypted") else "no"),
         ]
     )
     if vm["neighbours"]:
@@ -348,6 +353,29 @@ def vm_history(name: str, json_: Json = False) -> None:
         f"host chain of {name}",
         ["HOST", "GEN", "FROM", "TO"],
         [[p["host"], p["generation"], short_time(p["valid_from"]), short_time(p["valid_to"])] for p in items],
+    )
+
+
+@vm_app.command("keys")
+def vm_keys(name: str, json_: Json = False) -> None:
+    """The disk keys of an encrypted VM's copies: host, generation, and when each was made and destroyed."""
+    items = api().get(f"/api/v1/vms/{name}/keys")
+    if json_:
+        return emit_json(items)
+    table(
+        f"disk keys of {name}",
+        ["HOST", "GEN", "LIVE", "CREATED", "DESTROYED", "WHY"],
+        [
+            [
+                k["host"],
+                k["generation"],
+                "yes" if k["live"] else "no",
+                short_time(k["created_at"]),
+                short_time(k["destroyed_at"]),
+                k["destroyed_reason"] or "",
+            ]
+            for k in items
+        ],
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ferryman.cmdb.journal import JournalRepository
+from ferryman.cmdb.key_store import KeyRepository
 from ferryman.cmdb.policy_store import PolicyRepository
 from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, Site, Tenant, VMState
 
@@ -154,6 +155,7 @@ class Repository(
     CredentialRepository,
     JournalRepository,
     PolicyRepository,
+    KeyRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

@@ -135,6 +135,7 @@ vms = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("deleted_at", UtcDateTime, nullable=True),
+    sa.Column("encrypted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("generation >= 1", name="generation_positive"),
     sa.Index("ix_vms_name", "name"),
     sa.Index(
@@ -356,5 +357,32 @@ violations = sa.Table(
         unique=True,
         sqlite_where=sa.text("resolved_at IS NULL"),
         postgresql_where=sa.text("resolved_at IS NULL"),
+    ),
+)
+
+# -- disk keys of encrypted VMs (ferryman.cmdb.key_store) -------------------------------------------------------------
+
+disk_keys = sa.Table(
+    "disk_keys",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
+    sa.Column("host", sa.String(NAME), sa.ForeignKey("hosts.name"), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("kek_id", sa.Integer, nullable=True),
+    sa.Column("wrapped", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("destroyed_at", UtcDateTime, nullable=True),
+    sa.Column("destroyed_reason", sa.Text, nullable=True),
+    sa.CheckConstraint("(destroyed_at IS NULL) = (wrapped IS NOT NULL)", name="destroyed_means_no_key"),
+    sa.Index("ix_disk_keys_vm_id", "vm_id"),
+    sa.Index(
+        "uq_disk_keys_live_copy",
+        "vm_id",
+        "host",
+        "generation",
+        unique=True,
+        sqlite_where=sa.text("destroyed_at IS NULL"),
+        postgresql_where=sa.text("destroyed_at IS NULL"),
     ),
 )

@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
 from ferryman.cmdb.journal_sql import SqlJournalMixin
+from ferryman.cmdb.key_sql import SqlKeyMixin
 from ferryman.cmdb.policy_sql import SqlPolicyMixin
 from ferryman.cmdb.repository import Alarm, ApiToken, HostCertificate, Neighbour
 from ferryman.cmdb.schema import (
@@ -103,6 +104,8 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA foreign_keys=ON")
+        # freed pages are zeroed: a destroyed disk key's wrapping does not linger in the file's free space
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode=WAL")
     finally:
@@ -245,7 +248,7 @@ _PLACEMENT_ORDER = (placements.c.valid_from, placements.c.generation, placements
 # -- the repository ----------------------------------------------------------------------------------------------------
 
 
-class SqlRepository(SqlJournalMixin, SqlPolicyMixin):
+class SqlRepository(SqlJournalMixin, SqlPolicyMixin, SqlKeyMixin):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included (:class:`SqlJournalMixin`).
     Each public method is one transaction."""
 

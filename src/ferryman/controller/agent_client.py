@@ -7,6 +7,7 @@ name as CN with role ``host``; a revoked agent certificate is refused. Transport
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +25,15 @@ from ferryman.pki.tls import client_context
 
 
 class AgentClient(Protocol):
-    async def create_vm(self, host: Host, spec: VMSpec, lease: str) -> VMRuntime: ...
-    async def vm_action(self, host: Host, vm_id: str, action: str, lease: str | None = None) -> VMRuntime | None: ...
+    async def create_vm(self, host: Host, spec: VMSpec, lease: str, key: bytes | None = None) -> VMRuntime: ...
+    async def vm_action(
+        self, host: Host, vm_id: str, action: str, lease: str | None = None, key: bytes | None = None
+    ) -> VMRuntime | None: ...
     async def destroy_vm(self, host: Host, vm_id: str) -> None: ...
     async def list_vms(self, host: Host) -> list[VMRuntime]: ...
     async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any: ...
     async def snapshots(self, host: Host, vm_id: str) -> Any: ...
-    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None) -> Any: ...
+    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Any: ...
     async def aclose(self) -> None: ...
 
 
@@ -82,12 +85,15 @@ class HttpAgentClient:
             raise errors.Forbidden(f"agent of {host.name} presented no certificate")
         check_peer(der, expected_role="host", expected_name=host.name, is_revoked=self._is_revoked, clock=self._clock)
 
-    async def create_vm(self, host: Host, spec: VMSpec, lease: str) -> VMRuntime:
-        body = {"spec": spec_to_dict(spec), "lease": lease}
+    async def create_vm(self, host: Host, spec: VMSpec, lease: str, key: bytes | None = None) -> VMRuntime:
+        body = with_key({"spec": spec_to_dict(spec), "lease": lease}, key)
         return runtime_from_dict(await self._call(host, "POST", "/v1/vms", body))
 
-    async def vm_action(self, host: Host, vm_id: str, action: str, lease: str | None = None) -> VMRuntime | None:
-        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}", {"lease": lease} if lease else None)
+    async def vm_action(
+        self, host: Host, vm_id: str, action: str, lease: str | None = None, key: bytes | None = None
+    ) -> VMRuntime | None:
+        body = with_key({"lease": lease}, key) if lease else None
+        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}", body)
         return runtime_from_dict(raw) if raw else None
 
     async def destroy_vm(self, host: Host, vm_id: str) -> None:
@@ -104,11 +110,17 @@ class HttpAgentClient:
     async def snapshots(self, host: Host, vm_id: str) -> Any:
         return await self._call(host, "GET", f"/v1/vms/{vm_id}/snapshots")
 
-    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None) -> Any:
-        return await self._call(host, "POST", f"/v1/vms/{vm_id}/restore", {"lease": lease, "tag": tag}, 1800)
+    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Any:
+        body = with_key({"lease": lease, "tag": tag}, key)
+        return await self._call(host, "POST", f"/v1/vms/{vm_id}/restore", body, 1800)
 
     async def migration_step(
         self, host: Host, migration_id: str, step: str, body: dict[str, Any], limit_s: float = 120
     ) -> Any:
         """One step of a migration on ``host`` (the body carries the migration ticket)."""
         return await self._call(host, "POST", f"/v1/migrations/{migration_id}/{step}", body, limit_s)
+
+
+def with_key(body: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+    """``body`` with the copy's disk key added (base64 ``disk_key``) when there is one."""
+    return body if key is None else {**body, "disk_key": base64.b64encode(key).decode()}

@@ -223,6 +223,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             record_interval_ms=body.record_interval_ms,
             force=body.force,
             role=who.role,
+            encrypted=body.encrypted,
         )
         vm = await fleet.create_vm(req, who.name)
         return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
@@ -250,6 +251,11 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     async def vm_history(name: str, _: Person) -> list[s.PlacementOut]:
         vm = fleet.repo.get_vm(name)
         return [s.PlacementOut.of(p) for p in fleet.repo.host_chain(vm.id)]
+
+    @app.get("/api/v1/vms/{name}/keys", response_model=list[s.DiskKeyOut])
+    async def vm_keys(name: str, _: Person) -> list[s.DiskKeyOut]:
+        vm = fleet.repo.get_vm(name)
+        return [s.DiskKeyOut.of(k) for k in fleet.repo.list_disk_keys(vm.id)]
 
     @app.post("/api/v1/vms/{name}/{action}", response_model=s.VMOut)
     async def vm_action(name: str, action: str, who: Person) -> s.VMOut:

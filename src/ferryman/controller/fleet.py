@@ -20,6 +20,7 @@ import structlog
 from ferryman.cmdb.journal import ScrubReceiptRecord
 from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
 from ferryman.controller.agent_client import AgentClient
+from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.controller.reconcile import Reconciler
 from ferryman.core import errors
 from ferryman.core.clock import Clock
@@ -67,6 +68,7 @@ class VMRequest:
     record_interval_ms: int = 1000
     force: bool = False  # break glass: place against hard policy rules (role permitting; audited)
     role: str = "admin"  # the requesting principal's role
+    encrypted: bool = False  # LUKS-encrypted disks under per-copy keys (crypto-erase when a copy is discarded)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Fleet:
         clock: Clock,
         reconciler: Reconciler,
         enrol_token_ttl_s: int = 3600,
+        keys: DiskKeys | None = None,
     ) -> None:
         self.repo = repo
         self.agents = agents
@@ -124,6 +127,7 @@ class Fleet:
         self.clock = clock
         self.reconciler = reconciler
         self._enrol_ttl = dt.timedelta(seconds=enrol_token_ttl_s)
+        self.keys = keys
         self.admission: Admission | None = None
         self._watchers: list[Callable[[Change], None]] = []
 
@@ -378,9 +382,14 @@ class Fleet:
             profile=dict(req.profile),
             state=VMState.CREATING,
             created_at=self.clock.now(),
+            encrypted=req.encrypted,
         )
+        if vm.encrypted and self.keys is None:
+            raise errors.InvalidInput("this controller keeps no disk keys: it cannot create encrypted VMs")
         self.reconciler.note_change(vm.id)
         vm = self.repo.add_vm(vm, host.name, self.clock.now())
+        # the key is stored (wrapped) before any agent sees it
+        key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
         self.changed(Change(vm_id=vm.id))
         self.audit(
             "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
@@ -395,9 +404,10 @@ class Fleet:
             generation=vm.generation,
             dirty_kib_per_s=req.dirty_kib_per_s,
             record_interval_ms=req.record_interval_ms,
+            encrypted=vm.encrypted,
         )
         try:
-            await self.agents.create_vm(host, spec, self.lease(vm, host.name))
+            await self.agents.create_vm(host, spec, self.lease(vm, host.name), key)
         except errors.AgentUnreachable as err:
             vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.FAILED))
             self.audit(
@@ -420,8 +430,35 @@ class Fleet:
             await self.agents.destroy_vm(host, vm.id)
         except errors.FerrymanError as err:
             log.warning("cleanup of failed VM creation failed", vm=vm.id, host=host.name, error=str(err))
+        self.destroy_keys(vm, "creation failed")
         self.repo.delete_vm(vm.id, self.clock.now())
         self.changed(Change(vm_id=vm.id))
+
+    def disk_key(self, vm: VM, host: str, generation: int | None = None) -> bytes | None:
+        """The key of ``vm``'s copy on ``host`` (at ``generation``, default the VM's): None for a plain VM."""
+        if not vm.encrypted:
+            return None
+        if self.keys is None:
+            raise errors.InvalidInput(f"{vm.name} is encrypted but this controller keeps no disk keys")
+        return self.keys.get(Copy(vm.id, host, vm.generation if generation is None else generation))
+
+    def destroy_keys(self, vm: VM, reason: str, *, host: str | None = None, generation: int | None = None) -> list[str]:
+        """Destroy the keys of ``vm``'s copies (on ``host``, at ``generation``): crypto-erase, audited."""
+        if not vm.encrypted or self.keys is None:
+            return []
+        gone = self.keys.destroy(vm.id, reason, host=host, generation=generation)
+        if gone:
+            where = f" on {host}" if host else ""
+            self.audit(
+                "key.destroyed",
+                f"{len(gone)} disk key(s) of {vm.name}{where} destroyed: {reason}",
+                "system",
+                vm=vm.id,
+                host=host,
+                keys=gone,
+                generation=generation,
+            )
+        return gone
 
     def lease(self, vm: VM, host: str) -> str:
         """A signed permission for ``host`` to run ``vm`` at its current generation (fencing of stale copies)."""
@@ -452,13 +489,15 @@ class Fleet:
                 await self.agents.destroy_vm(host, vm.id)
             except errors.NotFound:
                 log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
+            self.destroy_keys(vm, "VM deleted")
             vm = self.repo.delete_vm(vm.id, self.clock.now())
             self.changed(Change(vm_id=vm.id))
         else:
             needs_lease = action in {VMAction.START, VMAction.RESUME}
             lease = self.lease(vm, host.name) if needs_lease else None
+            key = self.disk_key(vm, host.name) if needs_lease else None
             try:
-                await self.agents.vm_action(host, vm.id, action.value, lease)
+                await self.agents.vm_action(host, vm.id, action.value, lease, key)
             except errors.Forbidden as err:
                 self.audit(
                     "vm.fenced",

@@ -19,6 +19,7 @@ from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, certificate_revoked
+from ferryman.controller.keys import DiskKeys
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reconcile import Reconciler
 from ferryman.controller.settings import ControllerSettings
@@ -84,7 +85,8 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         timeout_s=settings.agent_timeout_s,
         is_revoked=functools.partial(certificate_revoked, repo),
     )
-    fleet = Fleet(repo, agents, ca, clock, reconciler, settings.enrol_token_ttl_s)
+    keys = DiskKeys(repo, settings.keys_dir, clock)
+    fleet = Fleet(repo, agents, ca, clock, reconciler, settings.enrol_token_ttl_s, keys)
     reconciler.subscribe(StaleCopies(fleet).schedule)
     compliance = Compliance(fleet, settings.governor)
     fleet.admission = compliance
@@ -104,7 +106,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
             except FerrymanError as err:
                 log.error("reconciliation pass failed", error=str(err))
 
-    migrations = MigrationService(fleet, agents, settings.governor)
+    migrations = MigrationService(fleet, agents, settings.governor, settings.scrub_mode)
     app = create_app(fleet, migrations=migrations, background=reconcile_forever, compliance=compliance)
     return app, fleet, files
 

@@ -25,8 +25,9 @@ import structlog
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.controller import failpoints
-from ferryman.controller.agent_client import HttpAgentClient
+from ferryman.controller.agent_client import HttpAgentClient, with_key
 from ferryman.controller.fleet import Change, Fleet
+from ferryman.controller.keys import Copy
 from ferryman.core import errors
 from ferryman.core.models import VM, DiskSpec, Host, HostState, Severity, VMSpec, VMState
 from ferryman.core.wire import spec_to_dict
@@ -44,8 +45,15 @@ RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each ret
 
 
 class MigrationService:
-    def __init__(self, fleet: Fleet, agents: HttpAgentClient, settings: GovernorSettings | None = None) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        agents: HttpAgentClient,
+        settings: GovernorSettings | None = None,
+        scrub_mode: str = "zero",
+    ) -> None:
         self.fleet = fleet
+        self.scrub_mode = scrub_mode  # for plain VMs; an encrypted VM's copies are always crypto-erased
         self.repo = fleet.repo
         self.agents = agents
         self.governor = Governor(settings or GovernorSettings(), random.Random().random)
@@ -463,8 +471,29 @@ class MigrationService:
             )
         return {}
 
+    def _source_key(self, mid: str, state: m.MigrationState) -> dict[str, Any]:
+        """The body field with the source copy's disk key (empty for a plain VM)."""
+        vm = self.repo.get_vm(state.vm_id)
+        return with_key({}, self.fleet.disk_key(vm, state.source, self.repo.get_migration(mid).generation))
+
+    def _destination_key(self, mid: str, state: m.MigrationState) -> dict[str, Any]:
+        """The body field with the destination copy's disk key, made (and stored) on first use: a key of its own
+        for new images, or the source's for shared storage, where both copies open the same images."""
+        vm = self.repo.get_vm(state.vm_id)
+        if not vm.encrypted:
+            return {}
+        if self.fleet.keys is None:
+            raise errors.InvalidInput(f"{vm.name} is encrypted but this controller keeps no disk keys")
+        generation = self.repo.get_migration(mid).generation
+        target = Copy(vm.id, state.destination, generation + 1)
+        if state.shared_storage:
+            key = self.fleet.keys.share(Copy(vm.id, state.source, generation), target)
+        else:
+            key = self.fleet.keys.ensure(target)
+        return with_key({}, key)
+
     async def _step_snapshot(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        out = await self._call(state.source, mid, "snapshot", {}, limit_s=600)
+        out = await self._call(state.source, mid, "snapshot", self._source_key(mid, state), limit_s=600)
         return {
             "snapshots": out.get("snapshots"),
             "disk_paths": out.get("disk_paths"),
@@ -485,6 +514,7 @@ class MigrationService:
             generation=self.repo.get_migration(state.migration_id).generation,
             dirty_kib_per_s=int(f.get("dirty_kib_per_s") or 256),
             record_interval_ms=int(f.get("record_interval_ms") or 1000),
+            encrypted=vm.encrypted,
         )
 
     async def _step_prepare_destination(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
@@ -494,6 +524,7 @@ class MigrationService:
             "source_dn": qemu_dn_of_host(state.source),
             "crl_pem": self._crl(),
             "shared_disks": [p for p in shared if p],
+            **self._destination_key(mid, state),
         }
         out = await self._call(state.destination, mid, "prepare", body, limit_s=120)
         return {"dst_address": out["address"], "migration_port": out["migration_port"], "nbd_port": out["nbd_port"]}
@@ -565,7 +596,9 @@ class MigrationService:
     async def _step_activate(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         vm = self.repo.get_vm(state.vm_id)  # committed: vm.generation is the new one
         _, lease = issue_lease(self.fleet.ca, vm_id=vm.id, host=state.destination, generation=vm.generation)
-        out = await self._call(state.destination, mid, "activate", {"lease": lease})
+        out = await self._call(
+            state.destination, mid, "activate", {"lease": lease, **self._destination_key(mid, state)}
+        )
         if out.get("restarted"):
             self._restarted(mid, state, state.destination)
         return {"activated_generation": out.get("generation")}
@@ -575,8 +608,16 @@ class MigrationService:
         return {}
 
     async def _scrub(self, mid: str, state: m.MigrationState, side: str) -> dict[str, m.Fact]:
+        """The losing side's copy goes: for an encrypted VM its key is destroyed first (crypto-erase that holds even
+        if the host never answers), then the host scrubs every artefact and returns the receipts."""
         host = state.source if side == "source" else state.destination
-        out = await self._call(host, mid, "scrub", {"side": side, "mode": "zero"}, limit_s=1800)
+        vm = self.repo.get_vm(state.vm_id)
+        generation = self.repo.get_migration(mid).generation + (0 if side == "source" else 1)
+        destroyed = self.fleet.destroy_keys(
+            vm, f"migration {mid}: the {side} copy lost", host=host, generation=generation
+        )
+        mode = "crypto" if vm.encrypted else self.scrub_mode
+        out = await self._call(host, mid, "scrub", {"side": side, "mode": mode}, limit_s=1800)
         receipts = self.fleet.store_scrub_receipts(host, out["receipts"], mid)
         total = sum(r["bytes"] for r in out["receipts"])
         self.fleet.audit(
@@ -589,7 +630,10 @@ class MigrationService:
             side=side,
             receipts=receipts,
         )
-        return {f"scrubbed_{side}_bytes": total}
+        facts: dict[str, m.Fact] = {f"scrubbed_{side}_bytes": total}
+        if destroyed:
+            facts[f"{side}_keys_destroyed"] = ",".join(destroyed)
+        return facts
 
     async def _step_scrub_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         return await self._scrub(mid, state, "source")
@@ -599,11 +643,12 @@ class MigrationService:
 
     async def _step_post_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Validation first (the guest runs on the destination and its disk records continue), then the hooks."""
-        check = await self._call(state.destination, mid, "validate", {}, limit_s=120)
+        key = self._destination_key(mid, state)
+        check = await self._call(state.destination, mid, "validate", key, limit_s=120)
         if not check["ok"] and not check.get("running", True):
             # the committed copy's QEMU is gone: activation boots it again from its disks (roll forward), once
             await self._step_activate(mid, state)
-            check = await self._call(state.destination, mid, "validate", {}, limit_s=120)
+            check = await self._call(state.destination, mid, "validate", key, limit_s=120)
         if not check["ok"]:
             raise errors.HypervisorError(f"validation on {state.destination} failed: {check['detail']}")
         return {
@@ -645,7 +690,7 @@ class MigrationService:
         if vm.generation != generation:
             raise errors.Conflict(f"VM {vm.name} is at generation {vm.generation}: this migration's source is stale")
         _, lease = issue_lease(self.fleet.ca, vm_id=vm.id, host=state.source, generation=generation)
-        out = await self._call(state.source, mid, "resume-source", {"lease": lease})
+        out = await self._call(state.source, mid, "resume-source", {"lease": lease, **self._source_key(mid, state)})
         if out.get("restarted"):
             self._restarted(mid, state, state.source)
         return {"source_run_state": out.get("run_state")}

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.repository import Alarm, Neighbour
 from ferryman.core.models import VM, Event, Host, Placement, Site
 
@@ -115,6 +116,7 @@ class VMIn(_In):
     dirty_kib_per_s: int = Field(default=256, ge=0, le=1 << 20)
     record_interval_ms: int = Field(default=1000, ge=50, le=600_000)
     force: bool = False  # break glass: against hard placement rules (role permitting; audited)
+    encrypted: bool = False  # LUKS-encrypted disks under per-copy keys the controller holds
 
 
 class PlacementOut(BaseModel):
@@ -142,6 +144,7 @@ class VMOut(BaseModel):
     host: str | None
     since: dt.datetime | None
     created_at: dt.datetime | None
+    encrypted: bool = False
 
     @classmethod
     def of(cls, vm: VM, placement: Placement | None) -> VMOut:
@@ -158,6 +161,7 @@ class VMOut(BaseModel):
             host=placement.host if placement else None,
             since=placement.valid_from if placement else None,
             created_at=vm.created_at,
+            encrypted=vm.encrypted,
         )
 
 
@@ -172,6 +176,30 @@ class NeighbourOut(BaseModel):
     @classmethod
     def of(cls, n: Neighbour) -> NeighbourOut:
         return cls(vm_id=n.vm_id, vm=n.vm_name, tenant=n.tenant, host=n.host, since=n.since, until=n.until)
+
+
+class DiskKeyOut(BaseModel):
+    """A copy's disk key as operators see it: where and when, never the key."""
+
+    id: str
+    host: str
+    generation: int
+    live: bool
+    created_at: dt.datetime
+    destroyed_at: dt.datetime | None
+    destroyed_reason: str | None
+
+    @classmethod
+    def of(cls, k: DiskKeyRecord) -> DiskKeyOut:
+        return cls(
+            id=k.id,
+            host=k.host,
+            generation=k.generation,
+            live=k.live,
+            created_at=k.created_at,
+            destroyed_at=k.destroyed_at,
+            destroyed_reason=k.destroyed_reason,
+        )
 
 
 class VMDetail(VMOut):

@@ -44,6 +44,9 @@ def governor_from_env(env: Mapping[str, str]) -> GovernorSettings:
     return GovernorSettings(**values)
 
 
+SCRUB_MODES = ("zero", "random")
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     data_dir: Path
@@ -55,10 +58,16 @@ class ControllerSettings:
     enrol_token_ttl_s: int = 3600
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     governor: GovernorSettings = field(default_factory=GovernorSettings)
+    scrub_mode: str = "zero"  # how migrations scrub plain VMs' losing copies: zero or random
 
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def keys_dir(self) -> Path:
+        """The key-encryption keys that wrap encrypted VMs' disk keys (owner-only)."""
+        return self.data_dir / "keys"
 
     @property
     def admin_token_file(self) -> Path:
@@ -79,7 +88,13 @@ class ControllerSettings:
         url = db_url or env.get("FERRYMAN_DB_URL") or f"sqlite:///{data / 'cmdb.sqlite'}"
         interval = float(env.get("FERRYMAN_RECONCILE_INTERVAL", "5"))
         governor = governor_from_env(env)
+        scrub_mode = env.get("FERRYMAN_SCRUB_MODE", "zero")
+        if scrub_mode not in SCRUB_MODES:
+            raise InvalidInput(
+                f"FERRYMAN_SCRUB_MODE={scrub_mode!r}: use zero or random (encrypted VMs are always crypto-erased)"
+            )
         return cls(
+            scrub_mode=scrub_mode,
             data_dir=data,
             db_url=url,
             bind_host=host or "127.0.0.1",

@@ -52,7 +52,9 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
     )
     fleet.reconciler.note_change(vm.id)
     try:
-        out: dict[str, Any] = await fleet.agents.restore(fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag)
+        out: dict[str, Any] = await fleet.agents.restore(
+            fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag, fleet.disk_key(vm, host)
+        )
     except errors.FerrymanError as err:
         fleet.audit(
             "vm.restore_failed",

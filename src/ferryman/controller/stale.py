@@ -79,6 +79,8 @@ class StaleCopies:
         # shared storage: the copy of record may run on images in this host's directory, whatever became of the
         # migration that moved it (another host's QEMU is invisible from here)
         keep_disks = any(r.shared_storage and r.source == host_name for r in history)
+        # an encrypted VM's stale copy is crypto-erased first: its keys go, whatever the host answers
+        fleet.destroy_keys(vm, f"stale copy on {host_name}", host=host_name)
         try:
             out = await fleet.agents.remove_stale_copy(
                 repo.get_host(host_name), vm_id, fleet.lease(vm, placement.host), keep_disks

@@ -137,6 +137,7 @@ class VM:
     generation: int = 1
     state: VMState = VMState.CREATING
     created_at: dt.datetime | None = None
+    encrypted: bool = False  # disks are LUKS-encrypted qcow2 under per-copy keys the controller holds
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class VMSpec:
     generation: int = 1
     dirty_kib_per_s: int = 256
     record_interval_ms: int = 1000
+    encrypted: bool = False  # the disks open only with the copy's key, which the controller gives per launch
 
 
 class RunState(enum.StrEnum):

@@ -35,6 +35,7 @@ def spec_from_dict(raw: dict[str, Any]) -> VMSpec:
             generation=int(raw.get("generation", 1)),
             dirty_kib_per_s=int(raw.get("dirty_kib_per_s", 256)),
             record_interval_ms=int(raw.get("record_interval_ms", 1000)),
+            encrypted=bool(raw.get("encrypted", False)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidInput(f"malformed VM spec: {err}") from err

@@ -5,19 +5,19 @@ written in sector 0, and prints ``FMACK N`` on its console only once record N is
 is correct for the guest's data when every acknowledged record is on disk and the numbers have no gap:
 :func:`missing_seqs` computes exactly that.
 
-Disks are read with ``qemu-img dd -U`` (shared, read-only), so reading while the VM runs is safe; only the sectors
-that hold records are copied. This module never writes to a disk.
+Disks are read with ``qemu-io -r -U`` (shared, read-only), so reading while the VM runs is safe; only the sectors
+that hold records are read, and they go through a pipe, never a temporary file. An encrypted image is read with its
+disk key (``key=``), given to qemu-io through a pipe as well. This module never writes to a disk.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferryman.agent.storage.scrub import KEY_OBJECT_ID, open_args_for_encrypted, run_qemu_tool
 from ferryman.core.errors import HypervisorError
 
 SECTOR = 512
@@ -25,6 +25,7 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _RECORD_RE = re.compile(rb"^FMREC seq=(\d+) vm=(\S+) canary=(\S+) up=([0-9.]+)\n")
 _HEADER_RE = re.compile(rb"^FMHDR last=(\d+) ")
 _ACK_RE = re.compile(r"FMACK (\d+)\r?\n")
+_HEX_RE = re.compile(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2} ?){1,16})")
 # Records past the header's count exist when a guest stopped between writing a record and updating the header.
 _SLACK = 16
 _TIMEOUT = 60.0
@@ -40,10 +41,10 @@ class Record:
     uptime: float
 
 
-def read_records(disk: Path, *, qemu_img: str = "qemu-img") -> list[Record]:
+def read_records(disk: Path, *, qemu_img: str = "qemu-img", key: bytes | None = None) -> list[Record]:
     """The records on ``disk`` (qcow2 or raw) in sector order, stopping at the first sector that holds none."""
-    last = _parse_header(_read_sectors(disk, 0, 1, qemu_img))
-    data = _read_sectors(disk, 1, last + _SLACK, qemu_img)
+    last = _parse_header(_read_sectors(disk, 0, 1, qemu_img, key))
+    data = _read_sectors(disk, 1, last + _SLACK, qemu_img, key)
     records = []
     for offset in range(0, len(data), SECTOR):
         record = parse_record(data[offset : offset + SECTOR])
@@ -53,9 +54,9 @@ def read_records(disk: Path, *, qemu_img: str = "qemu-img") -> list[Record]:
     return records
 
 
-def read_last_seq(disk: Path, *, qemu_img: str = "qemu-img") -> int:
+def read_last_seq(disk: Path, *, qemu_img: str = "qemu-img", key: bytes | None = None) -> int:
     """The last sequence number the guest's header claims (0 for a fresh disk)."""
-    return _parse_header(_read_sectors(disk, 0, 1, qemu_img))
+    return _parse_header(_read_sectors(disk, 0, 1, qemu_img, key))
 
 
 def parse_record(sector: bytes) -> Record | None:
@@ -91,7 +92,7 @@ def _parse_header(sector: bytes) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _read_sectors(disk: Path, first: int, count: int, qemu_img: str) -> bytes:
+def _read_sectors(disk: Path, first: int, count: int, qemu_img: str, key: bytes | None = None) -> bytes:
     try:
         with disk.open("rb") as fh:
             is_qcow2 = fh.read(4) == _QCOW2_MAGIC
@@ -100,15 +101,16 @@ def _read_sectors(disk: Path, first: int, count: int, qemu_img: str) -> bytes:
                 return fh.read(count * SECTOR)
     except OSError as err:
         raise HypervisorError(f"cannot read disk {disk}: {err}") from err
-    with tempfile.TemporaryDirectory(prefix="ferryman-records-") as tmp:
-        out = Path(tmp) / "sectors.raw"
-        argv = [qemu_img, "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}"]
-        # qemu-img dd counts ``count`` from the start of the input, skipped blocks included.
-        argv += [f"skip={first}", f"count={first + count}", f"if={disk}", f"of={out}"]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise HypervisorError(f"qemu-img dd of {disk} failed: {err}") from err
-        if done.returncode != 0:
-            raise HypervisorError(f"qemu-img dd of {disk} failed: {done.stderr.strip()}")
-        return out.read_bytes()
+    # qemu-io prints the sectors as a hex dump on stdout: the guest's data never lands in a temporary file
+    qemu_io = str(Path(qemu_img).with_name("qemu-io")) if "/" in qemu_img else "qemu-io"
+    argv = [qemu_io, "-r", "-U"]
+    argv += open_args_for_encrypted(disk, KEY_OBJECT_ID) if key is not None else ["-f", "qcow2", str(disk)]
+    argv += ["-c", f"read -v {first * SECTOR} {count * SECTOR}"]
+    out = run_qemu_tool(argv, key=key, timeout=_TIMEOUT)
+    data = bytearray()
+    for line in out.splitlines():
+        if (match := _HEX_RE.match(line)) is not None:
+            data += bytes.fromhex(match.group(1))
+    if len(data) != count * SECTOR:
+        raise HypervisorError(f"qemu-io read {len(data)} of {count * SECTOR} bytes from {disk}")
+    return bytes(data)

@@ -72,7 +72,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
             handle.flush()
             os.fsync(fd)
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -89,7 +89,7 @@ def write_certificate(path: Path, pem: bytes) -> None:
     write_atomic(path, pem, mode=0o644)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

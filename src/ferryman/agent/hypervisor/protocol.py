@@ -29,6 +29,10 @@ class Hypervisor(Protocol):
         """The spec this host holds for ``vm_id`` (its generation says how fresh this copy is). NotFound if none."""
         ...
 
+    def use_key(self, vm_id: str, key: bytes | None) -> None:
+        """Hold the disk key the controller sent for an encrypted VM's copy (None: keep what is held)."""
+        ...
+
     async def create(self, spec: VMSpec) -> VMRuntime:
         """Create the VM's disks with qemu-img and boot it. Conflict if the VM exists on this host."""
         ...

@@ -3,12 +3,16 @@
 Each VM owns a directory, ``<state_dir>/vms/<vm_id>/``::
 
     spec.json      the VMSpec (with its generation), written before anything is started
-    disk0.qcow2    one qcow2 image per DiskSpec, made with qemu-img
+    disk0.qcow2    one qcow2 image per DiskSpec, made with qemu-img (LUKS-encrypted for an encrypted VM)
     disks.json     only for a VM on shared storage: the image paths it uses instead (never created or deleted here)
     incoming       present while the VM is a migration destination that has not been activated
     qmp.sock       the QMP monitor socket
     qemu.pid       written by QEMU (-pidfile)
     console.log    the guest's serial console, appended to across boots
+
+An encrypted VM's images open only with its copy's disk key, which the controller sends with the request that needs it
+(create, start, prepare, restart); the driver holds it in memory (:meth:`QemuDriver.use_key`), passes it to QEMU
+and qemu-img through a pipe, never on a command line or in a file, and forgets it when the copy is discarded.
 
 A migration destination is started by :meth:`QemuDriver.create_incoming`: the same machine, paused (``-S``) and
 waiting for an incoming migration (``-incoming defer``); it is a managed VM like any other. What it must not do is
@@ -46,6 +50,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from ferryman.agent.hypervisor import procscan
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
+from ferryman.agent.storage.scrub import KEY_OBJECT_ID, create_encrypted_qcow2, luks_passphrase
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
 from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name
@@ -56,6 +61,9 @@ SHARED_DISKS = "disks.json"
 INCOMING_MARK = "incoming"
 QMP_LOST = "QMP_LOST"
 MACHINE = "q35"
+# PBKDF2 time of a LUKS header. The passphrase derives from a random 256-bit key, so key stretching adds no strength;
+# a short time keeps every QEMU start and qemu-img run fast.
+LUKS_ITER_TIME_MS = 10
 _RUN_STATES = {state.value: state for state in RunState}
 
 
@@ -73,15 +81,22 @@ def machine_args(
     cmdline: str,
     console: Path,
     disks: Sequence[Path],
+    key_secret: str | None = None,
 ) -> list[str]:
-    """The QEMU options that define the guest machine; identical for every boot, probe and migration peer."""
+    """The QEMU options that define the guest machine; identical for every boot, probe and migration peer.
+
+    With ``key_secret`` the qcow2 images are LUKS-encrypted and open with that secret object (defined separately)."""
     args = ["-nodefaults", "-no-user-config", "-display", "none"]
     args += ["-machine", f"{MACHINE},accel={accel},dump-guest-core=off", "-m", str(memory_mb), "-smp", str(vcpus)]
     args += ["-chardev", f"file,id=serial0,path={_opt(console)},append=on", "-serial", "chardev:serial0"]
     args += ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline]
     for index, disk in enumerate(disks):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
-        args += ["-blockdev", f"driver={fmt},node-name=disk{index},file.driver=file,file.filename={_opt(disk)}"]
+        crypt = f",encrypt.format=luks,encrypt.key-secret={key_secret}" if key_secret and fmt == "qcow2" else ""
+        args += [
+            "-blockdev",
+            f"driver={fmt},node-name=disk{index},file.driver=file,file.filename={_opt(disk)}{crypt}",
+        ]
         args += ["-device", f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}"]
     return args
 
@@ -178,6 +193,7 @@ class QemuDriver:
         self._sessions: dict[str, _Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._subscribers: list[_EventStream] = []
+        self._keys: dict[str, bytes] = {}
 
     # -- layout ---------------------------------------------------------------------------------------------------
 
@@ -236,6 +252,38 @@ class QemuDriver:
         self._save_spec(spec)
         return spec
 
+    # -- disk keys ------------------------------------------------------------------------------------------------
+
+    def use_key(self, vm_id: str, key: bytes | None) -> None:
+        """Remember the disk key the controller sent for the VM's copy here (None: nothing sent, keep what we have)."""
+        if key is not None:
+            self._keys[self._vm_dir(vm_id).name] = key
+
+    def forget_key(self, vm_id: str) -> None:
+        self._keys.pop(vm_id, None)
+
+    def key_of(self, vm_id: str) -> bytes | None:
+        """The VM's disk key if it is encrypted (NotFound: no such VM; InvalidInput: encrypted but no key given)."""
+        return self._key_for(self.load_spec(vm_id))
+
+    def _key_for(self, spec: VMSpec) -> bytes | None:
+        if not spec.encrypted:
+            return None
+        key = self._keys.get(spec.vm_id)
+        if key is None:
+            raise InvalidInput(f"VM {spec.vm_id} is encrypted: this needs its disk key from the controller")
+        return key
+
+    async def _make_disk(self, spec: VMSpec, path: Path, size: int) -> None:
+        key = self._key_for(spec)
+        if key is None:
+            await self._qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+            return
+        await asyncio.to_thread(
+            create_encrypted_qcow2, path, size, key, iter_time_ms=LUKS_ITER_TIME_MS, qemu_img=self.qemu_img
+        )
+        await asyncio.to_thread(path.chmod, 0o600)
+
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
 
@@ -255,9 +303,7 @@ class QemuDriver:
             try:
                 self._save_spec(spec)
                 for index, disk in enumerate(spec.disks):
-                    await self._qemu_img(
-                        "create", "-q", "-f", "qcow2", str(vm_dir / f"disk{index}.qcow2"), disk.size_bytes
-                    )
+                    await self._make_disk(spec, vm_dir / f"disk{index}.qcow2", disk.size_bytes)
                 runtime = await self._launch(spec)
             except BaseException:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -295,9 +341,7 @@ class QemuDriver:
                     (vm_dir / SHARED_DISKS).write_text(json.dumps([str(p) for p in shared_disks]))
                 else:
                     for index, disk in enumerate(spec.disks):
-                        await self._qemu_img(
-                            "create", "-q", "-f", "qcow2", str(vm_dir / f"disk{index}.qcow2"), disk.size_bytes
-                        )
+                        await self._make_disk(spec, vm_dir / f"disk{index}.qcow2", disk.size_bytes)
                 runtime = await self._launch(spec, incoming=True)
             except BaseException:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -384,7 +428,9 @@ class QemuDriver:
             if not vm_dir.is_dir():
                 raise NotFound(f"VM {vm_id} does not exist on this host")
             await self._terminate(vm_id)
-            receipts = await asyncio.to_thread(scrub_tree, [vm_dir], ScrubMode.ZERO)
+            mode = ScrubMode.CRYPTO if self.load_spec(vm_id).encrypted else ScrubMode.ZERO
+            receipts = await asyncio.to_thread(scrub_tree, [vm_dir], mode)
+            self.forget_key(vm_id)
             self._log.info("vm destroyed", vm=vm_id, scrubbed_bytes=sum(r.bytes for r in receipts))
 
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -462,7 +508,7 @@ class QemuDriver:
 
     # -- processes ------------------------------------------------------------------------------------------------
 
-    def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool) -> builtins.list[str]:
+    def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
         cmdline = kernel_cmdline(
             spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms
@@ -476,7 +522,11 @@ class QemuDriver:
             cmdline=cmdline,
             console=vm_dir / "console.log",
             disks=self._disks(spec),
+            key_secret=KEY_OBJECT_ID if key_fd is not None else None,
         )
+        if key_fd is not None:
+            # the passphrase is read from an inherited pipe: never on the command line, never in a file
+            argv += ["-object", f"secret,id={KEY_OBJECT_ID},file=/proc/self/fd/{key_fd},format=raw"]
         if incoming:
             # Paused until an explicit cont; the migration source and its TLS settings are given later over QMP.
             argv += ["-incoming", "defer", "-S"]
@@ -501,9 +551,11 @@ class QemuDriver:
         vm_dir = self._vm_dir(spec.vm_id)
         for stale in ("qmp.sock", "qemu.pid"):
             (vm_dir / stale).unlink(missing_ok=True)
+        key = self._key_for(spec)
         dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        key_fd = _key_pipe(key) if key is not None else None
         try:
-            argv = self._argv(spec, dir_fd, incoming)
+            argv = self._argv(spec, dir_fd, incoming, key_fd)
             self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -512,12 +564,14 @@ class QemuDriver:
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=disable_core_dumps,
                 start_new_session=True,
-                pass_fds=(dir_fd,),
+                pass_fds=(dir_fd,) if key_fd is None else (dir_fd, key_fd),
             )
         except OSError as err:
             raise HypervisorError(f"cannot run {self.qemu_binary}: {err}") from err
         finally:
             os.close(dir_fd)
+            if key_fd is not None:
+                os.close(key_fd)
         try:
             # The launching process exits once QEMU is set up, reporting setup errors on stderr.
             _, stderr = await asyncio.wait_for(proc.communicate(), self.LAUNCH_TIMEOUT)
@@ -671,6 +725,19 @@ class QemuDriver:
             raise HypervisorError(f"qemu-img {args[0]} timed out after {self.LAUNCH_TIMEOUT}s") from None
         if proc.returncode != 0:
             raise HypervisorError(f"qemu-img {args[0]} failed: {stderr.decode(errors='replace').strip()}")
+
+
+def _key_pipe(key: bytes) -> int:
+    """The read end of a pipe holding the LUKS passphrase of ``key`` (the write end is closed: the reader sees EOF)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, luks_passphrase(key))
+    except OSError:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 def _is_uuid(value: str) -> bool:

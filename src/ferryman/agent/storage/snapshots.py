@@ -2,9 +2,10 @@
 
 A snapshot is a standalone qcow2 copy of one disk, ``<dest_dir>/<disk stem>.<UTC stamp>.<tag>.qcow2``, made by
 ``qemu-img convert -U`` (``-U`` because a paused QEMU still holds the image lock). That is a consistent copy only
-while nothing writes the disk: the VM is stopped, or paused (QEMU flushes its block layer when it pauses). For a
-*running* VM the caller must pause it around the call or take the copy inside QEMU with QMP ``blockdev-backup``;
-this module does not talk to QEMU and cannot make a running disk consistent.
+while nothing writes the disk: the VM is stopped, or paused (QEMU flushes its block layer when it pauses). A
+*running* VM's snapshot is taken inside its QEMU with QMP ``blockdev-backup``
+(:func:`ferryman.agent.hypervisor.backup.live_snapshot`), into the paths :func:`snapshot_paths` names; this module
+does not talk to QEMU.
 
 Snapshots of an encrypted disk (``key`` given) are encrypted with the same key: an offline copy is never plaintext.
 
@@ -76,6 +77,19 @@ def snapshot_disk(
     Raises :class:`InvalidInput` for a bad tag, :class:`NotFound` if ``disk`` is missing, :class:`Conflict` if the
     same snapshot name exists, :class:`HypervisorError` if qemu-img fails (the partial copy is scrubbed first).
     """
+    partial, final = snapshot_paths(disk, dest_dir, tag, clock=clock)
+    _convert(disk, partial, key=key, iter_time_ms=iter_time_ms, qemu_img=qemu_img, share=True)
+    publish_snapshot(partial, final)
+    log.info("disk snapshotted", disk=str(disk), snapshot=str(final), encrypted=key is not None)
+    return final
+
+
+def snapshot_paths(disk: Path, dest_dir: Path, tag: str, *, clock: Clock | None = None) -> tuple[Path, Path]:
+    """(partial, final) paths of a new snapshot of ``disk`` tagged ``tag``; ``dest_dir`` exists afterwards.
+
+    Whoever fills ``partial`` (``qemu-img convert`` here, or QMP ``blockdev-backup`` inside a running QEMU) calls
+    :func:`publish_snapshot` once it is complete, or scrubs it.
+    """
     if not _TAG_RE.match(tag):
         raise InvalidInput(f"bad snapshot tag {tag!r}: use 1-64 of letters, digits, _ and -")
     if not disk.is_file():
@@ -86,16 +100,21 @@ def snapshot_disk(
         raise Conflict(f"snapshot {final.name} already exists")
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = dest_dir / f".{final.name}{PARTIAL}"
-    _convert(disk, partial, key=key, iter_time_ms=iter_time_ms, qemu_img=qemu_img, share=True)
+    if partial.exists():
+        scrub_tree([partial], ScrubMode.ZERO)  # left by a crash; overwriting would free its blocks unscrubbed
+    return partial, final
+
+
+def publish_snapshot(partial: Path, final: Path) -> None:
+    """Link a complete ``partial`` copy into place as snapshot ``final`` (Conflict, partial scrubbed, if taken)."""
+    partial.chmod(0o600)
     try:
         os.link(partial, final)
     except FileExistsError as err:
         _scrub_quietly(partial)
         raise Conflict(f"snapshot {final.name} already exists") from err
     partial.unlink()  # the data stays reachable through ``final``: nothing is freed here
-    _fsync_dir(dest_dir)
-    log.info("disk snapshotted", disk=str(disk), snapshot=str(final), encrypted=key is not None)
-    return final
+    _fsync_dir(final.parent)
 
 
 def list_snapshots(directory: Path) -> list[SnapshotInfo]:
