@@ -12,14 +12,14 @@ destination's filesystem full. After the migration ended (within a bound) every 
 * residue     the losing host keeps no directory or snapshot of the VM;
 * alarm       a STUCK migration raised an operator alarm.
 
-Each VM is fresh, and the governor's memory of earlier attempts is aged out between cases (see
-:func:`forget_attempts`): every case is an experiment of its own, not an attempt at thrashing.
+Each VM is fresh (so no back-off carries over), and the lab's controller runs with the circuit breaker's threshold
+raised (``FERRYMAN_GOVERNOR_BREAKER_THRESHOLD``): the matrix disrupts the same host pair on purpose dozens of times,
+and every case is an experiment of its own, not an attempt at thrashing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-import sqlalchemy as sa
 
 from ferryman.agent.hypervisor import procscan
 from ferryman.cli.client import CliError
-from ferryman.cmdb import schema
-from ferryman.cmdb.sql import create_engine
+from ferryman.cmdb.sql import SqlRepository, create_engine
+from ferryman.controller.keys import Copy, DiskKeys
+from ferryman.core.clock import SystemClock
+from ferryman.core.errors import NotFound
 from ferryman.lab import processes
 from ferryman.lab.records import missing_seqs, read_acks, read_last_seq, read_records
 from ferryman.testing.wait import wait_for
@@ -69,14 +70,16 @@ class Case:
     bug: str | None = None
     note: str = ""
     rollback_from: str = "mirroring"
+    encrypted: bool = False  # the VM's disks are LUKS-encrypted: every restart needs its copy's key
 
     @property
     def label(self) -> str:
-        return self.phase + (f" (from {self.rollback_from})" if self.rollback_from != "mirroring" else "")
+        label = self.phase + (f" (from {self.rollback_from})" if self.rollback_from != "mirroring" else "")
+        return label + (" +encrypted" if self.encrypted else "")
 
     @property
     def id(self) -> str:
-        return f"{self.fault}@{self.label}"
+        return f"{self.fault}@{self.label}".replace(" +", "+")
 
     def param(self, *marks: pytest.MarkDecorator) -> Any:
         extra = [pytest.mark.xfail(reason=self.bug, strict=True)] if self.bug else []
@@ -141,9 +144,14 @@ CASES: list[Case] = [
     Case("pre-hook", "dest_prepared", "rolled_back", note="a pre-migrate-source hook exits 1: a veto"),
     Case("disk-full", "admitted", "rolled_back", note="host-b full before prepare: its nonce store cannot be written"),
     Case("disk-full", "dest_prepared", "rolled_back", note="host-b full before the disk mirror"),
+    # an encrypted VM: restarts, validation and scrubs need or destroy its copies' keys
+    Case("controller", "activated", "done", encrypted=True),
+    Case("source-qemu", "mirroring", "rolled_back", note=REBOOTED, encrypted=True),
+    Case("dest-qemu", "transferring", "rolled_back", encrypted=True),
+    Case("dest-qemu", "committed", "done", note=REBOOTED, encrypted=True),
 ]
 
-SAMPLE = ["controller@transferring", "controller@activated", "dest-qemu@transferring"]
+SAMPLE = ["controller@transferring", "controller@activated", "dest-qemu@transferring", "dest-qemu@committed+encrypted"]
 
 
 @pytest.mark.faults
@@ -185,7 +193,15 @@ def run_case(fl: FaultLab, case: Case, table: list[Row]) -> None:
     name = f"f-{uuid.uuid4().hex[:8]}"
     vm = api.post(
         "/api/v1/vms",
-        {"name": name, "tenant": "acme", "memory": "128", "disk": "32M", "host": SOURCE, "record_interval_ms": 250},
+        {
+            "name": name,
+            "tenant": "acme",
+            "memory": "128",
+            "disk": "32M",
+            "host": SOURCE,
+            "record_interval_ms": 250,
+            "encrypted": case.encrypted,
+        },
     )
     run = Run(name, vm["id"])
     try:
@@ -206,7 +222,8 @@ def run_case(fl: FaultLab, case: Case, table: list[Row]) -> None:
 def drive(fl: FaultLab, case: Case, run: Run, row: Row) -> None:
     """Start the migration, hold it where the case says, inject the fault, release, and wait for the outcome."""
     lab, api, fp = fl.lab, fl.lab.api(), fl.failpoints
-    wait_for(lambda: read_last_seq(disk_of(fl, SOURCE, run.vm_id)) >= 2, 60, "the guest's first records")
+    key = disk_key(fl, run.vm_id, SOURCE, 1) if case.encrypted else None
+    wait_for(lambda: read_last_seq(disk_of(fl, SOURCE, run.vm_id), key=key) >= 2, 60, "the guest's first records")
     phase, _, step = case.phase.partition("/")
     pause, reached = (
         (f"pause-before-{step}", f"reached-before-{step}") if step else (f"pause-at-{phase}", f"reached-{phase}")
@@ -286,10 +303,11 @@ def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
     vm = api.get(f"/api/v1/vms/{run.vm_name}")
     disk = disk_of(fl, home, run.vm_id)
     results: dict[str, str | None] = {}
+    key = disk_key(fl, run.vm_id, home, 2 if committed else 1) if case.encrypted else None
 
     # one copy: a single live QEMU, on the CMDB's host, running (its records advance); never two, whatever happened
-    before = read_last_seq(disk) if disk.exists() else 0
-    advanced = poll(lambda: disk.exists() and read_last_seq(disk) > before, 15)
+    before = read_last_seq(disk, key=key) if disk.exists() else 0
+    advanced = poll(lambda: disk.exists() and read_last_seq(disk, key=key) > before, 15)
     copies = qemus_of(fl, run.vm_id)
     live = sum(len(p) for p in copies.values())
     where = ", ".join(f"{h}:{len(p)}" for h, p in sorted(copies.items())) or "none"
@@ -316,7 +334,7 @@ def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
     if not disk.exists():
         results["records"] = f"FAIL: no disk on {home}"
     else:
-        missing = missing_seqs(read_records(disk), [run.acked])
+        missing = missing_seqs(read_records(disk, key=key), [run.acked])
         results["records"] = "ok" if not missing else f"FAIL: {len(missing)} missing, first {missing[:5]}"
 
     row.acked = run.acked
@@ -324,6 +342,8 @@ def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
     # residue: nothing of the VM on the losing host (its directory, its pre-migration snapshots)
     leftovers = [fl.lab.host_dir(other) / kind / run.vm_id for kind in ("vms", "snapshots")]
     kept = [str(path) for path in leftovers if path.exists()]
+    if case.encrypted:  # the losing copy's key is destroyed: nothing could decrypt a block it left
+        kept += [f"a live key of generation {g}" for g in live_key_generations(fl, run.vm_id, other)]
     results["residue"] = "ok" if not kept else f"FAIL: {other} keeps {', '.join(kept)}"
 
     # alarm: a stuck migration must have told an operator
@@ -379,6 +399,26 @@ def migration(fl: FaultLab, run: Run) -> dict[str, Any]:
         except CliError:
             time.sleep(0.5)
     pytest.fail("the controller did not answer for a minute")
+
+
+def disk_key(fl: FaultLab, vm_id: str, host: str, generation: int) -> bytes | None:
+    """The key of an encrypted VM's copy, read from the controller's CMDB and KEKs (None if it has no live key)."""
+    repo = SqlRepository(create_engine(fl.db_url))
+    try:
+        keys = DiskKeys(repo, fl.lab.controller_dir / "keys", SystemClock())
+        with contextlib.suppress(NotFound):
+            return keys.get(Copy(vm_id, host, generation))
+        return None
+    finally:
+        repo.close()
+
+
+def live_key_generations(fl: FaultLab, vm_id: str, host: str) -> list[int]:
+    repo = SqlRepository(create_engine(fl.db_url))
+    try:
+        return [k.generation for k in repo.list_disk_keys(vm_id, live_only=True) if k.host == host]
+    finally:
+        repo.close()
 
 
 def disk_of(fl: FaultLab, host: str, vm_id: str) -> Path:
@@ -457,39 +497,8 @@ def fill_filesystem(fl: FaultLab) -> None:
     pytest.fail("host-b's filesystem still takes writes after filling it")
 
 
-def forget_attempts(fl: FaultLab) -> None:
-    """Age every finished migration out of the governor's windows (back-off, circuit breaker).
-
-    The breaker rightly refuses a host pair after three disrupted migrations in an hour; this matrix disrupts the
-    same pair on purpose dozens of times. Moving finished attempts two hours back keeps each case independent
-    without touching the governor.
-    """
-    engine = create_engine(fl.db_url)
-    table = schema.migrations
-    shift = dt.timedelta(hours=2)
-    try:
-        with engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(table.c.id, table.c.requested_at, table.c.updated_at, table.c.finished_at).where(
-                    table.c.outcome.is_not(None), table.c.requested_at > dt.datetime.now(dt.UTC) - shift
-                )
-            ).all()
-            for r in rows:
-                conn.execute(
-                    table.update()
-                    .where(table.c.id == r.id)
-                    .values(
-                        requested_at=r.requested_at - shift,
-                        updated_at=r.updated_at - shift,
-                        finished_at=r.finished_at - shift,
-                    )
-                )
-    finally:
-        engine.dispose()
-
-
 def ready_lab(fl: FaultLab) -> None:
-    """Every process up, no failpoint, hook or filler left from an earlier case, the governor's memory aged."""
+    """Every process up, no failpoint, hook or filler left from an earlier case."""
     lab = fl.lab
     for entry in fl.failpoints.iterdir():
         entry.unlink()
@@ -506,7 +515,6 @@ def ready_lab(fl: FaultLab) -> None:
         if not alive.get(host):
             lab.start_agent(state, host)
             lab.wait_host_up(host)
-    forget_attempts(fl)
 
 
 def clean_up(fl: FaultLab, run: Run) -> None:

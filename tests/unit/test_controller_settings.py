@@ -1,10 +1,14 @@
-"""Controller settings from the environment: every governor limit is settable, bad values are one clear error."""
+"""Settings and request values read from outside: every governor limit and the scrub mode are settable from the
+environment, an agent reads a disk key from a request body; bad values are one clear error."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from ferryman.controller.settings import governor_from_env
+from ferryman.agent.app import disk_key as agent_disk_key
+from ferryman.controller.settings import ControllerSettings, governor_from_env
 from ferryman.core.errors import InvalidInput
 from ferryman.scheduler.governor import GovernorSettings
 
@@ -40,3 +44,25 @@ def test_bad_governor_values_are_invalid_input(env, match):
     """A value that is not a number, or out of range, is refused with the variable or field named."""
     with pytest.raises(InvalidInput, match=match):
         governor_from_env(env)
+
+
+def test_scrub_mode_is_zero_by_default_and_only_zero_or_random(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """FERRYMAN_SCRUB_MODE picks the overwrite for plain VMs; crypto is not a choice (it needs an encrypted VM)."""
+    monkeypatch.delenv("FERRYMAN_SCRUB_MODE", raising=False)
+    assert ControllerSettings.load(data_dir=tmp_path).scrub_mode == "zero"
+    monkeypatch.setenv("FERRYMAN_SCRUB_MODE", "random")
+    assert ControllerSettings.load(data_dir=tmp_path).scrub_mode == "random"
+    for bad in ("crypto", "shred", ""):
+        monkeypatch.setenv("FERRYMAN_SCRUB_MODE", bad)
+        with pytest.raises(InvalidInput, match="FERRYMAN_SCRUB_MODE"):
+            ControllerSettings.load(data_dir=tmp_path)
+
+
+def test_agent_reads_a_disk_key_only_as_base64_of_at_least_16_bytes() -> None:
+    """A request's disk_key: absent is None; bad base64 or a short key is a clear 400, never a crash."""
+    key = bytes(range(32))
+    assert agent_disk_key({"disk_key": base64.b64encode(key).decode()}) == key
+    assert agent_disk_key({}) is None and agent_disk_key(None) is None
+    for bad in ("not base64!", base64.b64encode(b"short").decode(), 42):
+        with pytest.raises(InvalidInput):
+            agent_disk_key({"disk_key": bad})

@@ -85,6 +85,7 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
     ) -> dict[str, Any] | None:
         if action in {"start", "resume"}:
             leased(vm_id, driver.load_spec(vm_id).generation, body)
+        if action == "start":
             driver.use_key(vm_id, disk_key(body))
         if action == "start":
             return dict(runtime_to_dict(await driver.start(vm_id)))

@@ -495,7 +495,7 @@ class Fleet:
         else:
             needs_lease = action in {VMAction.START, VMAction.RESUME}
             lease = self.lease(vm, host.name) if needs_lease else None
-            key = self.disk_key(vm, host.name) if needs_lease else None
+            key = self.disk_key(vm, host.name) if action is VMAction.START else None  # a boot opens the images
             try:
                 await self.agents.vm_action(host, vm.id, action.value, lease, key)
             except errors.Forbidden as err:

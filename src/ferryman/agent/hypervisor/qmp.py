@@ -11,8 +11,9 @@ Each VM owns a directory, ``<state_dir>/vms/<vm_id>/``::
     console.log    the guest's serial console, appended to across boots
 
 An encrypted VM's images open only with its copy's disk key, which the controller sends with the request that needs it
-(create, start, prepare, restart); the driver holds it in memory (:meth:`QemuDriver.use_key`), passes it to QEMU
-and qemu-img through a pipe, never on a command line or in a file, and forgets it when the copy is discarded.
+(create, start, prepare, restart); the driver holds it in memory (:meth:`QemuDriver.use_key`) for that request only,
+and passes it to QEMU and qemu-img through a pipe, never on a command line or in a file. The agent therefore cannot
+boot an encrypted VM again on its own: every boot needs the controller's key.
 
 A migration destination is started by :meth:`QemuDriver.create_incoming`: the same machine, paused (``-S``) and
 waiting for an incoming migration (``-incoming defer``); it is a managed VM like any other. What it must not do is
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -40,8 +42,9 @@ import resource
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -193,7 +196,11 @@ class QemuDriver:
         self._sessions: dict[str, _Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._subscribers: list[_EventStream] = []
-        self._keys: dict[str, bytes] = {}
+        # disk keys live in the context of the request that brought them (each API request runs in a task of its
+        # own): they are gone when it ends, and no other request sees them
+        self._keys: contextvars.ContextVar[Mapping[str, bytes]] = contextvars.ContextVar(
+            f"ferryman_disk_keys_{id(self)}", default=MappingProxyType({})
+        )
 
     # -- layout ---------------------------------------------------------------------------------------------------
 
@@ -255,12 +262,15 @@ class QemuDriver:
     # -- disk keys ------------------------------------------------------------------------------------------------
 
     def use_key(self, vm_id: str, key: bytes | None) -> None:
-        """Remember the disk key the controller sent for the VM's copy here (None: nothing sent, keep what we have)."""
+        """Hold the disk key the controller sent for the VM's copy here, for the rest of the current request (task)
+        only (None: nothing sent)."""
         if key is not None:
-            self._keys[self._vm_dir(vm_id).name] = key
+            self._keys.set({**self._keys.get(), self._vm_dir(vm_id).name: key})
 
     def forget_key(self, vm_id: str) -> None:
-        self._keys.pop(vm_id, None)
+        held = dict(self._keys.get())
+        held.pop(vm_id, None)
+        self._keys.set(held)
 
     def key_of(self, vm_id: str) -> bytes | None:
         """The VM's disk key if it is encrypted (NotFound: no such VM; InvalidInput: encrypted but no key given)."""
@@ -269,7 +279,7 @@ class QemuDriver:
     def _key_for(self, spec: VMSpec) -> bytes | None:
         if not spec.encrypted:
             return None
-        key = self._keys.get(spec.vm_id)
+        key = self._keys.get().get(spec.vm_id)
         if key is None:
             raise InvalidInput(f"VM {spec.vm_id} is encrypted: this needs its disk key from the controller")
         return key
