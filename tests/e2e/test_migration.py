@@ -43,8 +43,8 @@ def vm_disk(lab, host: str, vm_id: str):
 
 
 def booted(lab, vm: dict, host: str) -> None:
-    """Wait for the guest's first record: under TCG, QEMU 7.2 can corrupt the RAM of a guest migrated within its
-    first second of boot (the destination's validation then sees no new record and the migration ends stuck)."""
+    """Wait for the guest's first record: these tests migrate a booted guest, whose records the validation on the
+    destination follows."""
     wait_for(lambda: read_last_seq(vm_disk(lab, host, vm["id"])), 60, f"{vm['name']}'s first records")
 
 

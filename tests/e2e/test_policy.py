@@ -68,7 +68,7 @@ def test_policies_admit_check_and_remediate(lab, tmp_path):
             "vm", "create", "pol-1", "--tenant", "acme", "--memory", "128", "--profile", "environment=production"
         )
         assert vm["host"] == "host-b", vm
-        # booted before any migration (see tests/e2e/test_migration.py: booted)
+        # booted before it migrates (see tests/e2e/test_migration.py: booted)
         boot_disk = lab.lab.host_dir("host-b") / "vms" / vm["id"] / "disk0.qcow2"
         wait_for(lambda: read_last_seq(boot_disk), 60, "pol-1's first records")
         placed = lab.cli_json("place", "--tenant", "acme", "--name", "pol-1", "--profile", "environment=production")
