@@ -446,7 +446,7 @@ class MigrationAgent:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(3 * spec.record_interval_ms / 1000, VALIDATION_MIN_WAIT_S)
         while after <= before and loop.time() < deadline:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
         running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
         ok = bool(running) and after > before

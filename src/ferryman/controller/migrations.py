@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 ACTIVE_STATES = {VMState.RUNNING}
 COMMIT_CHECK_DELAY_S = 0.5  # before asking an unreachable destination again whether it may take over; doubles
 RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
+PROGRESS_POLL_S = 0.1  # how often the runner reads the RAM stream's progress (the switch-over waits for the next read)
 
 
 class MigrationService:
@@ -585,7 +586,7 @@ class MigrationService:
                 stalled_since, last = loop.time(), progress["transferred_bytes"]
             if loop.time() - stalled_since > self.governor.progress_timeout_s or loop.time() > deadline:
                 raise errors.TransientError("RAM transfer made no progress in time")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(PROGRESS_POLL_S)
         out = await self._call(state.source, mid, "switchover", {"within": 120}, limit_s=180)
         return {
             "transferred_bytes": out["transferred_bytes"],

@@ -64,7 +64,7 @@ SERVER_CREDS = "fm-tls-server"
 SOURCE_AUTHZ = "fm-authz-source"
 MIGRATION_CREDS = "fm-tls-migration"
 NBD_CREDS = "fm-tls-nbd"
-POLL_INTERVAL = 0.2
+POLL_INTERVAL = 0.05
 DEFAULT_DOWNTIME_MS = 300
 UNLIMITED_BANDWIDTH = 1 << 40
 """The cap set when the caller gives none (QEMU's own default, 128 MiB/s, would be an unasked-for limit)."""
