@@ -3,6 +3,7 @@ without a gap, the source is gone and scrubbed, hooks can veto, cancel rolls bac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import time
@@ -14,7 +15,7 @@ from ferryman.agent.storage.scrub import is_encrypted_image
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.core.clock import SystemClock
-from ferryman.core.errors import NotFound
+from ferryman.core.errors import HypervisorError, NotFound, StorageError
 from ferryman.lab.records import missing_seqs, read_last_seq, read_records
 from ferryman.testing.wait import wait_for
 
@@ -180,6 +181,53 @@ def test_encrypted_vm_migrates_and_each_losing_copy_is_crypto_erased(lab):
     for name in ("enc-1", "enc-2"):
         lab.cli("vm", "delete", name)
         assert [k for k in lab.cli_json("vm", "keys", name) if k["live"]] == []
+
+
+def test_a_stolen_image_and_cmdb_backup_stay_sealed_once_the_copy_lost(lab, tmp_path):
+    """An attacker on the destination host copies the new, encrypted image while the migration is prepared, and a
+    backup of the controller's CMDB is taken at the same moment. The migration is vetoed: the destination copy's key
+    is destroyed and the KEK rotated. The backup's wrapped key then unwraps under none of the controller's KEKs,
+    so the stolen image stays ciphertext. (Control: the same backup with the KEKs of that moment does open it.)"""
+    vm = create(lab, "enc-3", "host-a", "--encrypted")
+    controller = lab.dir / "controller"
+    image = vm_disk(lab, "host-c", vm["id"])
+    loot = tmp_path / "loot"
+    loot.mkdir()
+    hook = install_hook(
+        lab,
+        "host-c",
+        "pre-migrate-destination",
+        "10-steal",
+        f"cp {image} {loot}/image.qcow2 && cp -r {controller}/keys {loot}/keys-then"
+        f" && for f in {controller}/cmdb.sqlite*; do cp $f {loot}/; done; exit 1",
+    )
+    try:
+        code, m = migrate(lab, "enc-3", "--to", "host-c")
+    finally:
+        hook.unlink()
+    assert code == 1 and m["outcome"] == "rolled_back", m
+    stolen_image = loot / "image.qcow2"
+    assert stolen_image.exists() and is_encrypted_image(stolen_image)
+    copy = Copy(vm["id"], "host-c", 2)
+    backup = open_repository(f"sqlite:///{loot / 'cmdb.sqlite'}")
+    wrapped = backup.live_disk_key(copy.vm_id, copy.host, copy.generation)
+    assert wrapped is not None and wrapped.wrapped is not None  # the backup holds the destination's wrapped key
+
+    # control: with the KEKs of that moment the backup's key opens the stolen image
+    then = DiskKeys(backup, loot / "keys-then", SystemClock()).get(copy)
+    assert read_last_seq(stolen_image, key=then) >= 0
+
+    # now: the controller's KEKs, as an attacker who later breaks into the controller would find them
+    now = DiskKeys(backup, controller / "keys", SystemClock())
+    for kek in sorted((controller / "keys").glob("kek-*")):
+        attempt = dataclasses.replace(wrapped, kek_id=int(kek.name.removeprefix("kek-")))
+        with pytest.raises(StorageError):
+            now._unwrap(attempt)
+    with pytest.raises(HypervisorError):
+        read_last_seq(stolen_image)  # and qemu-io cannot open the image without a key
+    lost = next(k for k in lab.cli_json("vm", "keys", "enc-3") if (k["host"], k["generation"]) == ("host-c", 2))
+    assert lost["live"] is False
+    lab.cli("vm", "delete", "enc-3")
 
 
 def test_shared_storage_migration_moves_ram_only(lab):
