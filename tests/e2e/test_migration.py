@@ -177,6 +177,13 @@ def test_encrypted_vm_migrates_and_each_losing_copy_is_crypto_erased(lab):
     assert lost["live"] is False and "destination copy lost" in lost["destroyed_reason"]
     assert listed[("host-a", 1)]["live"] is True
     assert not (lab.lab.host_dir("host-c") / "vms" / other["id"]).exists()
+    # its pre-migration snapshot is encrypted too, and restoring it boots the VM with its key
+    snapshots = list((lab.lab.host_dir("host-a") / "snapshots" / other["id"]).glob("*.qcow2"))
+    assert len(snapshots) == 1 and is_encrypted_image(snapshots[0])
+    restored = json.loads(lab.cli("vm", "restore", "enc-2", "--yes", "--json", timeout=300).stdout)
+    assert (restored["host"], restored["state"]) == ("host-a", "running")
+    key_2 = keys.get(Copy(other["id"], "host-a", 1))
+    wait_for(lambda: read_last_seq(vm_disk(lab, "host-a", other["id"]), key=key_2) > 0, 60, "the restored guest")
 
     for name in ("enc-1", "enc-2"):
         lab.cli("vm", "delete", name)
