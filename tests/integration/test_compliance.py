@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Change, Fleet, VMRequest
@@ -176,6 +177,47 @@ def test_migration_target_counts_moves_already_started(world):
     assert compliance.migration_target(web, ["h1"]) == "h1"
     assert compliance.migration_target(web, ["h1"], planned={"id-ci": "h1"}) is None
     assert compliance.index().vm("id-ci").host == "h3"  # the simulation left the index as it was
+
+
+def test_admission_counts_unfinished_migrations_as_arrived(world):
+    """Two requests racing for one host are judged together: while ci (globex, test) is still migrating to h1, web
+    (acme, production) may not be sent or created there, and once that migration has ended h1 is judged as it is."""
+    fleet, compliance, clock = world
+    compliance.apply(docs(3), "token:admin")
+    fleet.repo.move_vm("id-ci", "h3", clock.now())
+    fleet.changed(Change(vm_id="id-ci"))
+    web = fleet.repo.get_vm("web")
+    compliance.admit_migration(web, "h1", force=False, role="admin", principal="token:ops")  # h1 is empty now
+    record = MigrationRecord(
+        id="m-ci",
+        vm_id="id-ci",
+        source="h3",
+        destination="h1",
+        shared_storage=False,
+        phase="transferring",
+        principal="token:ops",
+        generation=1,
+        requested_at=clock.now(),
+        updated_at=clock.now(),
+    )
+    fleet.repo.add_migration(record)
+    with pytest.raises(errors.PolicyRefused, match="neighbour"):
+        compliance.admit_migration(web, "h1", force=False, role="admin", principal="token:ops")
+    assert compliance.migration_target(web, ["h1"]) is None
+    request = VMRequest(
+        name="web-2",
+        tenant="acme",
+        memory_mb=128,
+        vcpus=1,
+        disk_bytes=1 << 26,
+        profile={"environment": "production"},
+        host="h1",
+    )
+    with pytest.raises(errors.PolicyRefused):
+        compliance.admit_creation(request, fleet.repo.list_hosts(), "token:ops")
+    assert compliance.index().vm("id-ci").host == "h3"  # judging left the index as it was
+    fleet.repo.advance_migration("m-ci", "rolled_back", clock.now(), outcome="rolled_back")
+    compliance.admit_migration(web, "h1", force=False, role="admin", principal="token:ops")
 
 
 def test_two_policies_that_together_leave_no_host_are_refused_at_apply(world):

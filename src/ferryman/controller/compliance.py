@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,15 +122,18 @@ class Compliance:
             host=None,
         )
         names = {h.name: h for h in candidates}
+        with self._arrived(self._in_flight()):
+            if req.host is not None:
+                reasons = [str(r.message) for r in self._index.admit(vm, req.host)]
+            else:
+                exclude = [h for h in self._index_hosts() if h not in names]
+                decision = self._index.place(vm, exclude=exclude)
         if req.host is not None:
-            reasons = [str(r.message) for r in self._index.admit(vm, req.host)]
             if reasons:
                 self._refuse_or_force(
                     f"creating {req.name} on {req.host}", reasons, req.force, req.role, principal, host=req.host
                 )
             return names[req.host]
-        exclude = [h for h in self._index_hosts() if h not in names]
-        decision = self._index.place(vm, exclude=exclude)
         if decision.host is None:
             raise errors.PolicyRefused(f"no host may take {req.name}: {decision.summary()}", [decision.summary()])
         return names[decision.host]
@@ -143,7 +146,8 @@ class Compliance:
             return
         placement = self.repo.current_placement(vm.id)
         facts = _vm_facts(vm, placement.host if placement else None)
-        reasons = [str(r.message) for r in self._index.admit(facts, destination)]
+        with self._arrived(self._in_flight(excluding=vm.id)):
+            reasons = [str(r.message) for r in self._index.admit(facts, destination)]
         if automatic and not self._index.migration_rules(vm.id).auto_balance:
             reasons.append(f"the policies of {vm.name} forbid automatic moves")
         if reasons:
@@ -164,12 +168,33 @@ class Compliance:
         placement = self.repo.current_placement(vm.id)
         exclude = [h for h in self._index_hosts() if h not in allowed]
         facts = _vm_facts(vm, placement.host if placement else None)
+        with self._arrived({**self._in_flight(excluding=vm.id), **(planned or {})}):
+            return index.place(facts, exclude=exclude).host
+
+    def _in_flight(self, *, excluding: str | None = None) -> dict[str, str]:
+        """VM id -> destination of every unfinished migration (but ``excluding``'s): admission counts them as
+        arrived, so two requests racing for one host are judged together, not each against the host as it is."""
+        return {
+            r.vm_id: r.destination
+            for r in self.repo.list_migrations(active_only=True, limit=1000)
+            if r.vm_id != excluding
+        }
+
+    @contextlib.contextmanager
+    def _arrived(self, moves: Mapping[str, str]) -> Iterator[None]:
+        """Within the block the index places each VM of ``moves`` on its destination; afterwards where it was."""
+        index = self.index()
         undo: list[tuple[str, str | None]] = []
         try:
-            for vm_id, target in (planned or {}).items():
-                undo.append((vm_id, index.vm(vm_id).host))
-                index.move_vm(vm_id, target)
-            return index.place(facts, exclude=exclude).host
+            for vm_id, target in moves.items():
+                try:
+                    was = index.vm(vm_id).host
+                except errors.NotFound:
+                    continue  # not in the index (deleted meanwhile)
+                if was != target:
+                    index.move_vm(vm_id, target)
+                    undo.append((vm_id, was))
+            yield
         finally:
             for vm_id, host in reversed(undo):
                 index.move_vm(vm_id, host)
