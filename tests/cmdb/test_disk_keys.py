@@ -145,3 +145,31 @@ def test_shared_storage_copies_share_the_key_in_rows_of_their_own(keys: DiskKeys
     assert keys.get(dst) == key
     with pytest.raises(NotFound):
         keys.share(src, Copy("id-web", "h3", 2))
+
+
+def test_a_rotation_that_failed_after_the_destruction_happens_on_the_next_call(
+    keys: DiskKeys, web: SqlRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows go first, then the KEK rotates: if the rotation fails, the next destroy (nothing left to destroy)
+    or the controller's next start still rotates, so the destroyed key's old KEK does not survive."""
+    keys.create(Copy("id-web", "h1", 1))
+    keys.create(Copy("id-web", "h2", 2))
+    real = DiskKeys._new_kek
+
+    def failing(self: DiskKeys, kek_id: int) -> int:
+        raise StorageError("disk full")
+
+    monkeypatch.setattr(DiskKeys, "_new_kek", failing)
+    with pytest.raises(StorageError):
+        keys.destroy("id-web", "test", host="h1")
+    monkeypatch.setattr(DiskKeys, "_new_kek", real)
+    assert (keys.dir / "kek-1").exists()  # not rotated yet
+    restarted = DiskKeys(web, keys.dir, FixedClock())  # a controller start finishes it
+    assert sorted(p.name for p in keys.dir.iterdir()) == ["kek-2"]
+    assert restarted.get(Copy("id-web", "h2", 2))
+    monkeypatch.setattr(DiskKeys, "_new_kek", failing)
+    with pytest.raises(StorageError):
+        restarted.destroy("id-web", "test", host="h2")
+    monkeypatch.setattr(DiskKeys, "_new_kek", real)
+    assert restarted.destroy("id-web", "again", host="h2") == []  # nothing left to destroy, but it rotates
+    assert sorted(p.name for p in keys.dir.iterdir()) == ["kek-3"]

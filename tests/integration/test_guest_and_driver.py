@@ -23,7 +23,7 @@ from ferryman.agent.hypervisor import procscan
 from ferryman.agent.hypervisor.backup import live_snapshot
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.hypervisor.qmp import GONE, QemuDriver
-from ferryman.agent.storage.scrub import is_encrypted_image, luks_passphrase
+from ferryman.agent.storage.scrub import is_encrypted_image, luks_passphrase, run_qemu_tool
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
 from ferryman.core.models import DiskSpec, RunState, VMSpec
 from ferryman.lab import guest as guest_mod
@@ -428,6 +428,11 @@ async def test_live_snapshot_never_pauses_the_guest_and_holds_a_point_in_time(
     await wait_ready(driver, spec.vm_id)
     disk = driver.disk_paths(spec.vm_id)[0]
     assert len(await poll_records(disk, key)) > 0
+    # what an earlier snapshot whose agent died left in QEMU: its target node
+    leftover = tmp_path / "leftover.qcow2"
+    await asyncio.to_thread(run_qemu_tool, ["qemu-img", "create", "-q", "-f", "qcow2", str(leftover), "1M"])
+    node = {"driver": "qcow2", "node-name": "snapshot-target0", "file": {"driver": "file", "filename": str(leftover)}}
+    await driver.execute(spec.vm_id, "blockdev-add", node)
     events = driver.events()
     path = await live_snapshot(driver, spec.vm_id, 0, disk, DISK_BYTES, tmp_path / "snaps", "pre-test", key=key)
     await driver.execute(spec.vm_id, "query-status")  # a marker: every event before it has been delivered

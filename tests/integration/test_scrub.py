@@ -238,6 +238,21 @@ def test_crypto_erase_of_a_raw_luks_image(tmp_path: Path):
         run_qemu_tool(read, key=key)
 
 
+@needs_qemu_img
+def test_crypto_scrub_of_a_tree_erases_only_images_by_name(tmp_path: Path):
+    """A file that merely starts like an encrypted image (a guest writes the start of its console log) is zeroed
+    whole; only an encrypted file named as an image is crypto-erased."""
+    key = secrets.token_bytes(32)
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir()
+    create_encrypted_qcow2(vm_dir / "disk0.qcow2", 4 * MIB, key, iter_time_ms=10)
+    create_encrypted_qcow2(vm_dir / "console.log", 4 * MIB, key, iter_time_ms=10)
+    size = (vm_dir / "console.log").stat().st_size
+    receipts = {r.path.name: r for r in scrub_tree([vm_dir], ScrubMode.CRYPTO)}
+    assert receipts["disk0.qcow2"].mode is ScrubMode.CRYPTO
+    assert (receipts["console.log"].mode, receipts["console.log"].bytes) == (ScrubMode.ZERO, size)
+
+
 def _fde_offset(path: Path) -> int:
     """File offset of the LUKS header inside an encrypted qcow2 (its full-disk-encryption header extension)."""
     head = path.read_bytes()[: 64 << 10]

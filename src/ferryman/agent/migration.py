@@ -26,12 +26,18 @@ from cryptography import x509
 
 from ferryman.agent.hooks import HookPoint, run_hooks
 from ferryman.agent.hypervisor import migrate, procscan
-from ferryman.agent.hypervisor.backup import live_snapshot
+from ferryman.agent.hypervisor.backup import clear_leftovers, live_snapshot
 from ferryman.agent.hypervisor.qmp import LUKS_ITER_TIME_MS, QemuDriver
 from ferryman.agent.hypervisor.tlsdir import write_tls_dir
 from ferryman.agent.settings import AgentSettings
 from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_tree
-from ferryman.agent.storage.snapshots import list_snapshots, prune_and_scrub, restore_snapshot, snapshot_disk
+from ferryman.agent.storage.snapshots import (
+    leftover_partials,
+    list_snapshots,
+    prune_and_scrub,
+    restore_snapshot,
+    snapshot_disk,
+)
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.models import VMSpec
@@ -44,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 Side = Literal["source", "destination"]
 
+SNAPSHOT_S = 500.0  # a live snapshot's bound: within the controller's 600 s for the step, so no retry overlaps it
 VALIDATION_MIN_WAIT_S = 30.0  # how long validation waits, at least, for the migrated guest's next disk record
 
 
@@ -173,6 +180,9 @@ class MigrationAgent:
         taken = []
         tag = f"pre-{migration_id[:8]}"
         live = self._driver.is_alive(ticket.vm_id)
+        # what an interrupted snapshot left: its job and node in QEMU, then (once QEMU holds none) its partial file
+        if not live or await clear_leftovers(self._driver, ticket.vm_id):
+            await asyncio.to_thread(scrub_tree, leftover_partials(directory), ScrubMode.ZERO)
         for index, disk in enumerate(self._driver.disk_paths(ticket.vm_id) if self._snapshots_keep > 0 else []):
             # retention 0: no pre-migration snapshot at all; a retried step keeps the snapshot it took
             existing = [s.path for s in list_snapshots(directory) if s.tag == tag and s.disk == disk.stem]
@@ -180,7 +190,9 @@ class MigrationAgent:
                 path = existing[0]
             elif live:  # inside the running QEMU: the guest is never paused for the copy
                 size = spec.disks[index].size_bytes
-                path = await live_snapshot(self._driver, ticket.vm_id, index, disk, size, directory, tag, key=disk_key)
+                path = await live_snapshot(
+                    self._driver, ticket.vm_id, index, disk, size, directory, tag, key=disk_key, within=SNAPSHOT_S
+                )
             else:  # nothing holds the disk: copy it from outside
                 path = await asyncio.to_thread(
                     snapshot_disk, disk, directory, tag, key=disk_key, iter_time_ms=LUKS_ITER_TIME_MS

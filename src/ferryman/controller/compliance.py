@@ -15,6 +15,7 @@ is an alarm-level audit event.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from ferryman.scheduler.planner import Plan, plan_remediation
 log = structlog.get_logger(__name__)
 
 BREAK_GLASS_ROLES = frozenset({"admin"})
+IN_FLIGHT_LIMIT = 100_000  # unfinished migrations admission reads (the governor keeps far fewer running at once)
 """Roles whose tokens may force a placement against hard rules (audited as an alarm)."""
 
 
@@ -172,32 +174,36 @@ class Compliance:
             return index.place(facts, exclude=exclude).host
 
     def _in_flight(self, *, excluding: str | None = None) -> dict[str, str]:
-        """VM id -> destination of every unfinished migration (but ``excluding``'s): admission counts them as
-        arrived, so two requests racing for one host are judged together, not each against the host as it is."""
+        """VM id -> destination of every unfinished migration that is not rolling back (but ``excluding``'s):
+        admission counts each such VM on its destination as well as on its source, so two requests racing for one
+        host are judged together, and a rollback finds its source as it left it."""
         return {
             r.vm_id: r.destination
-            for r in self.repo.list_migrations(active_only=True, limit=1000)
-            if r.vm_id != excluding
+            for r in self.repo.list_migrations(active_only=True, limit=IN_FLIGHT_LIMIT)
+            if r.vm_id != excluding and r.phase != "rolling_back"
         }
 
     @contextlib.contextmanager
     def _arrived(self, moves: Mapping[str, str]) -> Iterator[None]:
-        """Within the block the index places each VM of ``moves`` on its destination; afterwards where it was."""
+        """Within the block the index also holds each VM of ``moves`` on its destination (a stand-in of the same
+        tenant, profile and size); afterwards the stand-ins are gone."""
         index = self.index()
-        undo: list[tuple[str, str | None]] = []
+        added: list[str] = []
         try:
             for vm_id, target in moves.items():
                 try:
-                    was = index.vm(vm_id).host
+                    facts = index.vm(vm_id)
                 except errors.NotFound:
                     continue  # not in the index (deleted meanwhile)
-                if was != target:
-                    index.move_vm(vm_id, target)
-                    undo.append((vm_id, was))
+                if facts.host == target:
+                    continue  # committed: it is there already
+                stand_in = dataclasses.replace(facts, id=f"arriving:{vm_id}", host=target)
+                index.add_vm(stand_in)
+                added.append(stand_in.id)
             yield
         finally:
-            for vm_id, host in reversed(undo):
-                index.move_vm(vm_id, host)
+            for stand_in_id in reversed(added):
+                index.remove_vm(stand_in_id)
 
     def place(self, tenant: str, profile: dict[str, str], memory_mb: int, name: str = "(new)") -> Any:
         """Where a new VM ``name`` of ``tenant`` with ``profile`` would go now, with every rejected host's reasons."""

@@ -359,6 +359,8 @@ class Fleet:
         for key, value in req.profile.items():
             if not key or not value:
                 raise errors.InvalidInput(f"bad profile label {key}={value}: use key=value")
+        if req.encrypted and self.keys is None:
+            raise errors.InvalidInput("this controller keeps no disk keys: it cannot create encrypted VMs")
         try:
             existing = self.repo.get_vm(req.name)
         except errors.NotFound:
@@ -384,12 +386,17 @@ class Fleet:
             created_at=self.clock.now(),
             encrypted=req.encrypted,
         )
-        if vm.encrypted and self.keys is None:
-            raise errors.InvalidInput("this controller keeps no disk keys: it cannot create encrypted VMs")
         self.reconciler.note_change(vm.id)
         vm = self.repo.add_vm(vm, host.name, self.clock.now())
-        # the key is stored (wrapped) before any agent sees it
-        key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
+        try:  # the key is stored (wrapped) before any agent sees it
+            key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
+        except errors.FerrymanError as err:
+            self.repo.delete_vm(vm.id, self.clock.now())
+            self.changed(Change(vm_id=vm.id))
+            self.audit(
+                "vm.create_failed", f"{vm.name}: no disk key: {err}", principal, vm=vm.id, severity=Severity.WARNING
+            )
+            raise
         self.changed(Change(vm_id=vm.id))
         self.audit(
             "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name

@@ -67,6 +67,9 @@ class DiskKeys:
         self._lock = threading.RLock()
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        self._pending = self.dir / "rotation-pending"
+        if self._pending.exists():  # keys were destroyed but the KEK they were wrapped with may still exist
+            self.rotate()
 
     # -- KEKs ----------------------------------------------------------------------------------------------------------
 
@@ -92,11 +95,15 @@ class DiskKeys:
             return ids[-1] if ids else self._new_kek(1)
 
     def _new_kek(self, kek_id: int) -> int:
-        try:
-            write_atomic(self._kek_path(kek_id), secrets.token_bytes(KEY_BYTES), mode=0o600)
-        except PKIError as err:
-            raise StorageError(f"cannot write a key-encryption key: {err}") from err
+        self._write(self._kek_path(kek_id), secrets.token_bytes(KEY_BYTES))
         return kek_id
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data, mode=0o600)
+        except PKIError as err:
+            raise StorageError(f"cannot write {path.name} in the key directory: {err}") from err
 
     # -- wrapping ------------------------------------------------------------------------------------------------------
 
@@ -171,9 +178,16 @@ class DiskKeys:
         KEK so no remnant of them unwraps. Returns the ids of the keys destroyed now (idempotent: [] the second time).
         """
         with self._lock:
+            # the mark makes the rotation survive a failure or crash after the rows are gone: the next destroy (or
+            # the controller's next start) rotates while it exists
+            pending = self._pending.exists()
+            self._write(self._pending, b"")
             gone = self.repo.destroy_disk_keys(vm_id, self.clock.now(), reason, host=host, generation=generation)
-            if gone:
+            if gone or pending:
                 self.rotate()
+            else:
+                _erase(self._pending)
+            if gone:
                 log.info("disk keys destroyed", vm=vm_id, host=host, generation=generation, keys=[k.id for k in gone])
             return [k.id for k in gone]
 
@@ -201,6 +215,7 @@ class DiskKeys:
             for kek_id in old:
                 if kek_id not in still:
                     _erase(self._kek_path(kek_id))
+            _erase(self._pending)
             return new
 
 

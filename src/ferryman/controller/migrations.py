@@ -477,9 +477,10 @@ class MigrationService:
         vm = self.repo.get_vm(state.vm_id)
         return with_key({}, self.fleet.disk_key(vm, state.source, self.repo.get_migration(mid).generation))
 
-    def _destination_key(self, mid: str, state: m.MigrationState) -> dict[str, Any]:
-        """The body field with the destination copy's disk key, made (and stored) on first use: a key of its own
-        for new images, or the source's for shared storage, where both copies open the same images."""
+    def _destination_key(self, mid: str, state: m.MigrationState, *, make: bool = False) -> dict[str, Any]:
+        """The body field with the destination copy's disk key. ``make`` (preparation only): made and stored on
+        first use, a key of its own for new images or the source's for shared storage, where both copies open the
+        same images; later steps only read it (NotFound if it is gone)."""
         vm = self.repo.get_vm(state.vm_id)
         if not vm.encrypted:
             return {}
@@ -487,6 +488,8 @@ class MigrationService:
             raise errors.InvalidInput(f"{vm.name} is encrypted but this controller keeps no disk keys")
         generation = self.repo.get_migration(mid).generation
         target = Copy(vm.id, state.destination, generation + 1)
+        if not make:
+            return with_key({}, self.fleet.keys.get(target))
         if state.shared_storage:
             key = self.fleet.keys.share(Copy(vm.id, state.source, generation), target)
         else:
@@ -525,7 +528,7 @@ class MigrationService:
             "source_dn": qemu_dn_of_host(state.source),
             "crl_pem": self._crl(),
             "shared_disks": [p for p in shared if p],
-            **self._destination_key(mid, state),
+            **self._destination_key(mid, state, make=True),
         }
         out = await self._call(state.destination, mid, "prepare", body, limit_s=120)
         return {"dst_address": out["address"], "migration_port": out["migration_port"], "nbd_port": out["nbd_port"]}

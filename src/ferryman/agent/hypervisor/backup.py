@@ -29,6 +29,7 @@ from ferryman.core.errors import HypervisorError
 log = structlog.get_logger(__name__)
 
 POLL_INTERVAL = 0.05
+JOB_PREFIX, TARGET_PREFIX = "snapshot", "snapshot-target"
 
 
 async def live_snapshot(
@@ -44,8 +45,10 @@ async def live_snapshot(
     within: float = 3600.0,
 ) -> Path:
     """Snapshot disk ``index`` (``disk`` on this host) of the running VM into ``dest_dir``; returns the snapshot."""
+    node, job = f"{TARGET_PREFIX}{index}", f"{JOB_PREFIX}{index}"
+    await clear_leftovers(driver, vm_id)
     partial, final = await asyncio.to_thread(snapshot_paths, disk, dest_dir, tag)
-    node, job = f"snapshot-target{index}", f"snapshot{index}"
+    node_gone = True
     try:
         await asyncio.to_thread(_create_target, partial, size_bytes, key, driver.qemu_img)
         target: dict[str, Any] = {
@@ -56,17 +59,43 @@ async def live_snapshot(
         if key is not None:
             target["encrypt"] = {"format": "luks", "key-secret": KEY_OBJECT_ID}
         await driver.execute(vm_id, "blockdev-add", target)
+        node_gone = False
         try:
             await _backup(driver, vm_id, f"disk{index}", node, job, within)
         finally:
             with contextlib.suppress(HypervisorError):
                 await driver.execute(vm_id, "blockdev-del", {"node-name": node})
+                node_gone = True
     except BaseException:
-        await asyncio.to_thread(_scrub_partial, partial)
+        if node_gone:
+            await asyncio.to_thread(_scrub_partial, partial)
+        else:  # QEMU may still write it: it stays, and goes with the snapshot directory's next scrub
+            log.warning("partial snapshot still open in QEMU; not scrubbed now", vm=vm_id, path=str(partial))
         raise
     await asyncio.to_thread(publish_snapshot, partial, final)
     log.info("disk snapshotted live", vm=vm_id, disk=str(disk), snapshot=str(final), encrypted=key is not None)
     return final
+
+
+async def clear_leftovers(driver: QemuDriver, vm_id: str) -> bool:
+    """End what an earlier snapshot left in QEMU (its agent died, or its caller gave up): jobs, then target nodes.
+    True when none is left, so no partial file is open in QEMU any more."""
+    jobs: list[dict[str, Any]] = await driver.execute(vm_id, "query-jobs")
+    for job in jobs:
+        job_id = str(job.get("id", ""))
+        if job_id.startswith(JOB_PREFIX):
+            with contextlib.suppress(HypervisorError):
+                await driver.execute(vm_id, "job-cancel", {"id": job_id})
+            await _dismiss_when_done(driver, vm_id, job_id)
+    for name in await _target_nodes(driver, vm_id):
+        with contextlib.suppress(HypervisorError):
+            await driver.execute(vm_id, "blockdev-del", {"node-name": name})
+    return not await _target_nodes(driver, vm_id)
+
+
+async def _target_nodes(driver: QemuDriver, vm_id: str) -> list[str]:
+    nodes: list[dict[str, Any]] = await driver.execute(vm_id, "query-named-block-nodes")
+    return [str(n["node-name"]) for n in nodes if str(n.get("node-name", "")).startswith(TARGET_PREFIX)]
 
 
 def _create_target(path: Path, size: int, key: bytes | None, qemu_img: str) -> None:

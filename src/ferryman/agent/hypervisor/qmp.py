@@ -438,7 +438,8 @@ class QemuDriver:
             if not vm_dir.is_dir():
                 raise NotFound(f"VM {vm_id} does not exist on this host")
             await self._terminate(vm_id)
-            mode = ScrubMode.CRYPTO if self.load_spec(vm_id).encrypted else ScrubMode.ZERO
+            # crypto-erase applies only to images named and made as such (scrub_tree checks); the rest is zeroed
+            mode = ScrubMode.CRYPTO
             receipts = await asyncio.to_thread(scrub_tree, [vm_dir], mode)
             self.forget_key(vm_id)
             self._log.info("vm destroyed", vm=vm_id, scrubbed_bytes=sum(r.bytes for r in receipts))
@@ -548,7 +549,8 @@ class QemuDriver:
         """Start QEMU and attach to it; if attaching fails the fresh process is killed, never left unmanaged."""
         pid = await self._spawn(spec, incoming)
         try:
-            await self._attach(spec.vm_id, pid)
+            # the monitor's tasks outlive this request: they start in an empty context, without its disk keys
+            await asyncio.create_task(self._attach(spec.vm_id, pid), context=contextvars.Context())
             return await self._runtime(spec.vm_id)
         except BaseException:
             procscan.kill(pid)

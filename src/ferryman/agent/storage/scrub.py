@@ -247,10 +247,17 @@ def _walk(root: Path) -> Iterator[tuple[Path, bool]]:
         yield root, False
 
 
+IMAGE_SUFFIXES = frozenset({".qcow2", ".luks"})
+"""Only files named as images (``disk0.qcow2``, ``.disk0.qcow2.replaced.partial``) are crypto-erased by
+:func:`scrub_tree`: a header alone proves nothing, since a guest writes the start of a fresh console log and could
+make it look like a LUKS header."""
+
+
 def _mode_for(path: Path, mode: ScrubMode) -> ScrubMode:
     if mode is not ScrubMode.CRYPTO:
         return mode
-    return ScrubMode.CRYPTO if path.is_file() and not path.is_symlink() and is_encrypted_image(path) else ScrubMode.ZERO
+    image = bool(IMAGE_SUFFIXES & set(path.suffixes)) and path.is_file() and not path.is_symlink()
+    return ScrubMode.CRYPTO if image and is_encrypted_image(path) else ScrubMode.ZERO
 
 
 def _scrub_regular(

@@ -106,13 +106,17 @@ def snapshot_paths(disk: Path, dest_dir: Path, tag: str, *, clock: Clock | None 
 
 
 def publish_snapshot(partial: Path, final: Path) -> None:
-    """Link a complete ``partial`` copy into place as snapshot ``final`` (Conflict, partial scrubbed, if taken)."""
-    partial.chmod(0o600)
+    """Link a complete ``partial`` copy into place as snapshot ``final`` (Conflict, partial scrubbed, if taken;
+    HypervisorError, partial scrubbed, if the filesystem refuses)."""
     try:
+        partial.chmod(0o600)
         os.link(partial, final)
     except FileExistsError as err:
         _scrub_quietly(partial)
         raise Conflict(f"snapshot {final.name} already exists") from err
+    except OSError as err:
+        _scrub_quietly(partial)
+        raise HypervisorError(f"cannot keep snapshot {final.name}: {err.strerror or err}") from err
     partial.unlink()  # the data stays reachable through ``final``: nothing is freed here
     _fsync_dir(final.parent)
 
