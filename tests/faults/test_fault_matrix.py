@@ -240,7 +240,7 @@ def drive(fl: FaultLab, case: Case, run: Run, row: Row) -> None:
     run.migration_id = api.post(f"/api/v1/vms/{run.vm_name}/migrate", body)["id"]
     if step:  # start the rollback this case strikes: a cancel, or a controller restart (recovery)
         start = fp / f"pause-at-{case.rollback_from}"
-        wait_for((fp / f"reached-{case.rollback_from}").exists, 120, f"{case.rollback_from}", interval_s=0.1)
+        held(fl, run, fp / f"reached-{case.rollback_from}", f"{case.rollback_from}")
         if case.rollback_from == "mirroring":
             api.post(f"/api/v1/migrations/{run.migration_id}/cancel")
             start.unlink()
@@ -251,7 +251,7 @@ def drive(fl: FaultLab, case: Case, run: Run, row: Row) -> None:
             start.unlink()
             lab.restart_controller()
     if case.fault != "pre-hook":
-        wait_for((fp / reached).exists, 120, f"the runner to hold at {pause}", interval_s=0.1)
+        held(fl, run, fp / reached, f"the runner to hold at {pause}")
     observe_acks(fl, run)
     run.fault_at = time.monotonic()
     release = (fp / pause).unlink
@@ -399,6 +399,15 @@ def migration(fl: FaultLab, run: Run) -> dict[str, Any]:
         except CliError:
             time.sleep(0.5)
     pytest.fail("the controller did not answer for a minute")
+
+
+def held(fl: FaultLab, run: Run, mark: Path, what: str) -> None:
+    """Wait for the runner's failpoint mark; if it never comes, say where the migration went instead."""
+    try:
+        wait_for(mark.exists, 120, what, interval_s=0.1)
+    except AssertionError as err:
+        m = fl.lab.api().get(f"/api/v1/migrations/{run.migration_id}")
+        raise AssertionError(f"{err}; the migration is {m['phase']} ({m['outcome']}): {m['error']}") from None
 
 
 def disk_key(fl: FaultLab, vm_id: str, host: str, generation: int) -> bytes | None:
