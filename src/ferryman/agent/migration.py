@@ -475,7 +475,6 @@ class MigrationAgent:
 
     async def _discard_destination(self, vm_id: str) -> list[ScrubReceipt]:
         paths = await migrate.abort_incoming(self._driver, vm_id)
-        self._driver.forget_key(vm_id)
         return await asyncio.to_thread(scrub_tree, paths, ScrubMode.CRYPTO)
 
     async def close(self, migration_id: str, token: str, role: Role) -> dict[str, Any]:
@@ -527,10 +526,8 @@ class MigrationAgent:
                 paths = []  # another migration's destination: not this ticket's to discard
             else:
                 paths = await migrate.abort_incoming(self._driver, ticket.vm_id)
-                self._driver.forget_key(ticket.vm_id)
         else:
             paths = await self._source_artefacts(ticket)
-            self._driver.forget_key(ticket.vm_id)
         paths.append(self._tls_dir(migration_id).parent)
         try:
             receipts = await asyncio.to_thread(scrub_tree, paths, mode)
@@ -555,7 +552,6 @@ class MigrationAgent:
         )
         with contextlib.suppress(errors.NotFound):
             await self._driver.kill(vm_id)
-        self._driver.forget_key(vm_id)
         disks = self._driver.disk_paths(vm_id)
         processes = await asyncio.to_thread(procscan.scan_qemu)
         in_use = {d for d in disks if any(proc.references(d) for proc in processes)}

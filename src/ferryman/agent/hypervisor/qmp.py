@@ -267,11 +267,6 @@ class QemuDriver:
         if key is not None:
             self._keys.set({**self._keys.get(), self._vm_dir(vm_id).name: key})
 
-    def forget_key(self, vm_id: str) -> None:
-        held = dict(self._keys.get())
-        held.pop(vm_id, None)
-        self._keys.set(held)
-
     def key_of(self, vm_id: str) -> bytes | None:
         """The VM's disk key if it is encrypted (NotFound: no such VM; InvalidInput: encrypted but no key given)."""
         return self._key_for(self.load_spec(vm_id))
@@ -441,7 +436,6 @@ class QemuDriver:
             # crypto-erase applies only to images named and made as such (scrub_tree checks); the rest is zeroed
             mode = ScrubMode.CRYPTO
             receipts = await asyncio.to_thread(scrub_tree, [vm_dir], mode)
-            self.forget_key(vm_id)
             self._log.info("vm destroyed", vm=vm_id, scrubbed_bytes=sum(r.bytes for r in receipts))
 
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
