@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static postgresql cpio kmod xz-utils zstd ca-certificates
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static postgresql cpio kmod xz-utils zstd ca-certificates openssl
               python3-venv iproute2 procps)
 
 missing=()

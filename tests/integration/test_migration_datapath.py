@@ -507,7 +507,8 @@ def test_tls_dir_is_private_and_refuses_mismatched_or_foreign_material(pki: Pki)
     a, c = pki.creds["host-a"], pki.creds["host-c"]
     assert stat.S_IMODE(pki.tls_a.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in pki.tls_a.iterdir()} == dict.fromkeys(
-        ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"], 0o600
+        ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem", "dh-params.pem"],
+        0o600,
     )
     assert check_tls_dir(pki.tls_a, "server") == check_tls_dir(pki.tls_a, "client") == pki.tls_a
     target = pki.root / "tls" / "bad"
@@ -524,6 +525,17 @@ def test_tls_dir_is_private_and_refuses_mismatched_or_foreign_material(pki: Pki)
     assert (target / "ca-crl.pem").exists()
     write_tls_dir(target, **good)
     assert not (target / "ca-crl.pem").exists()  # a CRL not passed again is not kept
+
+
+def test_tls_dir_carries_the_published_ffdhe2048_group(pki: Pki) -> None:
+    """The server's DH parameters are RFC 7919's ffdhe2048, so QEMU neither generates its own at each ``object-add``
+    nor uses a group nobody vetted. OpenSSL, a second implementation, names the group only if prime and generator
+    are exactly the published ones."""
+    path = pki.tls_a / "dh-params.pem"
+    described = subprocess.run(
+        ["openssl", "pkeyparam", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=True
+    )
+    assert "GROUP: ffdhe2048" in described.stdout
 
 
 async def test_migration_refuses_missing_tls_material_before_starting_qemu(lab: Lab) -> None:
