@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import ssl
 import time
 
@@ -82,6 +83,11 @@ def test_local_storage_migration_keeps_every_record_and_leaves_nothing(lab):
     assert code == 0, m
     assert (m["outcome"], m["source"], m["destination"]) == ("done", "host-a", "host-b")
     assert m["downtime_ms"] is not None and m["bytes_transferred"] > 0
+    # the validation counted from the record read at activation, and saw a newer one written on the destination
+    facts = m["data"]["facts"]
+    seen = re.fullmatch(r"running=True, disk records (\d+) -> (\d+)", facts["validation"])
+    assert seen is not None, facts
+    assert int(seen[1]) == facts["activation_seq"] >= before and int(seen[2]) > int(seen[1])
 
     shown = lab.cli_json("vm", "show", "mig-1")
     assert (shown["host"], shown["generation"], shown["state"]) == ("host-b", 2, "running")

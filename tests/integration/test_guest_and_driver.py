@@ -342,6 +342,25 @@ async def test_list_reports_hand_started_qemu_as_unmanaged(driver: QemuDriver, s
 
 
 @pytest.mark.qemu
+async def test_resident_set_fills_guest_memory_with_data(driver: QemuDriver, tmp_path: Path) -> None:
+    """``resident_mib`` makes the guest hold that much non-zero RAM, which a migration must carry; a resident set
+    the VM cannot hold is refused before QEMU starts."""
+    with pytest.raises(InvalidInput, match="resident set"):
+        await driver.create(make_spec("too-full", memory_mb=256, resident_mib=200))
+    spec = make_spec("resident", memory_mb=320, resident_mib=160)
+    await boot(driver, spec)
+    assert b"FERRYMAN-GUEST-RESIDENT mib=160" in driver.console_log(spec.vm_id).read_bytes()
+    dump = tmp_path / "ram"
+    await driver.execute(spec.vm_id, "pmemsave", {"val": 0, "size": 320 << 20, "filename": str(dump)})
+    page = 4096
+    with dump.open("rb") as fh:
+        used = sum(1 for chunk in iter(lambda: fh.read(page), b"") if chunk.count(0) != page)
+    dump.unlink()
+    # the kernel and initramfs alone fill well under 160 MiB of a fresh guest
+    assert used * page >= 160 << 20
+
+
+@pytest.mark.qemu
 async def test_qemu_and_lifecycle_errors_are_typed(driver: QemuDriver) -> None:
     """QEMU's own message surfaces in HypervisorError, nothing is left behind; unknown or malformed ids are refused."""
     spec = make_spec("too-big", memory_mb=64 * 1024 * 1024)

@@ -187,7 +187,8 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/validate")
     async def validate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.validate(mid, _ticket(body), disk_key(body))
+        since = body.get("since_seq")
+        return await m.validate(mid, _ticket(body), disk_key(body), since_seq=since)
 
     @app.post("/v1/migrations/{mid}/kill-destination")
     async def kill_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:

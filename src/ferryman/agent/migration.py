@@ -52,6 +52,7 @@ Side = Literal["source", "destination"]
 
 SNAPSHOT_S = 500.0  # a live snapshot's bound: within the controller's 600 s for the step, so no retry overlaps it
 VALIDATION_MIN_WAIT_S = 30.0  # how long validation waits, at least, for the migrated guest's next disk record
+VALIDATION_POLL_S = 0.05  # between two reads of the guest's records (each a qemu-io run of a few ms)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class MigrationAgent:
             "disk_paths": ",".join(str(p) for p in self._driver.disk_paths(ticket.vm_id)),
             "dirty_kib_per_s": spec.dirty_kib_per_s,
             "record_interval_ms": spec.record_interval_ms,
+            "resident_mib": spec.resident_mib,
         }
 
     # -- snapshots of the copy of record ---------------------------------------------------------------------------
@@ -420,13 +422,26 @@ class MigrationAgent:
         self._driver.set_generation(ticket.vm_id, generation)
         if alive:
             runtime = await migrate.activate_incoming(self._driver, ticket.vm_id)
-            return {"pid": runtime.pid, "generation": generation}
+            return {"pid": runtime.pid, "generation": generation, "last_seq": await self._last_seq(ticket.vm_id)}
         # The committed copy's QEMU died. Its disks are complete (the mirror converged before the switch-over and
         # the commit), so roll forward by booting the VM from them: the guest restarts, its acknowledged records stay.
         log.warning("destination QEMU gone after the commit; booting from its disks", migration=migration_id)
         self._driver.mark_activated(ticket.vm_id)
         runtime = await self._driver.start(ticket.vm_id)
-        return {"pid": runtime.pid, "generation": generation, "restarted": True}
+        last_seq = await self._last_seq(ticket.vm_id)
+        return {"pid": runtime.pid, "generation": generation, "restarted": True, "last_seq": last_seq}
+
+    async def _last_seq(self, vm_id: str) -> int | None:
+        """The guest's newest disk record now, read right after activation: validation then counts every record
+        written since, so it need not wait for one more after it starts. None if the disk cannot be read now
+        (validation then reads its own starting point). A record the guest writes between ``cont`` and this read
+        only raises the bar; it never lets an older record pass for a new one."""
+        try:
+            disk = self._driver.disk_paths(vm_id)[0]
+            return await asyncio.to_thread(read_last_seq, disk, key=self._driver.key_of(vm_id))
+        except errors.FerrymanError as err:
+            log.warning("cannot read the guest's records after activation", vm=vm_id, error=str(err))
+            return None
 
     async def check_destination(self, migration_id: str, token: str) -> dict[str, Any]:
         """Just before the commit: the destination's QEMU is alive, still unactivated, its incoming migration
@@ -443,22 +458,28 @@ class MigrationAgent:
         ok = progress.status is migrate.MigrationStatus.COMPLETED and status == "paused"
         return {"ok": ok, "detail": f"incoming migration {progress.status}, guest {status}"}
 
-    async def validate(self, migration_id: str, token: str, key: bytes | None = None) -> dict[str, Any]:
+    async def validate(
+        self, migration_id: str, token: str, key: bytes | None = None, *, since_seq: int | None = None
+    ) -> dict[str, Any]:
         """After activation: the guest runs here and keeps appending disk records (read from the host side, with
-        the copy's key if it is encrypted)."""
+        the copy's key if it is encrypted). ``since_seq``: the newest record at activation (see :meth:`activate`);
+        a record after it proves the guest ran here since. Without it the newest record now is the bar."""
         ticket = self.check(migration_id, token, "destination", committed=True)
+        if since_seq is not None and (isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0):
+            raise errors.InvalidInput(f"bad since_seq {since_seq!r}: give the record number read at activation")
         spec = self._driver.load_spec(ticket.vm_id)
         self._driver.use_key(ticket.vm_id, key)
         disk_key = self._driver.key_of(ticket.vm_id)
         if not self._driver.is_alive(ticket.vm_id):
             return {"ok": False, "running": False, "detail": "no QEMU of the VM runs here"}
         disk = self._driver.disk_paths(ticket.vm_id)[0]
-        before = after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
+        after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
+        before = after if since_seq is None else since_seq
         # a new record proves the guest runs and writes here; a guest still booting needs longer than one interval
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(3 * spec.record_interval_ms / 1000, VALIDATION_MIN_WAIT_S)
         while after <= before and loop.time() < deadline:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(VALIDATION_POLL_S)
             after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
         running = [rt for rt in await self._driver.list() if rt.vm_id == ticket.vm_id and rt.run_state == "running"]
         ok = bool(running) and after > before

@@ -224,6 +224,9 @@ def vm_create(
     host: Annotated[str | None, typer.Option(help="pin to this host")] = None,
     dirty_rate: Annotated[int, typer.Option("--dirty-kib", help="guest memory dirtying rate, KiB/s")] = 256,
     record_interval: Annotated[int, typer.Option("--record-ms", help="guest disk record interval, ms")] = 1000,
+    resident: Annotated[
+        int, typer.Option("--resident-mib", help="guest RAM filled with data at boot (what migrations carry), MiB")
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="break glass: ignore hard placement rules (audited)")] = False,
     encrypted: Annotated[
         bool, typer.Option("--encrypted", help="LUKS-encrypted disks under per-copy keys (crypto-erase on discard)")
@@ -241,6 +244,7 @@ def vm_create(
         "host": host,
         "dirty_kib_per_s": dirty_rate,
         "record_interval_ms": record_interval,
+        "resident_mib": resident,
         "force": force,
         "encrypted": encrypted,
     }

@@ -221,6 +221,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             host=body.host,
             dirty_kib_per_s=body.dirty_kib_per_s,
             record_interval_ms=body.record_interval_ms,
+            resident_mib=body.resident_mib,
             force=body.force,
             role=who.role,
             encrypted=body.encrypted,

@@ -37,6 +37,7 @@ from ferryman.core.models import (
     VMSpec,
     VMState,
     check_name,
+    check_resident,
     next_vm_state,
 )
 from ferryman.pki.ca import CertificateAuthority
@@ -66,6 +67,7 @@ class VMRequest:
     host: str | None = None
     dirty_kib_per_s: int = 256
     record_interval_ms: int = 1000
+    resident_mib: int = 0  # lab guest: RAM it fills with non-zero data at boot
     force: bool = False  # break glass: place against hard policy rules (role permitting; audited)
     role: str = "admin"  # the requesting principal's role
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys (crypto-erase when a copy is discarded)
@@ -356,6 +358,7 @@ class Fleet:
             raise errors.InvalidInput("disk must be between 1M and 1T")
         if not 1 <= req.vcpus <= 64:
             raise errors.InvalidInput("vcpus must be between 1 and 64")
+        check_resident(req.resident_mib, req.memory_mb)
         for key, value in req.profile.items():
             if not key or not value:
                 raise errors.InvalidInput(f"bad profile label {key}={value}: use key=value")
@@ -412,6 +415,7 @@ class Fleet:
             dirty_kib_per_s=req.dirty_kib_per_s,
             record_interval_ms=req.record_interval_ms,
             encrypted=vm.encrypted,
+            resident_mib=req.resident_mib,
         )
         try:
             await self.agents.create_vm(host, spec, self.lease(vm, host.name), key)

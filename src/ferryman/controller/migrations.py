@@ -503,6 +503,7 @@ class MigrationService:
             "disk_paths": out.get("disk_paths"),
             "dirty_kib_per_s": out.get("dirty_kib_per_s"),
             "record_interval_ms": out.get("record_interval_ms"),
+            "resident_mib": out.get("resident_mib"),
         }
 
     def _spec(self, state: m.MigrationState) -> VMSpec:
@@ -519,6 +520,7 @@ class MigrationService:
             dirty_kib_per_s=int(f.get("dirty_kib_per_s") or 256),
             record_interval_ms=int(f.get("record_interval_ms") or 1000),
             encrypted=vm.encrypted,
+            resident_mib=int(f.get("resident_mib") or 0),
         )
 
     async def _step_prepare_destination(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
@@ -605,7 +607,7 @@ class MigrationService:
         )
         if out.get("restarted"):
             self._restarted(mid, state, state.destination)
-        return {"activated_generation": out.get("generation")}
+        return {"activated_generation": out.get("generation"), "activation_seq": out.get("last_seq")}
 
     async def _step_retire_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         await self._call(state.source, mid, "retire", {})
@@ -648,11 +650,14 @@ class MigrationService:
     async def _step_post_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Validation first (the guest runs on the destination and its disk records continue), then the hooks."""
         key = self._destination_key(mid, state)
-        check = await self._call(state.destination, mid, "validate", key, limit_s=120)
+        since = state.facts.get("activation_seq")  # records after it were written on the destination
+        body = key if since is None else {**key, "since_seq": since}
+        check = await self._call(state.destination, mid, "validate", body, limit_s=120)
         if not check["ok"] and not check.get("running", True):
             # the committed copy's QEMU is gone: activation boots it again from its disks (roll forward), once
-            await self._step_activate(mid, state)
-            check = await self._call(state.destination, mid, "validate", key, limit_s=120)
+            since = (await self._step_activate(mid, state)).get("activation_seq")
+            body = key if since is None else {**key, "since_seq": since}
+            check = await self._call(state.destination, mid, "validate", body, limit_s=120)
         if not check["ok"]:
             raise errors.HypervisorError(f"validation on {state.destination} failed: {check['detail']}")
         return {

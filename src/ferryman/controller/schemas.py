@@ -115,6 +115,7 @@ class VMIn(_In):
     host: str | None = None
     dirty_kib_per_s: int = Field(default=256, ge=0, le=1 << 20)
     record_interval_ms: int = Field(default=1000, ge=50, le=600_000)
+    resident_mib: int = Field(default=0, ge=0, le=1 << 20)  # lab guest: RAM it fills with data at boot
     force: bool = False  # break glass: against hard placement rules (role permitting; audited)
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys the controller holds
 

@@ -180,6 +180,19 @@ class DiskSpec:
     size_bytes: int
 
 
+GUEST_HEADROOM_MIB = 96
+"""Guest RAM the lab guest needs besides its resident set: kernel, initramfs, the dirtied area."""
+
+
+def check_resident(resident_mib: int, memory_mb: int) -> None:
+    """InvalidInput unless the guest can hold ``resident_mib`` of filled RAM within ``memory_mb``."""
+    if resident_mib < 0 or (resident_mib and resident_mib + GUEST_HEADROOM_MIB > memory_mb):
+        raise InvalidInput(
+            f"bad resident set {resident_mib} MiB for a {memory_mb} MiB VM: "
+            f"give 0 to {max(memory_mb - GUEST_HEADROOM_MIB, 0)} MiB"
+        )
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """What an agent needs to run a VM. The guest workload knobs travel on the kernel command line."""
@@ -194,6 +207,7 @@ class VMSpec:
     dirty_kib_per_s: int = 256
     record_interval_ms: int = 1000
     encrypted: bool = False  # the disks open only with the copy's key, which the controller gives per launch
+    resident_mib: int = 0  # guest RAM the workload fills with non-zero data at boot (what a migration must carry)
 
 
 class RunState(enum.StrEnum):

@@ -36,6 +36,7 @@ def spec_from_dict(raw: dict[str, Any]) -> VMSpec:
             dirty_kib_per_s=int(raw.get("dirty_kib_per_s", 256)),
             record_interval_ms=int(raw.get("record_interval_ms", 1000)),
             encrypted=bool(raw.get("encrypted", False)),
+            resident_mib=int(raw.get("resident_mib", 0)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidInput(f"malformed VM spec: {err}") from err

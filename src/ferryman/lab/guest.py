@@ -64,7 +64,9 @@ def init_script() -> bytes:
     return resources.files("ferryman.lab").joinpath("guest_init.sh").read_bytes()
 
 
-def kernel_cmdline(vm_id: str, canary: str, *, dirty_kib: int = 256, interval_ms: int = 1000) -> str:
+def kernel_cmdline(
+    vm_id: str, canary: str, *, dirty_kib: int = 256, interval_ms: int = 1000, resident_mib: int = 0
+) -> str:
     """The kernel command line that boots the guest fast on a serial console and passes its workload knobs.
 
     Raises :class:`InvalidInput` for a value the command line cannot carry (spaces, quotes, empty).
@@ -72,12 +74,14 @@ def kernel_cmdline(vm_id: str, canary: str, *, dirty_kib: int = 256, interval_ms
     for label, value in (("vm id", vm_id), ("canary", canary)):
         if not _PARAM_RE.match(value):
             raise InvalidInput(f"bad {label} {value!r}: use 1-128 of letters, digits and ._:@+-")
-    if dirty_kib < 0 or interval_ms < 1:
-        raise InvalidInput(f"bad guest workload: dirty_kib={dirty_kib} interval_ms={interval_ms}")
+    if dirty_kib < 0 or interval_ms < 1 or resident_mib < 0:
+        raise InvalidInput(
+            f"bad guest workload: dirty_kib={dirty_kib} interval_ms={interval_ms} resident_mib={resident_mib}"
+        )
     return (
         "console=ttyS0 quiet panic=-1 i8042.noaux i8042.nokbd i8042.nopnp no_timer_check"
         f" ferryman.vm={vm_id} ferryman.canary={canary} ferryman.dirty_kib={dirty_kib}"
-        f" ferryman.interval_ms={interval_ms}"
+        f" ferryman.interval_ms={interval_ms} ferryman.resident_mib={resident_mib}"
     )
 
 

@@ -9,7 +9,8 @@
 #   * "FMACK N" on the serial console, printed only after record N has been flushed to the disk.
 #
 # Parameters come from the kernel command line: ferryman.vm=<id> ferryman.canary=<string>
-# ferryman.dirty_kib=<KiB dirtied per second, default 256> ferryman.interval_ms=<record interval, default 1000>.
+# ferryman.dirty_kib=<KiB dirtied per second, default 256> ferryman.interval_ms=<record interval, default 1000>
+# ferryman.resident_mib=<MiB of RAM filled with non-zero data at boot, default 0: a working set to migrate>.
 # It must stay cheap: several of these guests share two host cores under TCG.
 
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp
@@ -30,6 +31,7 @@ VM=unknown
 CANARY=none
 DIRTY_KIB=256
 INTERVAL_MS=1000
+RESIDENT_MIB=0
 read -r CMDLINE < /proc/cmdline
 for word in $CMDLINE; do
     case "$word" in
@@ -37,10 +39,12 @@ for word in $CMDLINE; do
         ferryman.canary=*) CANARY="${word#*=}" ;;
         ferryman.dirty_kib=*) DIRTY_KIB="${word#*=}" ;;
         ferryman.interval_ms=*) INTERVAL_MS="${word#*=}" ;;
+        ferryman.resident_mib=*) RESIDENT_MIB="${word#*=}" ;;
     esac
 done
 case "$DIRTY_KIB" in '' | *[!0-9]*) DIRTY_KIB=256 ;; esac
 case "$INTERVAL_MS" in '' | *[!0-9]*) INTERVAL_MS=1000 ;; esac
+case "$RESIDENT_MIB" in '' | *[!0-9]*) RESIDENT_MIB=0 ;; esac
 
 # The canary lives in RAM (tmpfs pages) so that a memory image of this guest contains it.
 i=0
@@ -53,6 +57,33 @@ done > /run/canary
 BUF_KIB=2048
 PIECE_KIB=1024
 dd if=/dev/urandom of=/run/random bs=1024 count=$BUF_KIB 2>/dev/null
+
+# The resident set: RESIDENT_MIB of tmpfs pages holding non-zero bytes, like a workload's heap and caches. They are
+# written once, so a migration carries them in its first pass. 64 MiB pieces built from the random buffer keep it
+# fast under TCG; pages repeat across pieces, which QEMU does not exploit (only zero pages are cheap).
+fill_resident() {
+    [ "$RESIDENT_MIB" -gt 0 ] || return 0
+    mkdir -p /resident
+    mount -t tmpfs -o size=$((RESIDENT_MIB + 1))m,mode=0700 tmpfs /resident
+    first=$RESIDENT_MIB
+    [ "$first" -le 64 ] || first=64
+    k=0
+    while [ $k -lt "$first" ]; do
+        head -c 1048576 /run/random
+        k=$((k + 1))
+    done > /resident/fill0
+    left=$((RESIDENT_MIB - first))
+    n=1
+    while [ "$left" -gt 0 ]; do
+        mib=$left
+        [ "$mib" -le 64 ] || mib=64
+        head -c $((mib * 1048576)) /resident/fill0 > "/resident/fill$n"
+        left=$((left - mib))
+        n=$((n + 1))
+    done
+    echo "FERRYMAN-GUEST-RESIDENT mib=$RESIDENT_MIB"
+}
+fill_resident
 
 # Rewrites a tmpfs area with random bytes, a quarter of the per-second budget every 250 ms. The area is at least
 # one second's worth of writes, so a second dirties that many distinct pages.

@@ -68,11 +68,14 @@ class Lab:
         say: Say = lambda _msg: None,
         host_storage: dict[str, Path] | None = None,
         controller_env: dict[str, str] | None = None,
+        host_memory_mb: int = 1024,
     ) -> None:
         """``host_storage`` puts a host's state (disks, snapshots, PKI) in a directory of its own, e.g. on a separate
         filesystem; by default every host lives under ``lab_dir/hosts``. ``controller_env`` adds environment
-        variables to the controller's (e.g. ``FERRYMAN_FAILPOINTS_DIR`` for fault-injection tests)."""
+        variables to the controller's (e.g. ``FERRYMAN_FAILPOINTS_DIR`` for fault-injection tests).
+        ``host_memory_mb``: the guest memory each host offers the placement."""
         self.dir = lab_dir.resolve()
+        self._host_memory_mb = host_memory_mb
         self._controller_env = dict(controller_env or {})
         self._host_storage = {name: path.resolve() for name, path in (host_storage or {}).items()}
         self.say = say
@@ -221,7 +224,7 @@ class Lab:
                     "agent_port": state.agent_port,
                     "virt_type": state.accel,
                     "hypervisor": "qemu",
-                    "memory_mb": 1024,
+                    "memory_mb": self._host_memory_mb,
                     **labels,
                 },
             )

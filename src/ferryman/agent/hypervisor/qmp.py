@@ -56,7 +56,7 @@ from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.storage.scrub import KEY_OBJECT_ID, create_encrypted_qcow2, luks_passphrase
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
-from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name
+from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name, check_resident
 from ferryman.lab.guest import GuestImage, kernel_cmdline
 
 GONE = "GONE"
@@ -515,9 +515,7 @@ class QemuDriver:
 
     def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
-        cmdline = kernel_cmdline(
-            spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms
-        )
+        cmdline = _cmdline(spec)
         argv = [self.qemu_binary, "-name", f"{spec.name},debug-threads=on", "-uuid", spec.vm_id]
         argv += machine_args(
             self.guest,
@@ -762,7 +760,18 @@ def _validate(spec: VMSpec) -> None:
         raise InvalidInput(f"bad VM size: memory_mb={spec.memory_mb} vcpus={spec.vcpus}")
     if any(disk.size_bytes < 512 for disk in spec.disks):
         raise InvalidInput("every disk needs at least 512 bytes")
-    kernel_cmdline(spec.vm_id, spec.canary, dirty_kib=spec.dirty_kib_per_s, interval_ms=spec.record_interval_ms)
+    check_resident(spec.resident_mib, spec.memory_mb)
+    _cmdline(spec)
+
+
+def _cmdline(spec: VMSpec) -> str:
+    return kernel_cmdline(
+        spec.vm_id,
+        spec.canary,
+        dirty_kib=spec.dirty_kib_per_s,
+        interval_ms=spec.record_interval_ms,
+        resident_mib=spec.resident_mib,
+    )
 
 
 async def _wait_exit(pid: int, seconds: float) -> bool:
