@@ -42,7 +42,18 @@ log = structlog.get_logger(__name__)
 ACTIVE_STATES = {VMState.RUNNING}
 COMMIT_CHECK_DELAY_S = 0.5  # before asking an unreachable destination again whether it may take over; doubles
 RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
-PROGRESS_POLL_S = 0.1  # how often the runner reads the RAM stream's progress (the switch-over waits for the next read)
+PROGRESS_POLL_MIN_S = 0.1  # the runner reads the RAM stream's progress this often near its end (the switch-over waits
+PROGRESS_POLL_MAX_S = 1.0  # for the next read), and this often while much remains: each read costs both hosts CPU
+
+
+def next_progress_poll_s(progress: dict[str, Any]) -> float:
+    """How long to wait before reading a RAM stream's progress again: half the time the rest should take at the
+    current rate, within [PROGRESS_POLL_MIN_S, PROGRESS_POLL_MAX_S]. A long transfer is read about once a second,
+    its completion still noticed within about PROGRESS_POLL_MIN_S."""
+    rate, remaining = float(progress.get("rate_bytes_per_s") or 0), float(progress.get("remaining_bytes") or 0)
+    if rate <= 0:
+        return PROGRESS_POLL_MIN_S
+    return min(max(remaining / rate / 2, PROGRESS_POLL_MIN_S), PROGRESS_POLL_MAX_S)
 
 
 class MigrationService:
@@ -591,7 +602,7 @@ class MigrationService:
                 stalled_since, last = loop.time(), progress["transferred_bytes"]
             if loop.time() - stalled_since > self.governor.progress_timeout_s or loop.time() > deadline:
                 raise errors.TransientError("RAM transfer made no progress in time")
-            await asyncio.sleep(PROGRESS_POLL_S)
+            await asyncio.sleep(next_progress_poll_s(progress))
         out = await self._call(state.source, mid, "switchover", {"within": 120}, limit_s=180)
         return {
             "transferred_bytes": out["transferred_bytes"],
