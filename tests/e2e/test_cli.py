@@ -116,6 +116,7 @@ def test_vm_lifecycle_commands(lab):
         (("vm", "create", "web-1", "--tenant", "acme"), "already exists"),
         (("vm", "create", "x-1", "--tenant", "acme", "--host", "host-z"), "host 'host-z' not found"),
         (("vm", "create", "x-2", "--tenant", "acme", "--profile", "novalue"), "bad --profile"),
+        (("vm", "create", "x-3", "--tenant", "acme", "--memory", "128", "--resident-mib", "64"), "bad resident set"),
         (("host", "neighbours", "host-a", "--at", "yesterday"), "bad time"),
         (("host", "show", "host-z"), "host 'host-z' not found"),
     ],
