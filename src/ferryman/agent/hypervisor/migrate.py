@@ -26,8 +26,8 @@ has them set, and has no parameter that turns them off (DESIGN.md invariant 4). 
 resumes a VM unless asked to, never retries, and every wait is bounded.
 
 Multifd (several TLS channels) is available through ``multifd_channels`` on both ends. On the lab machine (2 cores,
-TCG, 128 MiB guest over loopback) it measured no faster than one channel (and adds the setup of a TLS handshake per
-channel), so it is off by default.
+TCG, loopback) two channels measured no faster than one, with a 128 MiB guest and with a 1 GiB guest holding 768 MiB
+of data (4.99 s against 4.97 s, median of 3); each channel adds a TLS handshake, so it is off by default.
 
 QEMU 7.2 behaviours the caller must know:
 
