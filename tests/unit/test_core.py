@@ -8,7 +8,7 @@ import pytest
 
 from ferryman.core.clock import parse_time
 from ferryman.core.errors import Conflict, InvalidInput
-from ferryman.core.models import GUEST_HEADROOM_MIB, VMAction, VMState, check_name, check_resident, next_vm_state
+from ferryman.core.models import VMAction, VMState, check_name, check_resident, max_resident_mib, next_vm_state
 from ferryman.core.units import parse_mib, parse_size
 
 
@@ -105,7 +105,8 @@ def test_bad_names(name):
 
 def test_resident_set_must_leave_the_guest_its_headroom() -> None:
     check_resident(0, 128)
-    check_resident(512 - GUEST_HEADROOM_MIB, 512)
-    for resident, memory in ((512 - GUEST_HEADROOM_MIB + 1, 512), (1, 64), (-1, 1024)):
+    assert max_resident_mib(2048) == 2048 - 96 - 64  # fixed headroom plus 1/32 of RAM
+    check_resident(max_resident_mib(512), 512)
+    for resident, memory in ((max_resident_mib(512) + 1, 512), (1, 64), (-1, 1024)):
         with pytest.raises(InvalidInput, match="resident set"):
             check_resident(resident, memory)

@@ -171,7 +171,7 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/progress")
     async def progress(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        return await m.progress(mid, _ticket(body))
+        return await m.progress(mid, _ticket(body), wait_s=float(body.get("wait_s", 0)))
 
     @app.post("/v1/migrations/{mid}/switchover")
     async def switchover(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
@@ -187,8 +187,7 @@ def _migration_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:
 
     @app.post("/v1/migrations/{mid}/validate")
     async def validate(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:
-        since = body.get("since_seq")
-        return await m.validate(mid, _ticket(body), disk_key(body), since_seq=since)
+        return await m.validate(mid, _ticket(body), disk_key(body))
 
     @app.post("/v1/migrations/{mid}/kill-destination")
     async def kill_destination(mid: str, body: dict[str, Any], _: Controller) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import socket
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ Side = Literal["source", "destination"]
 
 SNAPSHOT_S = 500.0  # a live snapshot's bound: within the controller's 600 s for the step, so no retry overlaps it
 VALIDATION_MIN_WAIT_S = 30.0  # how long validation waits, at least, for the migrated guest's next disk record
-VALIDATION_POLL_S = 0.05  # between two reads of the guest's records (each a qemu-io run of a few ms)
+VALIDATION_POLL_S = 0.1  # between two reads of the guest's records (each a qemu-io run)
+ACTIVATION_FRESH_INTERVALS = 3  # validation counts from the activation's record only this many record intervals on
+PROGRESS_WAIT_MAX_S = 5.0  # the longest a progress request may wait for the RAM stream to settle
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,9 @@ class MigrationAgent:
             check_expiry=check_expiry,
         )
 
-    def _load(self, migration_id: str) -> dict[str, str] | None:
+    def _load(self, migration_id: str) -> dict[str, Any] | None:
         try:
-            loaded: dict[str, str] = json.loads(self._context_file(migration_id).read_text())
+            loaded: dict[str, Any] = json.loads(self._context_file(migration_id).read_text())
         except FileNotFoundError:
             return None
         except ValueError as err:
@@ -300,9 +303,19 @@ class MigrationAgent:
         )
         return {"status": str(progress.status)}
 
-    async def progress(self, migration_id: str, token: str) -> dict[str, Any]:
+    async def progress(self, migration_id: str, token: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """The RAM stream's progress. With ``wait_s`` (at most PROGRESS_WAIT_MAX_S) the answer waits until the
+        stream has settled (completed, failed, cancelled) or that time has passed, reading QEMU every
+        ``migrate.POLL_INTERVAL``: the runner learns of the completion at once without asking over and over."""
         ticket = self.check(migration_id, token, "source")
+        if not 0 <= wait_s <= PROGRESS_WAIT_MAX_S:
+            raise errors.InvalidInput(f"bad wait_s {wait_s}: give 0 to {PROGRESS_WAIT_MAX_S} seconds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
         p = await migrate.migration_progress(self._driver, ticket.vm_id)
+        while p.status not in migrate.SETTLED and loop.time() < deadline:
+            await asyncio.sleep(migrate.POLL_INTERVAL)
+            p = await migrate.migration_progress(self._driver, ticket.vm_id)
         mirrors = await migrate.mirror_progress(self._driver, ticket.vm_id)
         return {
             "status": str(p.status),
@@ -422,26 +435,47 @@ class MigrationAgent:
         self._driver.set_generation(ticket.vm_id, generation)
         if alive:
             runtime = await migrate.activate_incoming(self._driver, ticket.vm_id)
-            return {"pid": runtime.pid, "generation": generation, "last_seq": await self._last_seq(ticket.vm_id)}
+            last_seq = await self._note_activation(migration_id, ticket.vm_id)
+            return {"pid": runtime.pid, "generation": generation, "last_seq": last_seq}
         # The committed copy's QEMU died. Its disks are complete (the mirror converged before the switch-over and
         # the commit), so roll forward by booting the VM from them: the guest restarts, its acknowledged records stay.
         log.warning("destination QEMU gone after the commit; booting from its disks", migration=migration_id)
         self._driver.mark_activated(ticket.vm_id)
         runtime = await self._driver.start(ticket.vm_id)
-        last_seq = await self._last_seq(ticket.vm_id)
+        last_seq = await self._note_activation(migration_id, ticket.vm_id)
         return {"pid": runtime.pid, "generation": generation, "restarted": True, "last_seq": last_seq}
 
-    async def _last_seq(self, vm_id: str) -> int | None:
-        """The guest's newest disk record now, read right after activation: validation then counts every record
-        written since, so it need not wait for one more after it starts. None if the disk cannot be read now
-        (validation then reads its own starting point). A record the guest writes between ``cont`` and this read
-        only raises the bar; it never lets an older record pass for a new one."""
+    async def _note_activation(self, migration_id: str, vm_id: str) -> int | None:
+        """Read the guest's newest disk record right after activation (or a reboot of the committed copy) and keep
+        it, with the time, in the migration's context on this host: a validation soon after counts every record
+        written since, so it need not wait for one more after it starts. A record the guest writes between ``cont``
+        and this read only raises the bar. None (nothing kept) if the disk cannot be read now."""
         try:
             disk = self._driver.disk_paths(vm_id)[0]
-            return await asyncio.to_thread(read_last_seq, disk, key=self._driver.key_of(vm_id))
+            seq = await asyncio.to_thread(read_last_seq, disk, key=self._driver.key_of(vm_id))
         except errors.FerrymanError as err:
             log.warning("cannot read the guest's records after activation", vm=vm_id, error=str(err))
+            seq = None
+        stored = self._load(migration_id) or {}
+        stored.pop("activation_seq", None)
+        if seq is not None:
+            stored |= {"activation_seq": seq, "activated_at": self._clock.now().isoformat()}
+        with contextlib.suppress(OSError, errors.PKIError):  # without it, validation reads its own starting point
+            write_atomic(self._context_file(migration_id), json.dumps(stored).encode(), mode=0o600)
+        return seq
+
+    def _activation_bar(self, migration_id: str, interval_ms: int) -> int | None:
+        """The record read at activation, if that was at most ACTIVATION_FRESH_INTERVALS record intervals ago; an
+        older one could let records of a guest that has stopped writing since pass for fresh ones."""
+        stored = self._load(migration_id) or {}
+        seq, at = stored.get("activation_seq"), stored.get("activated_at")
+        if not isinstance(seq, int) or not isinstance(at, str):
             return None
+        try:
+            age = (self._clock.now() - dt.datetime.fromisoformat(at)).total_seconds()
+        except ValueError:
+            return None
+        return seq if 0 <= age <= ACTIVATION_FRESH_INTERVALS * interval_ms / 1000 else None
 
     async def check_destination(self, migration_id: str, token: str) -> dict[str, Any]:
         """Just before the commit: the destination's QEMU is alive, still unactivated, its incoming migration
@@ -458,23 +492,20 @@ class MigrationAgent:
         ok = progress.status is migrate.MigrationStatus.COMPLETED and status == "paused"
         return {"ok": ok, "detail": f"incoming migration {progress.status}, guest {status}"}
 
-    async def validate(
-        self, migration_id: str, token: str, key: bytes | None = None, *, since_seq: int | None = None
-    ) -> dict[str, Any]:
+    async def validate(self, migration_id: str, token: str, key: bytes | None = None) -> dict[str, Any]:
         """After activation: the guest runs here and keeps appending disk records (read from the host side, with
-        the copy's key if it is encrypted). ``since_seq``: the newest record at activation (see :meth:`activate`);
-        a record after it proves the guest ran here since. Without it the newest record now is the bar."""
+        the copy's key if it is encrypted). The bar is the record read at activation when that was recent (a record
+        after it proves the guest ran here since), else the newest record now."""
         ticket = self.check(migration_id, token, "destination", committed=True)
-        if since_seq is not None and (isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0):
-            raise errors.InvalidInput(f"bad since_seq {since_seq!r}: give the record number read at activation")
         spec = self._driver.load_spec(ticket.vm_id)
         self._driver.use_key(ticket.vm_id, key)
         disk_key = self._driver.key_of(ticket.vm_id)
         if not self._driver.is_alive(ticket.vm_id):
             return {"ok": False, "running": False, "detail": "no QEMU of the VM runs here"}
         disk = self._driver.disk_paths(ticket.vm_id)[0]
+        bar = self._activation_bar(migration_id, spec.record_interval_ms)
         after = await asyncio.to_thread(read_last_seq, disk, key=disk_key)
-        before = after if since_seq is None else since_seq
+        before = after if bar is None else bar
         # a new record proves the guest runs and writes here; a guest still booting needs longer than one interval
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(3 * spec.record_interval_ms / 1000, VALIDATION_MIN_WAIT_S)

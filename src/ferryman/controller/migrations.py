@@ -42,18 +42,9 @@ log = structlog.get_logger(__name__)
 ACTIVE_STATES = {VMState.RUNNING}
 COMMIT_CHECK_DELAY_S = 0.5  # before asking an unreachable destination again whether it may take over; doubles
 RETRY_DELAY_S = 2.0  # before a retryable step is retried; doubles with each retry of the same step
-PROGRESS_POLL_MIN_S = 0.1  # the runner reads the RAM stream's progress this often near its end (the switch-over waits
-PROGRESS_POLL_MAX_S = 1.0  # for the next read), and this often while much remains: each read costs both hosts CPU
-
-
-def next_progress_poll_s(progress: dict[str, Any]) -> float:
-    """How long to wait before reading a RAM stream's progress again: half the time the rest should take at the
-    current rate, within [PROGRESS_POLL_MIN_S, PROGRESS_POLL_MAX_S]. A long transfer is read about once a second,
-    its completion still noticed within about PROGRESS_POLL_MIN_S."""
-    rate, remaining = float(progress.get("rate_bytes_per_s") or 0), float(progress.get("remaining_bytes") or 0)
-    if rate <= 0:
-        return PROGRESS_POLL_MIN_S
-    return min(max(remaining / rate / 2, PROGRESS_POLL_MIN_S), PROGRESS_POLL_MAX_S)
+MIN_PROGRESS_GAP_S = 0.1
+PROGRESS_WAIT_S = 1.0  # a progress read waits this long on the source agent unless the RAM stream settles first:
+# about one request a second during a long transfer, and the completion is known within the agent's QMP poll (50 ms)
 
 
 class MigrationService:
@@ -592,7 +583,8 @@ class MigrationService:
         deadline = loop.time() + self.governor.completion_timeout_s(self._size(state))
         stalled_since, last = loop.time(), -1
         while True:
-            progress = await self._call(state.source, mid, "progress", {})
+            asked = loop.time()
+            progress = await self._call(state.source, mid, "progress", {"wait_s": PROGRESS_WAIT_S})
             self.progress[mid] = progress
             if progress["status"] == "completed":
                 break
@@ -602,7 +594,8 @@ class MigrationService:
                 stalled_since, last = loop.time(), progress["transferred_bytes"]
             if loop.time() - stalled_since > self.governor.progress_timeout_s or loop.time() > deadline:
                 raise errors.TransientError("RAM transfer made no progress in time")
-            await asyncio.sleep(next_progress_poll_s(progress))
+            if loop.time() - asked < MIN_PROGRESS_GAP_S:  # an answer that did not wait: do not ask in a tight loop
+                await asyncio.sleep(MIN_PROGRESS_GAP_S)
         out = await self._call(state.source, mid, "switchover", {"within": 120}, limit_s=180)
         return {
             "transferred_bytes": out["transferred_bytes"],
@@ -661,14 +654,11 @@ class MigrationService:
     async def _step_post_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Validation first (the guest runs on the destination and its disk records continue), then the hooks."""
         key = self._destination_key(mid, state)
-        since = state.facts.get("activation_seq")  # records after it were written on the destination
-        body = key if since is None else {**key, "since_seq": since}
-        check = await self._call(state.destination, mid, "validate", body, limit_s=120)
+        check = await self._call(state.destination, mid, "validate", key, limit_s=120)
         if not check["ok"] and not check.get("running", True):
             # the committed copy's QEMU is gone: activation boots it again from its disks (roll forward), once
-            since = (await self._step_activate(mid, state)).get("activation_seq")
-            body = key if since is None else {**key, "since_seq": since}
-            check = await self._call(state.destination, mid, "validate", body, limit_s=120)
+            await self._step_activate(mid, state)
+            check = await self._call(state.destination, mid, "validate", key, limit_s=120)
         if not check["ok"]:
             raise errors.HypervisorError(f"validation on {state.destination} failed: {check['detail']}")
         return {

@@ -181,15 +181,20 @@ class DiskSpec:
 
 
 GUEST_HEADROOM_MIB = 96
-"""Guest RAM the lab guest needs besides its resident set: kernel, initramfs, the dirtied area."""
+"""Guest RAM the lab guest needs besides its resident set: kernel, initramfs, the dirtied area, the random buffer."""
+
+
+def max_resident_mib(memory_mb: int) -> int:
+    """The largest resident set a lab guest of ``memory_mb`` holds safely: its tmpfs pages cannot be swapped, and
+    besides the fixed headroom the kernel keeps 1/64 of RAM in page descriptors (a 1/32 margin here)."""
+    return max(memory_mb - GUEST_HEADROOM_MIB - memory_mb // 32, 0)
 
 
 def check_resident(resident_mib: int, memory_mb: int) -> None:
     """InvalidInput unless the guest can hold ``resident_mib`` of filled RAM within ``memory_mb``."""
-    if resident_mib < 0 or (resident_mib and resident_mib + GUEST_HEADROOM_MIB > memory_mb):
+    if resident_mib < 0 or (resident_mib and resident_mib > max_resident_mib(memory_mb)):
         raise InvalidInput(
-            f"bad resident set {resident_mib} MiB for a {memory_mb} MiB VM: "
-            f"give 0 to {max(memory_mb - GUEST_HEADROOM_MIB, 0)} MiB"
+            f"bad resident set {resident_mib} MiB for a {memory_mb} MiB VM: give 0 to {max_resident_mib(memory_mb)} MiB"
         )
 
 

@@ -59,8 +59,8 @@ PIECE_KIB=1024
 dd if=/dev/urandom of=/run/random bs=1024 count=$BUF_KIB 2>/dev/null
 
 # The resident set: RESIDENT_MIB of tmpfs pages holding non-zero bytes, like a workload's heap and caches. They are
-# written once, so a migration carries them in its first pass. 64 MiB pieces built from the random buffer keep it
-# fast under TCG; pages repeat across pieces, which QEMU does not exploit (only zero pages are cheap).
+# written once, so a migration carries them in its first pass. The first piece repeats one random MiB and the others
+# copy it, which keeps the fill fast under TCG; QEMU sends repeated pages in full (only zero pages are cheap).
 fill_resident() {
     [ "$RESIDENT_MIB" -gt 0 ] || return 0
     mkdir -p /resident

@@ -52,7 +52,7 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 """
 """RFC 7919 appendix A.1, ffdhe2048 (generator 2), as PKCS #3 parameters."""
 
-REQUIRED = {"server": (CA_CERT, SERVER_CERT, SERVER_KEY), "client": (CA_CERT, CLIENT_CERT, CLIENT_KEY)}
+REQUIRED = {"server": (CA_CERT, SERVER_CERT, SERVER_KEY, DH_PARAMS), "client": (CA_CERT, CLIENT_CERT, CLIENT_KEY)}
 """The files QEMU needs in the directory for each endpoint role."""
 
 
