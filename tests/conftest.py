@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ferryman.cli.client import Api, CliConfig
+from ferryman.client import Api, CliConfig
 from ferryman.lab.lab import Lab, LabState
 
 LAB_PORT = 18443

@@ -1,7 +1,8 @@
 """The one mapping from Ferryman errors to HTTP status codes, shared by the controller and agent APIs.
 
-Domain errors know nothing of HTTP; this module is the only place that does. Bodies are ``{"error": <type>,
-"detail": <one line>}`` so that clients can rebuild the same error type.
+Domain errors know nothing of HTTP; this module is the only place that does. Bodies are
+:class:`ferryman.wire.errors.ErrorBody` (``{"error": <kind>, "detail": <one line>, "retryable": ...}``) so that
+clients can rebuild the same error type.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ferryman.core import errors
+from ferryman.wire.errors import ErrorBody, encode_error
 
 STATUS: list[tuple[type[errors.FerrymanError], int]] = [
     (errors.InvalidInput, 400),
@@ -22,10 +24,8 @@ STATUS: list[tuple[type[errors.FerrymanError], int]] = [
     (errors.PKIError, 400),
     (errors.HypervisorError, 502),
     (errors.StorageError, 507),
-    (errors.AgentUnreachable, 503),
+    (errors.TransientError, 503),
 ]
-
-ERROR_TYPES: dict[str, type[errors.FerrymanError]] = {cls.__name__: cls for cls, _ in STATUS}
 
 
 def status_of(err: errors.FerrymanError) -> int:
@@ -35,14 +35,14 @@ def status_of(err: errors.FerrymanError) -> int:
     return 500
 
 
-def error_body(kind: str, detail: str) -> dict[str, str]:
-    return {"error": kind, "detail": detail}
+def error_body(kind: str, detail: str) -> dict[str, object]:
+    return ErrorBody(error=kind, detail=detail).model_dump()
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.FerrymanError)
     async def _ferryman_error(_: Request, err: errors.FerrymanError) -> JSONResponse:
-        return JSONResponse(error_body(type(err).__name__, str(err)), status_code=status_of(err))
+        return JSONResponse(encode_error(err).model_dump(), status_code=status_of(err))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
+from ferryman.cmdb.engine import alembic_config
 from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.schema import disk_keys, metadata
-from ferryman.cmdb.sql import SqlRepository, alembic_config
+from ferryman.cmdb.sql import SqlRepository
 from ferryman.controller.keys import KEY_BYTES, Copy, DiskKeys
 from ferryman.core.errors import Conflict, InvalidInput, NotFound, StorageError
 from ferryman.core.models import VM

@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
+from ferryman.cmdb.engine import alembic_config
 from ferryman.cmdb.journal import JournalRepository, MigrationRecord, MigrationStep, ScrubReceiptRecord
 from ferryman.cmdb.schema import metadata, migrations
-from ferryman.cmdb.sql import SqlRepository, alembic_config
+from ferryman.cmdb.sql import SqlRepository
 from ferryman.core.errors import Conflict, InvalidInput, NotFound
 from ferryman.core.models import VM, Placement
 

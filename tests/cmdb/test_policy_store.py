@@ -8,9 +8,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
+from ferryman.cmdb.engine import alembic_config
 from ferryman.cmdb.policy_store import Finding
 from ferryman.cmdb.schema import metadata
-from ferryman.cmdb.sql import SqlRepository, alembic_config
+from ferryman.cmdb.sql import SqlRepository
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import VM
 

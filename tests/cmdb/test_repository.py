@@ -14,9 +14,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from ferryman.cmdb.engine import alembic_config
 from ferryman.cmdb.repository import HostCertificate, Repository
 from ferryman.cmdb.schema import metadata, placements
-from ferryman.cmdb.sql import SqlRepository, alembic_config
+from ferryman.cmdb.sql import SqlRepository
 from ferryman.core.errors import Conflict, InvalidInput, NotFound
 from ferryman.core.models import VM, Event, HostState, Placement, Severity, Site, VMState
 

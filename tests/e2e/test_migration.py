@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from ferryman.agent.storage.scrub import is_encrypted_image
+from ferryman.agent.storage.images import is_encrypted_image
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.core.clock import SystemClock

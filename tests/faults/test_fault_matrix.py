@@ -34,8 +34,9 @@ from typing import Any, Literal
 import pytest
 
 from ferryman.agent.hypervisor import procscan
-from ferryman.cli.client import CliError
-from ferryman.cmdb.sql import SqlRepository, create_engine
+from ferryman.client import CliError
+from ferryman.cmdb.engine import create_engine
+from ferryman.cmdb.sql import SqlRepository
 from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.core.clock import SystemClock
 from ferryman.core.errors import NotFound

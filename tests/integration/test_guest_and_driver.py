@@ -23,12 +23,13 @@ from ferryman.agent.hypervisor import procscan
 from ferryman.agent.hypervisor.backup import live_snapshot
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.hypervisor.qmp import GONE, QemuDriver
-from ferryman.agent.storage.scrub import is_encrypted_image, luks_passphrase, run_qemu_tool
+from ferryman.agent.probes import GuestChecks, guest_view
+from ferryman.agent.storage.images import is_encrypted_image, luks_passphrase, run_qemu_tool
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
 from ferryman.core.models import DiskSpec, RunState, VMSpec
 from ferryman.lab import guest as guest_mod
 from ferryman.lab.guest import GuestImage, ensure_guest
-from ferryman.lab.records import SECTOR, Record, missing_seqs, read_acks, read_records
+from ferryman.lab.records import SECTOR, DiskRecordsProbe, Record, missing_seqs, read_acks, read_records
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 60.0
@@ -473,6 +474,53 @@ async def test_live_snapshot_never_pauses_the_guest_and_holds_a_point_in_time(
     assert await driver.execute(spec.vm_id, "query-jobs") == []
     nodes = {n["node-name"] for n in await driver.execute(spec.vm_id, "query-named-block-nodes")}
     assert not any(n.startswith("snapshot-target") for n in nodes)
+
+
+# -- guest probes --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+async def test_a_running_guest_passes_on_run_state_and_vcpu_progress_alone(driver: QemuDriver) -> None:
+    """Without any probe that knows the guest: QEMU runs it and its vCPU threads gain CPU time, even with the guest
+    idle (no memory dirtied), measured from a mark as at activation or from a reading of its own; paused, it fails
+    and reads as not running."""
+    spec = make_spec("probed", dirty_kib_per_s=0)
+    await boot(driver, spec)
+    checks = GuestChecks.standard()
+    view = guest_view(driver, spec.vm_id)
+    marks = await checks.mark(view)
+    assert set(marks) == {"vcpus"}
+    cold = await checks.check(view, {}, wait_s=10)
+    assert (cold.ok, cold.running, cold.last_seq) == (True, True, None), cold.detail
+    assert cold.detail.startswith("running=True, vcpus ran ")
+    marked = await checks.check(view, {"vcpus": marks["vcpus"].value}, wait_s=10)
+    assert marked.ok and marked.detail.endswith(" since activation")
+    await driver.pause(spec.vm_id)
+    paused = await checks.check(view, {}, wait_s=1)
+    assert (paused.ok, paused.running) == (False, False)
+    assert paused.detail.startswith("running=False (paused), vcpus did not run in ")
+
+
+@pytest.mark.qemu
+async def test_a_running_guest_passes_with_the_records_probe_from_its_activation_mark(driver: QemuDriver) -> None:
+    """With the lab's records probe: the mark is the newest record, and a record written after it passes; the
+    validation reports the run state and the records, and the newest record number."""
+    spec = make_spec("recorded")
+    await boot(driver, spec)
+    checks = GuestChecks.standard([DiskRecordsProbe()])
+    view = guest_view(driver, spec.vm_id)
+    marks = await checks.mark(view)
+    assert set(marks) == {"vcpus", "records"}
+    at_mark = marks["records"].last_seq
+    assert at_mark is not None and at_mark == marks["records"].value >= 1
+    verdict = await checks.check(view, {name: mark.value for name, mark in marks.items()}, wait_s=30)
+    assert (verdict.ok, verdict.running) == (True, True), verdict.detail
+    assert verdict.last_seq is not None and verdict.last_seq > at_mark
+    assert verdict.detail == f"running=True, disk records {at_mark} -> {verdict.last_seq}"
+    await driver.pause(spec.vm_id)
+    frozen = await checks.check(view, {}, wait_s=1)
+    assert not frozen.ok and not frozen.running
+    assert frozen.detail.endswith(f"disk records {frozen.last_seq} -> {frozen.last_seq}")
 
 
 # -- accelerator ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Agents on a running lab: surviving SIGKILL without losing a VM, and reconciliation catching a copy started behind
-the controller's back."""
+"""Agents on a running lab: booting the guest image the lab hands them, surviving SIGKILL without losing a VM, and
+reconciliation catching a copy started behind the controller's back."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ferryman.agent.hypervisor import procscan
 from ferryman.lab import processes
-from ferryman.lab.guest import ensure_guest
+from ferryman.lab.guest import GuestImage, ensure_guest
+from ferryman.lab.lab import RECORDS_PROBE
 from ferryman.lab.records import read_records
 from ferryman.testing.wait import wait_for
 
@@ -30,12 +32,35 @@ def controller_ctx(lab) -> ssl.SSLContext:
 
 def agent_vms(lab, host: str) -> dict[str, dict]:
     url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms"
-    return {v["vm_id"]: v for v in httpx.get(url, verify=controller_ctx(lab), timeout=30).json()}
+    return {v["vm_id"]: v for v in httpx.get(url, verify=controller_ctx(lab), timeout=30).json()["vms"]}
 
 
 def last_seq(disk: Path) -> int:
     records = read_records(disk)
     return max((r.seq for r in records), default=0)
+
+
+def test_agents_boot_the_guest_the_lab_hands_them(lab):
+    """Each agent is handed the lab guest (kernel, initrd, command-line template, ready marker) and the records probe
+    on its command line, and boots its VMs from exactly that image with each VM's workload filled in."""
+    state = lab.state
+    guest = GuestImage(Path(state.guest_kernel), Path(state.guest_initrd))
+    assert guest == ensure_guest()
+    for host, pid in state.agents.items():
+        argv = processes.cmdline(pid)
+        handed = {flag: procscan.option_value(argv, flag) for flag in ("--boot-kernel", "--boot-initrd")}
+        assert handed == {"--boot-kernel": str(guest.kernel), "--boot-initrd": str(guest.initrd)}, host
+        assert procscan.option_value(argv, "--boot-cmdline") == guest.cmdline
+        assert procscan.option_value(argv, "--boot-ready-marker") == guest.ready_marker
+        assert procscan.option_value(argv, "--guest-probe") == RECORDS_PROBE
+    vm = lab.api().get("/api/v1/vms/web-1")
+    running = procscan.qemu_at(lab.lab.host_dir(vm["host"]) / "vms" / vm["id"] / "qemu.pid")
+    assert running is not None
+    qemu = list(running.argv)
+    assert procscan.option_value(qemu, "-kernel") == str(guest.kernel)
+    assert procscan.option_value(qemu, "-initrd") == str(guest.initrd)
+    append = procscan.option_value(qemu, "-append") or ""
+    assert f"ferryman.vm={vm['id']} " in append and "ferryman.interval_ms=1000" in append
 
 
 def test_agent_sigkill_and_restart_keeps_vm_running(lab):
@@ -128,18 +153,18 @@ def test_agent_resumes_only_with_a_lease_for_the_current_generation(lab):
 
     vm = lab.api().get("/api/v1/vms/test-1")
     host = vm["host"]
-    url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms/{vm['id']}/resume"
+    url = f"https://{lab.state.addresses[host]}:{lab.state.agent_port}/v1/vms/{vm['id']}/action"
     ca = CertificateAuthority.load_or_create(lab.dir / "controller" / "pki", SystemClock())
     lab.cli("vm", "pause", "test-1")
     try:
         with httpx.Client(verify=controller_ctx(lab), timeout=30) as client:
-            refused = client.post(url)
+            refused = client.post(url, json={"action": "resume"})
             assert refused.status_code == 403 and "needs a lease" in refused.json()["detail"]
             _, newer = issue_lease(ca, vm_id=vm["id"], host=host, generation=vm["generation"] + 1)
-            refused = client.post(url, json={"lease": newer})
+            refused = client.post(url, json={"action": "resume", "lease": newer})
             assert refused.status_code == 403 and "this copy is generation" in refused.json()["detail"]
             _, elsewhere = issue_lease(ca, vm_id=vm["id"], host="host-c", generation=vm["generation"])
-            assert client.post(url, json={"lease": elsewhere}).status_code == 403
+            assert client.post(url, json={"action": "resume", "lease": elsewhere}).status_code == 403
             assert agent_vms(lab, host)[vm["id"]]["run_state"] == "paused"
     finally:
         lab.cli("vm", "resume", "test-1")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,6 +18,7 @@ from ferryman.core import errors
 from ferryman.core.models import VM, Host, HostState, RunState, Site, VMRuntime
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.testing.clock import FakeClock
+from ferryman.wire.vms import StaleCopyRemoved
 
 
 class RecordingAgents:
@@ -28,11 +28,11 @@ class RecordingAgents:
         self.calls: list[tuple[str, str, bool]] = []
         self.fail: errors.FerrymanError | None = None
 
-    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any:
+    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> StaleCopyRemoved:
         self.calls.append((host.name, vm_id, keep_disks))
         if self.fail is not None:
             raise self.fail
-        return {"removed": True, "kept": [], "receipts": []}
+        return StaleCopyRemoved(removed=True)
 
 
 def make_host(name: str) -> Host:

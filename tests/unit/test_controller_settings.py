@@ -1,13 +1,10 @@
-"""Settings and request values read from outside: every governor limit and the scrub mode are settable from the
-environment, an agent reads a disk key from a request body; bad values are one clear error."""
+"""Controller settings read from outside: every governor limit and the scrub mode are settable from the environment;
+bad values are one clear error."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
-from ferryman.agent.app import disk_key as agent_disk_key
 from ferryman.controller.settings import ControllerSettings, governor_from_env
 from ferryman.core.errors import InvalidInput
 from ferryman.scheduler.governor import GovernorSettings
@@ -56,13 +53,3 @@ def test_scrub_mode_is_zero_by_default_and_only_zero_or_random(monkeypatch: pyte
         monkeypatch.setenv("FERRYMAN_SCRUB_MODE", bad)
         with pytest.raises(InvalidInput, match="FERRYMAN_SCRUB_MODE"):
             ControllerSettings.load(data_dir=tmp_path)
-
-
-def test_agent_reads_a_disk_key_only_as_base64_of_at_least_16_bytes() -> None:
-    """A request's disk_key: absent is None; bad base64 or a short key is a clear 400, never a crash."""
-    key = bytes(range(32))
-    assert agent_disk_key({"disk_key": base64.b64encode(key).decode()}) == key
-    assert agent_disk_key({}) is None and agent_disk_key(None) is None
-    for bad in ("not base64!", base64.b64encode(b"short").decode(), 42):
-        with pytest.raises(InvalidInput):
-            agent_disk_key({"disk_key": bad})

@@ -14,13 +14,14 @@ import structlog
 from ferryman.agent.app import create_agent_app
 from ferryman.agent.enrol import enrol, is_enrolled
 from ferryman.agent.hypervisor.accel import detect_accel
+from ferryman.agent.hypervisor.boot import BOOT_PARAMETERS, DEFAULT_CMDLINE, BootImage
 from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.migration import MigrationAgent
+from ferryman.agent.probes import GuestProbe, load_probe
 from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
 from ferryman.core.clock import SystemClock
-from ferryman.core.errors import FerrymanError
-from ferryman.lab.guest import ensure_guest
+from ferryman.core.errors import FerrymanError, InvalidInput
 from ferryman.logs import configure_logging
 from ferryman.security.asgi_tls import make_server
 
@@ -37,17 +38,28 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
     p.add_argument("--enrol-token-file", type=Path, help="one-time enrolment token (needed on first start only)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=os.environ.get("FERRYMAN_ACCEL", "auto"))
     p.add_argument("--report-interval", type=float, default=2.0)
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path, help="where the accelerator verdict is cached (default: by the kernel)")
     p.add_argument(
         "--snapshots-keep",
         type=int,
         default=os.environ.get("FERRYMAN_SNAPSHOTS_KEEP", "1"),  # argparse applies ``type`` to a string default
         help="pre-migration snapshots kept per disk (default 1; 0: none kept after the migration)",
     )
+    _boot_options(p)
+    p.add_argument(
+        "--guest-probe",
+        action="append",
+        dest="guest_probes",
+        metavar="MODULE:FACTORY",
+        help="one more check that a migrated guest runs here, beside its run state and vCPU progress (repeatable;"
+        " default: FERRYMAN_GUEST_PROBES, comma-separated)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.snapshots_keep < 0:
         p.error("--snapshots-keep must be 0 or more")
+    boot = _boot_image(p, args)
+    probes = args.guest_probes if args.guest_probes is not None else _env_list("FERRYMAN_GUEST_PROBES")
     host, _, port = args.listen.rpartition(":")
     settings = AgentSettings(
         name=args.name,
@@ -60,19 +72,72 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
         report_interval_s=args.report_interval,
         cache_dir=args.cache_dir,
         snapshots_keep=args.snapshots_keep,
+        boot=boot,
+        guest_probes=tuple(probes),
     )
     return settings, args
 
 
-async def serve(settings: AgentSettings) -> None:
-    guest = ensure_guest(settings.cache_dir)
-    accel = (
-        settings.accel if settings.accel != "auto" else detect_accel(guest, settings.cache_dir or guest.kernel.parent)
+def _boot_options(p: argparse.ArgumentParser) -> None:
+    """How this host boots guests: ``--boot-*``, each defaulting to its ``FERRYMAN_BOOT_*`` variable."""
+    boot = p.add_argument_group(
+        "guest boot image", "how this host boots its guests, handed over by whoever deploys the agent (e.g. the lab)"
     )
-    driver = QemuDriver(settings.state_dir, guest, accel)
+    env = os.environ.get
+    boot.add_argument("--boot-kernel", type=Path, default=env("FERRYMAN_BOOT_KERNEL"), metavar="PATH", help="kernel")
+    boot.add_argument("--boot-initrd", type=Path, default=env("FERRYMAN_BOOT_INITRD"), metavar="PATH", help="initrd")
+    boot.add_argument(
+        "--boot-cmdline",
+        default=env("FERRYMAN_BOOT_CMDLINE", DEFAULT_CMDLINE),
+        metavar="TEMPLATE",
+        help=f"the kernel command line, where {', '.join(f'${{{name}}}' for name in BOOT_PARAMETERS)} stand for each"
+        f" VM's values (default {DEFAULT_CMDLINE!r})",
+    )
+    boot.add_argument(
+        "--boot-ready-marker",
+        default=env("FERRYMAN_BOOT_READY_MARKER") or None,
+        metavar="TEXT",
+        help="what the guest prints on its serial console once booted (needed to prove that KVM boots it)",
+    )
+
+
+def _boot_image(p: argparse.ArgumentParser, args: argparse.Namespace) -> BootImage | None:
+    if (args.boot_kernel is None) != (args.boot_initrd is None):
+        p.error("--boot-kernel and --boot-initrd go together")
+    if args.boot_kernel is None:
+        return None
+    try:
+        return BootImage(
+            kernel=args.boot_kernel.absolute(),
+            initrd=args.boot_initrd.absolute(),
+            cmdline=args.boot_cmdline,
+            ready_marker=args.boot_ready_marker,
+        )
+    except InvalidInput as err:
+        p.error(str(err))
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def load_boot_and_probes(settings: AgentSettings) -> tuple[BootImage, list[GuestProbe]]:
+    """The boot image (its files must exist) and the extra guest probes; FerrymanError if either is unusable."""
+    boot = settings.boot
+    if boot is None:
+        raise FerrymanError("no guest boot image: pass --boot-kernel and --boot-initrd (or FERRYMAN_BOOT_*)")
+    missing = [str(path) for path in (boot.kernel, boot.initrd) if not path.is_file()]
+    if missing:
+        raise FerrymanError(f"the guest boot image is incomplete: no file {', '.join(missing)}")
+    return boot, [load_probe(ref) for ref in settings.guest_probes]
+
+
+async def serve(settings: AgentSettings, boot: BootImage, probes: list[GuestProbe]) -> None:
+    accel = settings.accel if settings.accel != "auto" else detect_accel(boot, settings.cache_dir or boot.kernel.parent)
+    driver = QemuDriver(settings.state_dir, boot, accel)
     reattached = await driver.reattach()
-    log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached))
-    migrations = MigrationAgent(settings, driver, SystemClock(), snapshots_keep=settings.snapshots_keep)
+    log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached), probes=len(probes))
+    migrations = MigrationAgent(settings, driver, SystemClock(), snapshots_keep=settings.snapshots_keep, probes=probes)
     app = create_agent_app(settings, driver, migrations)
     server = make_server(
         app,
@@ -102,12 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
+        boot, probes = load_boot_and_probes(settings)  # first: an agent that cannot boot guests spends no token
         if not is_enrolled(settings):
             if args.enrol_token_file is None:
                 raise FerrymanError(f"{settings.name} is not enrolled: pass --enrol-token-file")
             serial = enrol(settings, args.enrol_token_file.read_text().strip())
             log.info("enrolled", host=settings.name, serial=f"{serial:x}")
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, boot, probes))
     except FerrymanError as err:
         print(f"ferryman-agent: {err}", file=sys.stderr)
         raise SystemExit(1) from None

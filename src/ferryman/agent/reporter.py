@@ -17,8 +17,8 @@ import structlog
 
 from ferryman.agent.hypervisor.protocol import Hypervisor, HypervisorEvent
 from ferryman.agent.settings import AgentSettings
-from ferryman.core.wire import runtime_to_dict
 from ferryman.pki.tls import client_context
+from ferryman.wire.vms import runtime_to_dict
 
 log = structlog.get_logger(__name__)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferryman.agent.hypervisor.boot import BootImage
+
 
 @dataclass(frozen=True)
 class AgentSettings:
@@ -17,8 +19,10 @@ class AgentSettings:
     controller_name: str = "ferryman-controller"
     accel: str = "auto"
     report_interval_s: float = 2.0
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # where the accelerator verdict is cached (default: next to the boot kernel)
     snapshots_keep: int = 1  # pre-migration snapshots kept per disk (older ones are scrubbed); 0 keeps none
+    boot: BootImage | None = None  # how this host boots guests, handed over by whoever deploys the agent
+    guest_probes: tuple[str, ...] = ()  # extra post-migration guest probes, as ``module:factory`` import paths
 
     @property
     def pki_dir(self) -> Path:

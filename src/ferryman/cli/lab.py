@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ferryman.cli.client import default_lab_dir
+from ferryman.cli.inventory import host_list, vm_list
 from ferryman.cli.output import emit_json, fields, table
+from ferryman.client import default_lab_dir
 
 if TYPE_CHECKING:
     from ferryman.lab.lab import Lab
@@ -29,8 +30,6 @@ def up(
     agent_port: Annotated[int, typer.Option("--agent-port", help="agent port on 127.0.0.2…")] = 8444,
 ) -> None:
     """Start a controller and N hosts on loopback, enrol them, boot VMs, show the fleet."""
-    from ferryman.cli.main import host_list, vm_list
-
     lab = _lab()
     lab.up(hosts=hosts, vms=vms, port=port, agent_port=agent_port)
     print()

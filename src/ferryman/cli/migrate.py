@@ -13,19 +13,14 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ferryman.cli.client import Api, CliError
+from ferryman.cli.context import api as _api
 from ferryman.cli.output import console, emit_json, fields, short_time, table
+from ferryman.client import Api, CliError
 
 migration_app = typer.Typer(no_args_is_help=True, help="Live migrations.")
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON")]
 MiB = 1 << 20
-
-
-def _api() -> Api:
-    from ferryman.cli.main import api
-
-    return api()
 
 
 def summary(m: dict[str, Any]) -> str:

@@ -12,20 +12,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.client import Api, CliError
+from ferryman.cli.context import api as _api
+from ferryman.cli.context import parse_profile
 from ferryman.cli.output import emit_json, fields, short_time, table
+from ferryman.client import CliError
 
 policy_app = typer.Typer(no_args_is_help=True, help="Placement policies (YAML, versioned).")
 compliance_app = typer.Typer(no_args_is_help=True, help="Compliance of the fleet with the placement policies.")
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON")]
 Paths = Annotated[list[Path], typer.Argument(help="policy files or directories of *.yaml files")]
-
-
-def _api() -> Api:
-    from ferryman.cli.main import api
-
-    return api()
 
 
 def read_policy_files(paths: list[Path]) -> dict[str, str]:
@@ -56,6 +52,7 @@ def _print_errors(errors: list[dict[str, Any]]) -> None:
 @policy_app.command("validate")
 def policy_validate(paths: Paths, json_: Json = False) -> None:
     """Check policy files: syntax, fields, types, contradictions, and rules no host of the fleet can satisfy."""
+    # the pure parser alone (no I/O), so a mistake in a file is reported even when no controller is reachable
     from ferryman.policy.schema import check_policies
 
     documents = read_policy_files(paths)
@@ -180,10 +177,8 @@ def place(
     json_: Json = False,
 ) -> None:
     """The best allowed host for a new VM, and why every other host is rejected."""
-    from ferryman.cli.main import _parse_profile
-
     result = _api().post(
-        "/api/v1/place", {"tenant": tenant, "profile": _parse_profile(profile or []), "memory": memory, "name": name}
+        "/api/v1/place", {"tenant": tenant, "profile": parse_profile(profile or []), "memory": memory, "name": name}
     )
     if json_:
         return emit_json(result)

@@ -1,5 +1,6 @@
 """The migration journal on SQL: :class:`SqlJournalMixin` implements :class:`~ferryman.cmdb.journal.JournalRepository`
-for :class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it and supplies the transactions.
+for :class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it; the transactions come from
+:class:`~ferryman.cmdb.sql_base.SqlBase` and the move of the VM from :func:`~ferryman.cmdb.inventory_sql.move_vm_in`.
 
 It exists so that the runner's progress is durable before each side effect, and so that the linearisation point of the
 protocol, :meth:`SqlJournalMixin.commit_migration`, moves the placement and marks the migration committed in one
@@ -11,45 +12,42 @@ NULL``), and ``uq_migrations_active_vm`` turns a racing second active migration 
 
 It does not decide transitions (``ferryman.migration`` does): phases are opaque strings except ``switched_over``, the
 only phase that may commit, and ``committed``, which only the commit sets. Steps and scrub receipts are append-only;
-nothing here updates or deletes them. It imports nothing from :mod:`ferryman.cmdb.sql`, which imports it, so the two
-small value checks it needs are repeated here.
+nothing here updates or deletes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
+from ferryman.cmdb.inventory_sql import move_vm_in
 from ferryman.cmdb.journal import COMMITTED, SWITCHED_OVER, MigrationRecord, MigrationStep, ScrubReceiptRecord
 from ferryman.cmdb.schema import migration_steps, migrations, scrub_receipts
+from ferryman.cmdb.sql_base import SqlBase, first_or_not_found, from_row, new_id, require_host, vm_row
 from ferryman.cmdb.values import as_json as _json
 from ferryman.cmdb.values import utc as _utc
-from ferryman.core.errors import Conflict, InvalidInput, NotFound
+from ferryman.core.errors import Conflict, InvalidInput
 from ferryman.core.models import VM, Placement, VMState
 
 _MIGRATION_FIELDS = tuple(f.name for f in dataclasses.fields(MigrationRecord))
-_RECEIPT_FIELDS = tuple(f.name for f in dataclasses.fields(ScrubReceiptRecord))
 
 
 # -- value helpers -----------------------------------------------------------------------------------------------------
 
 
 def _migration(row: sa.Row[Any]) -> MigrationRecord:
-    columns = row._mapping
-    return MigrationRecord(**{name: columns[name] for name in _MIGRATION_FIELDS if name != "data"}, data=dict(row.data))
+    return from_row(MigrationRecord, row, data=dict(row.data))
 
 
 def _step(row: sa.Row[Any]) -> MigrationStep:
-    return MigrationStep(migration_id=row.migration_id, seq=row.seq, phase=row.phase, at=row.at, data=dict(row.data))
+    return from_row(MigrationStep, row, data=dict(row.data))
 
 
 def _receipt(row: sa.Row[Any]) -> ScrubReceiptRecord:
-    columns = row._mapping
-    return ScrubReceiptRecord(**{name: columns[name] for name in _RECEIPT_FIELDS})
+    return from_row(ScrubReceiptRecord, row)
 
 
 def _new_record_values(record: MigrationRecord) -> dict[str, Any]:
@@ -73,10 +71,7 @@ def _new_record_values(record: MigrationRecord) -> dict[str, Any]:
 
 def _migration_row(conn: sa.Connection, migration_id: str, *, lock: bool = False) -> sa.Row[Any]:
     query = sa.select(migrations).where(migrations.c.id == migration_id)
-    row = conn.execute(query.with_for_update() if lock else query).first()
-    if row is None:
-        raise NotFound(f"migration {migration_id!r} not found")
-    return row
+    return first_or_not_found(conn, query, f"migration {migration_id!r}", lock=lock)
 
 
 def _require_unfinished(row: sa.Row[Any]) -> None:
@@ -108,27 +103,8 @@ def _append_step(conn: sa.Connection, migration_id: str, phase: str, at: dt.date
 # -- the mixin ---------------------------------------------------------------------------------------------------------
 
 
-class SqlJournalMixin:
+class SqlJournalMixin(SqlBase):
     """:class:`~ferryman.cmdb.journal.JournalRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`."""
-
-    if TYPE_CHECKING:
-        # Supplied by SqlRepository.
-        def _write(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
-        def _read(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
-        @staticmethod
-        def _vm_row(conn: sa.Connection, vm_id: str, *, lock: bool = False) -> sa.Row[Any]: ...
-        @staticmethod
-        def _require_host(conn: sa.Connection, name: str) -> None: ...
-        def _move_vm(
-            self,
-            conn: sa.Connection,
-            vm_id: str,
-            to_host: str,
-            at: dt.datetime,
-            *,
-            expected_generation: int | None,
-            from_host: str | None = None,
-        ) -> tuple[VM, Placement]: ...
 
     def add_migration(self, record: MigrationRecord) -> MigrationRecord:
         """Insert the migration and its first step (``record.phase`` at ``record.updated_at``), one transaction.
@@ -140,11 +116,11 @@ class SqlJournalMixin:
         """
         values = _new_record_values(record)
         with self._write() as conn:
-            vm = self._vm_row(conn, record.vm_id)
+            vm = vm_row(conn, record.vm_id)
             if vm.state == VMState.DELETED.value:
                 raise Conflict(f"VM {record.vm_id!r} is deleted and cannot migrate")
-            self._require_host(conn, record.source)
-            self._require_host(conn, record.destination)
+            require_host(conn, record.source)
+            require_host(conn, record.destination)
             if conn.scalar(sa.select(migrations.c.id).where(migrations.c.id == record.id)) is not None:
                 raise Conflict(f"a migration with id {record.id!r} already exists")
             if record.outcome is None:
@@ -239,7 +215,7 @@ class SqlJournalMixin:
                     f"migration {migration_id!r} is in phase {row.phase!r}; only a migration in {SWITCHED_OVER!r} "
                     "can commit"
                 )
-            vm, placement = self._move_vm(
+            vm, placement = move_vm_in(
                 conn, row.vm_id, row.destination, at, expected_generation=row.generation, from_host=row.source
             )
             _update(conn, row, {"phase": COMMITTED, "updated_at": at, "data": {**row.data, **delta}})
@@ -280,10 +256,8 @@ class SqlJournalMixin:
         with self._write() as conn:
             if receipt.migration_id is not None:
                 _migration_row(conn, receipt.migration_id)
-            inserted = conn.execute(sa.insert(scrub_receipts).values(**values))
-            key = inserted.inserted_primary_key
-            assert key is not None
-        return dataclasses.replace(recorded, id=int(key[0]))
+            receipt_id = new_id(conn.execute(sa.insert(scrub_receipts).values(**values)))
+        return dataclasses.replace(recorded, id=receipt_id)
 
     def list_scrub_receipts(self, migration_id: str) -> list[ScrubReceiptRecord]:
         """The migration's receipts, oldest first. NotFound for an unknown migration."""

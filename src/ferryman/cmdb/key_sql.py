@@ -1,54 +1,37 @@
 """Disk keys on SQL: :class:`SqlKeyMixin` implements :class:`~ferryman.cmdb.key_store.KeyRepository` for
-:class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it and supplies the transactions.
+:class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it; the transactions come from
+:class:`~ferryman.cmdb.sql_base.SqlBase`.
 ``uq_disk_keys_live_copy`` keeps one live key per copy (VM, host, generation)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.schema import disk_keys
+from ferryman.cmdb.sql_base import SqlBase, from_row, require_host, vm_row
 from ferryman.cmdb.values import utc
 from ferryman.core.errors import Conflict, InvalidInput, NotFound
 
 
 def _key(row: sa.Row[Any]) -> DiskKeyRecord:
-    wrapped = row.wrapped
-    return DiskKeyRecord(
-        id=row.id,
-        vm_id=row.vm_id,
-        host=row.host,
-        generation=row.generation,
-        kek_id=row.kek_id,
-        wrapped=bytes(wrapped) if wrapped is not None else None,
-        created_at=row.created_at,
-        destroyed_at=row.destroyed_at,
-        destroyed_reason=row.destroyed_reason,
-    )
+    return from_row(DiskKeyRecord, row, wrapped=bytes(row.wrapped) if row.wrapped is not None else None)
 
 
-class SqlKeyMixin:
+class SqlKeyMixin(SqlBase):
     """:class:`~ferryman.cmdb.key_store.KeyRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`."""
-
-    if TYPE_CHECKING:
-        # Supplied by SqlRepository.
-        def _write(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
-        def _read(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
-        def _vm_row(self, conn: sa.Connection, vm_id: str, *, lock: bool = False) -> sa.Row[Any]: ...
-        def _require_host(self, conn: sa.Connection, name: str) -> None: ...
 
     def add_disk_key(self, record: DiskKeyRecord) -> DiskKeyRecord:
         if record.wrapped is None or record.kek_id is None or not record.live:
             raise InvalidInput("a new disk key needs its wrapped key and KEK id, and cannot be destroyed already")
         record = dataclasses.replace(record, created_at=utc(record.created_at, "created_at"))
         with self._write() as conn:
-            self._vm_row(conn, record.vm_id)
-            self._require_host(conn, record.host)
+            vm_row(conn, record.vm_id)
+            require_host(conn, record.host)
             if self._live(conn, record.vm_id, record.host, record.generation) is not None:
                 raise Conflict(
                     f"copy of VM {record.vm_id} on {record.host} at generation {record.generation} already has a key"

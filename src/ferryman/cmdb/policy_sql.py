@@ -1,18 +1,19 @@
 """Policy versions and compliance violations on SQL: :class:`SqlPolicyMixin` implements
-:class:`~ferryman.cmdb.policy_store.PolicyRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it
-and supplies the transactions. ``uq_violations_open_key`` keeps one open violation per (VM, policy, rule)."""
+:class:`~ferryman.cmdb.policy_store.PolicyRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`, which inherits it;
+the transactions come from :class:`~ferryman.cmdb.sql_base.SqlBase`. ``uq_violations_open_key`` keeps one open
+violation per (VM, policy, rule)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from ferryman.cmdb.policy_store import Finding, PolicyVersion, ViolationRecord
 from ferryman.cmdb.schema import policy_versions, violations
+from ferryman.cmdb.sql_base import SqlBase, from_row
 from ferryman.cmdb.values import as_json, utc
 
 
@@ -21,26 +22,11 @@ def _version(row: sa.Row[Any]) -> PolicyVersion:
 
 
 def _violation(row: sa.Row[Any]) -> ViolationRecord:
-    return ViolationRecord(
-        vm_id=row.vm_id,
-        policy=row.policy,
-        rule=row.rule,
-        host=row.host,
-        message=row.message,
-        first_seen=row.first_seen,
-        last_seen=row.last_seen,
-        resolved_at=row.resolved_at,
-        id=row.id,
-    )
+    return from_row(ViolationRecord, row)
 
 
-class SqlPolicyMixin:
+class SqlPolicyMixin(SqlBase):
     """:class:`~ferryman.cmdb.policy_store.PolicyRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`."""
-
-    if TYPE_CHECKING:
-        # Supplied by SqlRepository.
-        def _write(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
-        def _read(self) -> contextlib.AbstractContextManager[sa.Connection]: ...
 
     def add_policy_version(self, documents: dict[str, str], principal: str, at: dt.datetime) -> PolicyVersion:
         at = utc(at, "applied_at")

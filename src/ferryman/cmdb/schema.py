@@ -1,4 +1,4 @@
-"""The CMDB tables, as SQLAlchemy Core metadata shared by :mod:`ferryman.cmdb.sql` and the Alembic revisions.
+"""The CMDB tables, as SQLAlchemy Core metadata shared by the ``*_sql`` modules and the Alembic revisions.
 
 The schema is created and changed only by Alembic revisions under ``ferryman/cmdb/alembic/versions``, never by
 ``metadata.create_all``; a test checks that the revisions and this module describe the same tables. Constraint names
@@ -86,6 +86,11 @@ def json_type() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
+def _unique_where(name: str, *expressions: Any, where: str) -> sa.Index:
+    """A unique index over the rows matching ``where`` only: a partial index on SQLite and PostgreSQL alike."""
+    return sa.Index(name, *expressions, unique=True, sqlite_where=sa.text(where), postgresql_where=sa.text(where))
+
+
 sites = sa.Table(
     "sites",
     metadata,
@@ -138,13 +143,7 @@ vms = sa.Table(
     sa.Column("encrypted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("generation >= 1", name="generation_positive"),
     sa.Index("ix_vms_name", "name"),
-    sa.Index(
-        "uq_vms_live_name",
-        "name",
-        unique=True,
-        sqlite_where=sa.text(f"state <> '{VM_DELETED}'"),
-        postgresql_where=sa.text(f"state <> '{VM_DELETED}'"),
-    ),
+    _unique_where("uq_vms_live_name", "name", where=f"state <> '{VM_DELETED}'"),
 )
 
 placements = sa.Table(
@@ -159,13 +158,7 @@ placements = sa.Table(
     sa.UniqueConstraint("vm_id", "generation"),
     sa.CheckConstraint("valid_to IS NULL OR valid_to >= valid_from", name="interval_ordered"),
     sa.Index("ix_placements_host_valid_from", "host", "valid_from"),
-    sa.Index(
-        "uq_placements_open_vm",
-        "vm_id",
-        unique=True,
-        sqlite_where=sa.text("valid_to IS NULL"),
-        postgresql_where=sa.text("valid_to IS NULL"),
-    ),
+    _unique_where("uq_placements_open_vm", "vm_id", where="valid_to IS NULL"),
 )
 
 events = sa.Table(
@@ -198,14 +191,12 @@ alarms = sa.Table(
     sa.Column("last_seen", UtcDateTime, nullable=False),
     sa.Column("resolved_at", UtcDateTime, nullable=True),
 )
-sa.Index(
+_unique_where(
     "uq_alarms_open_key",
     alarms.c.kind,
     sa.func.coalesce(alarms.c.vm_id, ""),
     sa.func.coalesce(alarms.c.host, ""),
-    unique=True,
-    sqlite_where=sa.text("resolved_at IS NULL"),
-    postgresql_where=sa.text("resolved_at IS NULL"),
+    where="resolved_at IS NULL",
 )
 
 api_tokens = sa.Table(
@@ -276,13 +267,7 @@ migrations = sa.Table(
     sa.CheckConstraint("(outcome IS NULL) = (finished_at IS NULL)", name="finished_with_outcome"),
     sa.Index("ix_migrations_requested_at", "requested_at"),
     sa.Index("ix_migrations_vm_id_requested_at", "vm_id", "requested_at"),
-    sa.Index(
-        "uq_migrations_active_vm",
-        "vm_id",
-        unique=True,
-        sqlite_where=sa.text("outcome IS NULL"),
-        postgresql_where=sa.text("outcome IS NULL"),
-    ),
+    _unique_where("uq_migrations_active_vm", "vm_id", where="outcome IS NULL"),
 )
 
 # Append-only: a step is inserted once and never updated or deleted.
@@ -349,15 +334,7 @@ violations = sa.Table(
     sa.Column("last_seen", UtcDateTime, nullable=False),
     sa.Column("resolved_at", UtcDateTime, nullable=True),
     sa.Index("ix_violations_vm_id", "vm_id"),
-    sa.Index(
-        "uq_violations_open_key",
-        "vm_id",
-        "policy",
-        "rule",
-        unique=True,
-        sqlite_where=sa.text("resolved_at IS NULL"),
-        postgresql_where=sa.text("resolved_at IS NULL"),
-    ),
+    _unique_where("uq_violations_open_key", "vm_id", "policy", "rule", where="resolved_at IS NULL"),
 )
 
 # -- disk keys of encrypted VMs (ferryman.cmdb.key_store) -------------------------------------------------------------
@@ -376,13 +353,5 @@ disk_keys = sa.Table(
     sa.Column("destroyed_reason", sa.Text, nullable=True),
     sa.CheckConstraint("(destroyed_at IS NULL) = (wrapped IS NOT NULL)", name="destroyed_means_no_key"),
     sa.Index("ix_disk_keys_vm_id", "vm_id"),
-    sa.Index(
-        "uq_disk_keys_live_copy",
-        "vm_id",
-        "host",
-        "generation",
-        unique=True,
-        sqlite_where=sa.text("destroyed_at IS NULL"),
-        postgresql_where=sa.text("destroyed_at IS NULL"),
-    ),
+    _unique_where("uq_disk_keys_live_copy", "vm_id", "host", "generation", where="destroyed_at IS NULL"),
 )

@@ -2,26 +2,39 @@
 
 The agent's server certificate must chain to our CA, name the host's address (hostname check) and carry the host's
 name as CN with role ``host``; a revoked agent certificate is refused. Transport failures become
-:class:`AgentUnreachable`; errors the agent reports come back as the same Ferryman error types.
+:class:`AgentUnreachable`; errors the agent reports come back as the same Ferryman error types. Every body is a type
+of :mod:`ferryman.wire`.
 """
 
 from __future__ import annotations
 
-import base64
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+from pydantic import ValidationError
 
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.models import Host, VMRuntime, VMSpec
-from ferryman.core.wire import runtime_from_dict, spec_to_dict
-from ferryman.httperrors import ERROR_TYPES
 from ferryman.pki.identity import check_peer
 from ferryman.pki.tls import client_context
+from ferryman.wire.base import AgentCall, R
+from ferryman.wire.errors import ErrorBody, decode_error
+from ferryman.wire.vms import (
+    CreateVM,
+    DestroyVM,
+    ListSnapshots,
+    ListVMs,
+    RemoveStaleCopy,
+    Restore,
+    Restored,
+    SnapshotInfo,
+    StaleCopyRemoved,
+    VMActionRequest,
+)
 
 
 class AgentClient(Protocol):
@@ -31,9 +44,11 @@ class AgentClient(Protocol):
     ) -> VMRuntime | None: ...
     async def destroy_vm(self, host: Host, vm_id: str) -> None: ...
     async def list_vms(self, host: Host) -> list[VMRuntime]: ...
-    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any: ...
-    async def snapshots(self, host: Host, vm_id: str) -> Any: ...
-    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Any: ...
+    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> StaleCopyRemoved: ...
+    async def snapshots(self, host: Host, vm_id: str) -> list[SnapshotInfo]: ...
+    async def restore(
+        self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None
+    ) -> Restored: ...
     async def aclose(self) -> None: ...
 
 
@@ -58,7 +73,17 @@ class HttpAgentClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(
+    async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R:
+        """Send ``request`` about ``target`` (a VM or migration id) to ``host``'s agent and read its typed answer.
+        An error the agent reports comes back as the same error class; a body that does not match the wire types is
+        the agent's fault, not the caller's (:class:`HypervisorError`)."""
+        raw = await self._send(host, request.method, request.url_path(target), request.body(), limit_s)
+        try:
+            return request.response_type().model_validate(raw or {})
+        except ValidationError as err:
+            raise errors.HypervisorError(f"{host.name}: malformed answer to {type(request).__name__}: {err}") from err
+
+    async def _send(
         self, host: Host, method: str, path: str, body: dict[str, Any] | None = None, limit_s: float | None = None
     ) -> Any:
         url = f"{host.agent_url}{path}"
@@ -70,11 +95,10 @@ class HttpAgentClient:
         self._check_agent_identity(host, response)
         if response.status_code >= 400:
             try:
-                payload = response.json()
-                kind, detail = payload.get("error", ""), payload.get("detail", response.text)
-            except ValueError:
-                kind, detail = "", response.text
-            raise ERROR_TYPES.get(kind, errors.HypervisorError)(f"{host.name}: {detail}")
+                problem = ErrorBody.model_validate(response.json())
+            except ValueError:  # not JSON, or not an error body: the proxy or server itself failed
+                raise errors.HypervisorError(f"{host.name}: HTTP {response.status_code}: {response.text}") from None
+            raise decode_error(problem, prefix=f"{host.name}: ")
         return response.json() if response.content else None
 
     def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
@@ -86,41 +110,32 @@ class HttpAgentClient:
         check_peer(der, expected_role="host", expected_name=host.name, is_revoked=self._is_revoked, clock=self._clock)
 
     async def create_vm(self, host: Host, spec: VMSpec, lease: str, key: bytes | None = None) -> VMRuntime:
-        body = with_key({"spec": spec_to_dict(spec), "lease": lease}, key)
-        return runtime_from_dict(await self._call(host, "POST", "/v1/vms", body))
+        runtime = await self.call(host, spec.vm_id, CreateVM(spec=spec, lease=lease, disk_key=key))
+        return runtime.to_domain()
 
     async def vm_action(
         self, host: Host, vm_id: str, action: str, lease: str | None = None, key: bytes | None = None
     ) -> VMRuntime | None:
-        body = with_key({"lease": lease}, key) if lease else None
-        raw = await self._call(host, "POST", f"/v1/vms/{vm_id}/{action}", body)
-        return runtime_from_dict(raw) if raw else None
+        try:
+            request = VMActionRequest.model_validate({"action": action, "lease": lease, "disk_key": key})
+        except ValidationError as err:
+            raise errors.InvalidInput(f"bad VM action {action!r}") from err
+        done = await self.call(host, vm_id, request)
+        return done.runtime.to_domain() if done.runtime else None
 
     async def destroy_vm(self, host: Host, vm_id: str) -> None:
-        await self._call(host, "DELETE", f"/v1/vms/{vm_id}")
+        await self.call(host, vm_id, DestroyVM())
 
     async def list_vms(self, host: Host) -> list[VMRuntime]:
-        return [runtime_from_dict(r) for r in await self._call(host, "GET", "/v1/vms")]
+        return [r.to_domain() for r in (await self.call(host, host.name, ListVMs())).vms]
 
-    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> Any:
+    async def remove_stale_copy(self, host: Host, vm_id: str, successor: str, keep_disks: bool) -> StaleCopyRemoved:
         """Kill and scrub ``host``'s copy of ``vm_id``; ``successor`` is the lease of the copy of record."""
-        body = {"successor": successor, "keep_disks": keep_disks}
-        return await self._call(host, "POST", f"/v1/stale-copies/{vm_id}/remove", body, 600)
+        request = RemoveStaleCopy(successor=successor, keep_disks=keep_disks)
+        return await self.call(host, vm_id, request, limit_s=600)
 
-    async def snapshots(self, host: Host, vm_id: str) -> Any:
-        return await self._call(host, "GET", f"/v1/vms/{vm_id}/snapshots")
+    async def snapshots(self, host: Host, vm_id: str) -> list[SnapshotInfo]:
+        return (await self.call(host, vm_id, ListSnapshots())).snapshots
 
-    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Any:
-        body = with_key({"lease": lease, "tag": tag}, key)
-        return await self._call(host, "POST", f"/v1/vms/{vm_id}/restore", body, 1800)
-
-    async def migration_step(
-        self, host: Host, migration_id: str, step: str, body: dict[str, Any], limit_s: float = 120
-    ) -> Any:
-        """One step of a migration on ``host`` (the body carries the migration ticket)."""
-        return await self._call(host, "POST", f"/v1/migrations/{migration_id}/{step}", body, limit_s)
-
-
-def with_key(body: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-    """``body`` with the copy's disk key added (base64 ``disk_key``) when there is one."""
-    return body if key is None else {**body, "disk_key": base64.b64encode(key).decode()}
+    async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Restored:
+        return await self.call(host, vm_id, Restore(lease=lease, tag=tag, disk_key=key), limit_s=1800)

@@ -2,6 +2,13 @@
 
 People and tools authenticate with bearer API tokens; agents authenticate with their host certificate (mTLS) and are
 identified by that certificate only, never by anything in a request body.
+
+The event loop drives migrations, so it must not wait on the CMDB: a route that only reads or writes the CMDB (or
+signs a certificate) is a plain function, which FastAPI runs in its thread pool, and a coroutine route that must
+await an agent or a migration hands its CMDB steps to the pool (``run_in_threadpool``). Each CMDB call is its own
+transaction on its own pooled connection. Routes that change state only the loop may change (the reconciler's reports
+and the tasks it schedules, the migration service) stay on the loop; routes in the pool only read single entries of
+the loop's dictionaries (a host's last report, a migration's progress).
 """
 
 import asyncio
@@ -13,6 +20,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.controller import schemas as s
@@ -25,11 +33,11 @@ from ferryman.core import errors
 from ferryman.core.clock import parse_time
 from ferryman.core.models import Event, Host, Severity, Site, VMAction
 from ferryman.core.units import parse_mib, parse_size
-from ferryman.core.wire import runtime_from_dict
 from ferryman.httperrors import install_error_handlers
 from ferryman.pki.identity import check_peer
 from ferryman.security.asgi_tls import peer_certificate
 from ferryman.security.secrets import secret_matches, split_api_token
+from ferryman.wire.vms import runtime_from_dict
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +116,7 @@ def create_app(
         return {"status": "ok"}
 
     @app.post("/api/v1/enrol", response_model=s.EnrolOut)
-    async def enrol(body: s.EnrolIn) -> s.EnrolOut:
+    def enrol(body: s.EnrolIn) -> s.EnrolOut:
         cert, pem = fleet.enrol(body.host, body.token, body.csr_pem.encode())
         return s.EnrolOut(certificate_pem=pem.decode(), ca_pem=fleet.ca.cert_pem.decode(), serial=str(cert.serial))
 
@@ -128,7 +136,7 @@ def _agent_reports(app: FastAPI, fleet: Fleet, AgentHost: Any) -> None:
         return s.ReportAck(host=host.name, accepted=len(vms))
 
     @app.post("/agent/v1/events", response_model=s.ReportAck)
-    async def agent_events(body: s.AgentEventsIn, host: AgentHost) -> s.ReportAck:
+    def agent_events(body: s.AgentEventsIn, host: AgentHost) -> s.ReportAck:
         for e in body.events:
             fleet.repo.record_event(
                 Event(
@@ -146,23 +154,23 @@ def _agent_reports(app: FastAPI, fleet: Fleet, AgentHost: Any) -> None:
 
 def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     @app.post("/api/v1/sites", response_model=s.SiteOut, status_code=201)
-    async def add_site(body: s.SiteIn, who: Person) -> s.SiteOut:
+    def add_site(body: s.SiteIn, who: Person) -> s.SiteOut:
         return s.SiteOut.of(fleet.add_site(Site(body.name, body.security_level, body.description), who.name))
 
     @app.get("/api/v1/sites", response_model=list[s.SiteOut])
-    async def list_sites(_: Person) -> list[s.SiteOut]:
+    def list_sites(_: Person) -> list[s.SiteOut]:
         return [s.SiteOut.of(site) for site in fleet.repo.list_sites()]
 
     def levels() -> dict[str, int]:
         return {site.name: site.security_level for site in fleet.repo.list_sites()}
 
     @app.post("/api/v1/hosts", response_model=s.HostCreated, status_code=201)
-    async def add_host(body: s.HostIn, who: Person) -> s.HostCreated:
+    def add_host(body: s.HostIn, who: Person) -> s.HostCreated:
         host, token = fleet.add_host(Host(**body.model_dump()), who.name)
         return s.HostCreated(host=s.HostOut.of(host, levels().get(host.site)), enrol_token=token)
 
     @app.get("/api/v1/hosts", response_model=list[s.HostOut])
-    async def list_hosts(_: Person) -> list[s.HostOut]:
+    def list_hosts(_: Person) -> list[s.HostOut]:
         lv = levels()
         return [
             s.HostOut.of(
@@ -177,7 +185,7 @@ def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         ]
 
     @app.get("/api/v1/hosts/{name}", response_model=s.HostOut)
-    async def show_host(name: str, _: Person) -> s.HostOut:
+    def show_host(name: str, _: Person) -> s.HostOut:
         for u in fleet.host_usage():
             if u.host.name == name:
                 return s.HostOut.of(
@@ -191,19 +199,19 @@ def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         raise errors.NotFound(f"host {name!r} not found")
 
     @app.post("/api/v1/hosts/{name}/enrol-token")
-    async def enrol_token(name: str, who: Person) -> dict[str, str]:
+    def enrol_token(name: str, who: Person) -> dict[str, str]:
         return {"host": name, "enrol_token": fleet.new_enrol_token(name, who.name)}
 
     @app.post("/api/v1/hosts/{name}/revoke")
-    async def revoke(name: str, who: Person) -> dict[str, Any]:
+    def revoke(name: str, who: Person) -> dict[str, Any]:
         return {"host": name, "revoked": [str(c.serial) for c in fleet.revoke_host(name, who.name)]}
 
     @app.get("/api/v1/hosts/{name}/neighbours", response_model=list[s.NeighbourOut])
-    async def host_neighbours(name: str, _: Person, at: str = "now") -> list[s.NeighbourOut]:
+    def host_neighbours(name: str, _: Person, at: str = "now") -> list[s.NeighbourOut]:
         return [s.NeighbourOut.of(n) for n in fleet.neighbours_on_host(name, parse_time(at, fleet.clock))]
 
     @app.get("/api/v1/hosts/{name}/history", response_model=list[s.PlacementOut])
-    async def host_history(name: str, _: Person) -> list[s.PlacementOut]:
+    def host_history(name: str, _: Person) -> list[s.PlacementOut]:
         fleet.repo.get_host(name)
         return [s.PlacementOut.of(p) for p in fleet.repo.vms_ever_on_host(name)]
 
@@ -227,10 +235,10 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             encrypted=body.encrypted,
         )
         vm = await fleet.create_vm(req, who.name)
-        return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
+        return s.VMOut.of(vm, await run_in_threadpool(fleet.repo.current_placement, vm.id))
 
     @app.get("/api/v1/vms", response_model=list[s.VMOut])
-    async def list_vms(_: Person, tenant: str | None = None, host: str | None = None) -> list[s.VMOut]:
+    def list_vms(_: Person, tenant: str | None = None, host: str | None = None) -> list[s.VMOut]:
         out = []
         for vm in fleet.repo.list_vms():
             placement = fleet.repo.current_placement(vm.id)
@@ -242,19 +250,19 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return out
 
     @app.get("/api/v1/vms/{name}", response_model=s.VMDetail)
-    async def show_vm(name: str, _: Person) -> s.VMDetail:
+    def show_vm(name: str, _: Person) -> s.VMDetail:
         vm, placement = fleet.get_vm(name)
         neighbours = fleet.repo.neighbours_of_vm(vm.id, fleet.clock.now()) if placement else []
         base = s.VMOut.of(vm, placement).model_dump()
         return s.VMDetail(**base, canary=vm.canary, neighbours=[s.NeighbourOut.of(n) for n in neighbours])
 
     @app.get("/api/v1/vms/{name}/history", response_model=list[s.PlacementOut])
-    async def vm_history(name: str, _: Person) -> list[s.PlacementOut]:
+    def vm_history(name: str, _: Person) -> list[s.PlacementOut]:
         vm = fleet.repo.get_vm(name)
         return [s.PlacementOut.of(p) for p in fleet.repo.host_chain(vm.id)]
 
     @app.get("/api/v1/vms/{name}/keys", response_model=list[s.DiskKeyOut])
-    async def vm_keys(name: str, _: Person) -> list[s.DiskKeyOut]:
+    def vm_keys(name: str, _: Person) -> list[s.DiskKeyOut]:
         vm = fleet.repo.get_vm(name)
         return [s.DiskKeyOut.of(k) for k in fleet.repo.list_disk_keys(vm.id)]
 
@@ -264,7 +272,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         if action not in allowed:
             raise errors.NotFound(f"unknown action {action!r} (use {', '.join(allowed)})")
         vm = await fleet.vm_action(name, allowed[action], who.name)
-        return s.VMOut.of(vm, fleet.repo.current_placement(vm.id))
+        return s.VMOut.of(vm, await run_in_threadpool(fleet.repo.current_placement, vm.id))
 
     @app.delete("/api/v1/vms/{name}", response_model=s.VMOut)
     async def delete_vm(name: str, who: Person) -> s.VMOut:
@@ -274,7 +282,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
 
 def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     @app.get("/api/v1/events", response_model=list[s.EventOut])
-    async def list_events(
+    def list_events(
         _: Person,
         since: str | None = None,
         kind: str | None = None,
@@ -299,7 +307,7 @@ def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return [s.EventOut.of(e) for e in events]
 
     @app.get("/api/v1/alarms", response_model=list[s.AlarmOut])
-    async def list_alarms(_: Person, all: bool = False) -> list[s.AlarmOut]:
+    def list_alarms(_: Person, all: bool = False) -> list[s.AlarmOut]:
         return [s.AlarmOut.of(a) for a in fleet.repo.list_alarms(open_only=not all)]
 
 
@@ -324,10 +332,10 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
             force=body.force,
             role=who.role,
         )
-        return _migration_out(fleet, svc, record)
+        return await run_in_threadpool(_migration_out, fleet, svc, record)
 
     @app.get("/api/v1/migrations", response_model=list[s.MigrationOut])
-    async def list_migrations(_: Person, vm: str | None = None, active: bool = False) -> list[dict[str, Any]]:
+    def list_migrations(_: Person, vm: str | None = None, active: bool = False) -> list[dict[str, Any]]:
         vm_id = fleet.repo.get_vm(vm).id if vm else None
         return [_migration_out(fleet, svc, r) for r in fleet.repo.list_migrations(vm_id=vm_id, active_only=active)]
 
@@ -341,7 +349,7 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
         return fleet.repo.get_migration(migration_id)
 
     @app.get("/api/v1/migrations/{migration_id}", response_model=s.MigrationDetail)
-    async def show_migration(migration_id: str, _: Person) -> dict[str, Any]:
+    def show_migration(migration_id: str, _: Person) -> dict[str, Any]:
         r = find(migration_id)
         steps = [dataclasses.asdict(x) for x in fleet.repo.migration_steps(r.id)]
         receipts = [dataclasses.asdict(x) for x in fleet.repo.list_scrub_receipts(r.id)]
@@ -349,7 +357,8 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
 
     @app.post("/api/v1/migrations/{migration_id}/cancel", response_model=s.MigrationOut)
     async def cancel(migration_id: str, who: Person) -> dict[str, Any]:
-        return _migration_out(fleet, svc, await svc.cancel(find(migration_id).id, who.name))
+        found = await run_in_threadpool(find, migration_id)
+        return await run_in_threadpool(_migration_out, fleet, svc, await svc.cancel(found.id, who.name))
 
     @app.get("/api/v1/vms/{name}/snapshots")
     async def vm_snapshots(name: str, _: Person) -> list[dict[str, Any]]:
@@ -362,4 +371,5 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
     @app.post("/api/v1/hosts/{name}/drain")
     async def drain(name: str, who: Person) -> dict[str, Any]:
         started, refused = await svc.drain(name, who.name)
-        return {"host": name, "migrations": [_migration_out(fleet, svc, r) for r in started], "refused": refused}
+        out = await run_in_threadpool(lambda: [_migration_out(fleet, svc, r) for r in started])
+        return {"host": name, "migrations": out, "refused": refused}

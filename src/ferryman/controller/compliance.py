@@ -4,8 +4,19 @@ the fleet, remediation plans, and the per-tenant co-location report.
 The decisions are :mod:`ferryman.policy`'s (pure); this module feeds it facts from the CMDB and stores what it finds.
 It keeps one compiled :class:`~ferryman.policy.engine.FleetIndex` of the policy version in force. Every CMDB change
 the fleet announces (a VM created, moved or deleted, a host's attributes changed) updates the index incrementally and
-re-checks only the VMs that change affects; a full audit rebuilds the index from the CMDB, after each apply and
-periodically. Violations are stored with first-seen and resolved times and each opening or resolution is an event.
+re-checks only the VMs that change affects; a full audit rebuilds the index from the CMDB, periodically and when
+another controller applied a version.
+
+An apply parses its files once and compiles them once: :meth:`Compliance.prepare` returns a :class:`Candidate` whose
+index serves the fleet-feasibility check, the preview, and, once :meth:`Compliance.install` stored the version, the
+engine in force, which the audit after the apply reads as it is.
+
+Threads: the slow work (reading the fleet from the CMDB, parsing, compiling, building an index, planning) runs
+without the service's lock, so API routes may run it in worker threads while the event loop keeps admitting
+migrations. An index is not thread-safe: the one in force is read and changed only under the lock, and held there
+only for a few whole-fleet integer operations and one CMDB transaction at a time. An index built without the lock
+catches up, when it is put in force, with the changes announced while it was built (the service numbers them).
+Violations are computed and stored under the lock, so an older finding never overwrites a newer one.
 
 It never moves a VM by itself: a remediation plan runs only when an operator executes it, through the secure
 migration path. Forcing a placement against hard rules ("break glass") needs a role in :data:`BREAK_GLASS_ROLES` and
@@ -17,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +40,7 @@ from ferryman.cmdb.policy_store import Finding, PolicyVersion
 from ferryman.controller.fleet import Change, Fleet, VMRequest
 from ferryman.core import errors
 from ferryman.core.models import VM, Host, HostState, Severity, VMState
-from ferryman.policy.engine import FleetIndex, compile_policies
+from ferryman.policy.engine import CompiledPolicies, FleetIndex, compile_policies
 from ferryman.policy.facts import HostFacts, VMFacts
 from ferryman.policy.hostrules import unsatisfiable
 from ferryman.policy.schema import PolicyError, PolicyErrors, PolicySet, parse_policies
@@ -37,8 +50,13 @@ from ferryman.scheduler.planner import Plan, plan_remediation
 log = structlog.get_logger(__name__)
 
 BREAK_GLASS_ROLES = frozenset({"admin"})
-IN_FLIGHT_LIMIT = 100_000  # unfinished migrations admission reads (the governor keeps far fewer running at once)
 """Roles whose tokens may force a placement against hard rules (audited as an alarm)."""
+IN_FLIGHT_LIMIT = 100_000  # unfinished migrations admission reads (the governor keeps far fewer running at once)
+KEPT_CHANGES = 10_000
+"""CMDB changes remembered for indexes under construction; one built while more happened reads the fleet again."""
+
+Parser = Callable[[Mapping[str, str]], PolicySet]
+Compiler = Callable[[PolicySet], CompiledPolicies]
 
 
 @dataclass(frozen=True)
@@ -49,20 +67,56 @@ class Preview:
     would_resolve: list[Finding]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """Policy files parsed, checked against the fleet and compiled, ready to preview and to install. ``index``: the
+    fleet as read after change number ``since``, under these policies; nobody else holds it until it is installed."""
+
+    documents: Mapping[str, str]
+    policies: PolicySet
+    index: FleetIndex
+    since: int
+
+
+@dataclass(frozen=True)
+class _InForce:
+    version: PolicyVersion | None
+    policies: PolicySet | None
+    index: FleetIndex | None
+
+
+def _number(version: PolicyVersion | None) -> int:
+    return version.version if version is not None else 0
+
+
 def _finding(v: Any) -> Finding:
     return Finding(vm_id=v.vm_id, policy=v.policy, rule=v.rule, host=v.host, message=v.message)
 
 
 class Compliance:
-    """Admission (:class:`~ferryman.controller.fleet.Admission`) and compliance of the fleet against the policies."""
+    """Admission (:class:`~ferryman.controller.fleet.Admission`) and compliance of the fleet against the policies.
 
-    def __init__(self, fleet: Fleet, governor: GovernorSettings) -> None:
+    ``parser`` and ``compiler`` turn policy files into a policy set and a policy set into what the engine indexes
+    (:func:`~ferryman.policy.schema.parse_policies`, :func:`~ferryman.policy.engine.compile_policies`); every parse
+    and compilation of the service goes through them."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        governor: GovernorSettings,
+        *,
+        parser: Parser = parse_policies,
+        compiler: Compiler = compile_policies,
+    ) -> None:
         self.fleet = fleet
         self.repo = fleet.repo
         self.governor = governor
-        self.version: PolicyVersion | None = None
-        self.policies: PolicySet | None = None
-        self._index: FleetIndex | None = None
+        self._parse = parser
+        self._compile = compiler
+        self._lock = threading.RLock()
+        self._changes: deque[tuple[int, Change]] = deque(maxlen=KEPT_CHANGES)
+        self._last_change = 0
+        self._in_force = _InForce(None, None, None)
         self.load()
 
     # -- facts ------------------------------------------------------------------------------------------------------
@@ -78,19 +132,40 @@ class Compliance:
             out.append(_vm_facts(vm, placement.host if placement else None))
         return out
 
+    def _fleet_facts(self) -> tuple[int, list[HostFacts], list[VMFacts]]:
+        """The number of the last change announced, then the VMs and the hosts as the CMDB has them now. VMs are
+        read first: hosts are never removed, so every host a VM names is among the hosts read after it."""
+        with self._lock:
+            since = self._last_change
+        vms = self.vm_facts()
+        return since, self.host_facts(), vms
+
     # -- the policy version in force --------------------------------------------------------------------------------
 
+    @property
+    def version(self) -> PolicyVersion | None:
+        return self._in_force.version
+
+    @property
+    def policies(self) -> PolicySet | None:
+        return self._in_force.policies
+
+    def in_force(self) -> tuple[PolicyVersion | None, PolicySet | None]:
+        """The version in force and its policies, read together."""
+        state = self._in_force
+        return state.version, state.policies
+
     def load(self) -> None:
-        """Read the version in force from the CMDB and build its index (at start and after an apply)."""
+        """Read the version in force from the CMDB and build its index (at start, and when another controller has
+        applied one)."""
         version = self.repo.current_policy_version()
-        self.version = version
         if version is None or not version.documents:
-            self.policies, self._index = None, None
+            self._put_in_force(_InForce(version, None, None), since=0)
             return
         try:
-            self.policies = parse_policies(version.documents)
+            policies = self._parse(version.documents)
         except errors.InvalidInput as err:  # validated at apply: only a changed parser can get here
-            self.policies, self._index = None, None
+            self._put_in_force(_InForce(version, None, None), since=0)
             self.fleet.audit(
                 "alarm.policy_load_failed",
                 f"policy version {version.version} no longer parses; no policy is enforced: {err}",
@@ -98,22 +173,53 @@ class Compliance:
                 severity=Severity.ALARM,
             )
             return
-        self._index = FleetIndex(compile_policies(self.policies), self.host_facts(), self.vm_facts())
+        since, hosts, vms = self._fleet_facts()
+        self._put_in_force(_InForce(version, policies, FleetIndex(self._compile(policies), hosts, vms)), since)
+
+    def _put_in_force(self, state: _InForce, since: int) -> bool:
+        """Put ``state`` in force unless a newer version already is (False). Its index, built from the fleet as read
+        after change ``since``, first catches up with the changes announced since then."""
+        while True:
+            with self._lock:
+                if _number(state.version) < _number(self._in_force.version):
+                    return False
+                if state.index is None or self._catch_up(state.index, since):
+                    self._in_force = state
+                    return True
+            # more changes than are kept happened while it was built: read the fleet again
+            compiled = state.index.compiled
+            since, hosts, vms = self._fleet_facts()
+            state = dataclasses.replace(state, index=FleetIndex(compiled, hosts, vms))
+
+    def _catch_up(self, index: FleetIndex, since: int) -> bool:
+        """Apply to ``index`` every change announced after ``since`` (False: some are no longer kept). Under the lock;
+        a change already in the facts the index was built from is applied again harmlessly."""
+        if self._last_change == since:
+            return True
+        if not self._changes or self._changes[0][0] > since + 1:
+            return False
+        for number, change in self._changes:
+            if number > since:
+                self._apply_change(index, change)
+        return True
 
     @property
     def active(self) -> bool:
-        return self._index is not None
+        return self._in_force.index is not None
 
     def index(self) -> FleetIndex:
-        if self._index is None:
+        """The index in force. It changes under the service's lock: read it without the lock only where nothing
+        else changes the fleet meanwhile (tests, tools)."""
+        index = self._in_force.index
+        if index is None:
             raise errors.Conflict("no placement policy is in force (ferryman policy apply)")
-        return self._index
+        return index
 
     # -- admission --------------------------------------------------------------------------------------------------
 
     def admit_creation(self, req: VMRequest, candidates: list[Host], principal: str) -> Host | None:
         """The allowed host among ``candidates`` with the best score (None: no policies, the fleet chooses)."""
-        if self._index is None:
+        if not self.active:
             return None
         vm = VMFacts(
             id=f"new:{req.name}",
@@ -124,12 +230,17 @@ class Compliance:
             host=None,
         )
         names = {h.name: h for h in candidates}
-        with self._arrived(self._in_flight()):
-            if req.host is not None:
-                reasons = [str(r.message) for r in self._index.admit(vm, req.host)]
-            else:
-                exclude = [h for h in self._index_hosts() if h not in names]
-                decision = self._index.place(vm, exclude=exclude)
+        in_flight = self._in_flight()
+        exclude = [h for h in self._index_hosts() if h not in names] if req.host is None else []
+        with self._lock:
+            index = self._in_force.index
+            if index is None:
+                return None
+            with _arrived(index, in_flight):
+                if req.host is not None:
+                    reasons = [str(r.message) for r in index.admit(vm, req.host)]
+                else:
+                    decision = index.place(vm, exclude=exclude)
         if req.host is not None:
             if reasons:
                 self._refuse_or_force(
@@ -144,13 +255,19 @@ class Compliance:
         self, vm: VM, destination: str, *, force: bool, role: str, principal: str, automatic: bool = False
     ) -> None:
         """Raise :class:`PolicyRefused` when a hard rule forbids moving ``vm`` to ``destination``."""
-        if self._index is None:
+        if not self.active:
             return
         placement = self.repo.current_placement(vm.id)
         facts = _vm_facts(vm, placement.host if placement else None)
-        with self._arrived(self._in_flight(excluding=vm.id)):
-            reasons = [str(r.message) for r in self._index.admit(facts, destination)]
-        if automatic and not self._index.migration_rules(vm.id).auto_balance:
+        in_flight = self._in_flight(excluding=vm.id)
+        with self._lock:
+            index = self._in_force.index
+            if index is None:
+                return
+            with _arrived(index, in_flight):
+                reasons = [str(r.message) for r in index.admit(facts, destination)]
+            auto_balance = index.migration_rules(vm.id).auto_balance if automatic else True
+        if not auto_balance:
             reasons.append(f"the policies of {vm.name} forbid automatic moves")
         if reasons:
             self._refuse_or_force(
@@ -164,14 +281,18 @@ class Compliance:
         first candidate. ``planned``: VM id -> destination of migrations already started in the same operation (a
         drain), counted as arrived so that two VMs that exclude each other are not sent to the same host."""
         allowed = list(candidates)
-        index = self._index
-        if index is None:
+        if not self.active:
             return allowed[0] if allowed else None
         placement = self.repo.current_placement(vm.id)
         exclude = [h for h in self._index_hosts() if h not in allowed]
         facts = _vm_facts(vm, placement.host if placement else None)
-        with self._arrived({**self._in_flight(excluding=vm.id), **(planned or {})}):
-            return index.place(facts, exclude=exclude).host
+        in_flight = {**self._in_flight(excluding=vm.id), **(planned or {})}
+        with self._lock:
+            index = self._in_force.index
+            if index is None:
+                return allowed[0] if allowed else None
+            with _arrived(index, in_flight):
+                return index.place(facts, exclude=exclude).host
 
     def _in_flight(self, *, excluding: str | None = None) -> dict[str, str]:
         """VM id -> destination of every unfinished migration that is not rolling back (but ``excluding``'s):
@@ -183,32 +304,11 @@ class Compliance:
             if r.vm_id != excluding and r.phase != "rolling_back"
         }
 
-    @contextlib.contextmanager
-    def _arrived(self, moves: Mapping[str, str]) -> Iterator[None]:
-        """Within the block the index also holds each VM of ``moves`` on its destination (a stand-in of the same
-        tenant, profile and size); afterwards the stand-ins are gone."""
-        index = self.index()
-        added: list[str] = []
-        try:
-            for vm_id, target in moves.items():
-                try:
-                    facts = index.vm(vm_id)
-                except errors.NotFound:
-                    continue  # not in the index (deleted meanwhile)
-                if facts.host == target:
-                    continue  # committed: it is there already
-                stand_in = dataclasses.replace(facts, id=f"arriving:{vm_id}", host=target)
-                index.add_vm(stand_in)
-                added.append(stand_in.id)
-            yield
-        finally:
-            for stand_in_id in reversed(added):
-                index.remove_vm(stand_in_id)
-
     def place(self, tenant: str, profile: dict[str, str], memory_mb: int, name: str = "(new)") -> Any:
         """Where a new VM ``name`` of ``tenant`` with ``profile`` would go now, with every rejected host's reasons."""
         vm = VMFacts(id="new:placement", name=name, tenant=tenant, profile=profile, memory_mb=memory_mb, host=None)
-        return self.index().place(vm)
+        with self._lock:
+            return self.index().place(vm)
 
     def _index_hosts(self) -> list[str]:
         return [h.name for h in self.repo.list_hosts()]
@@ -242,10 +342,22 @@ class Compliance:
     # -- continuous compliance --------------------------------------------------------------------------------------
 
     def on_change(self, change: Change) -> None:
-        """Update the index for one CMDB change and re-check only the VMs it affects."""
-        index = self._index
-        if index is None:
-            return
+        """Update the index for one CMDB change and re-check only the VMs it affects. The change is numbered and
+        kept, for indexes being built meanwhile."""
+        with self._lock:
+            self._last_change += 1
+            self._changes.append((self._last_change, change))
+            index = self._in_force.index
+            if index is None:
+                return
+            affected = self._apply_change(index, change)
+            if not affected:
+                return
+            opened, resolved = self._store_violations(affected)
+        self._announce(opened, resolved)
+
+    def _apply_change(self, index: FleetIndex, change: Change) -> set[str]:
+        """Bring ``index`` in line with the CMDB for what ``change`` names; the VMs to re-check."""
         affected: set[str] = set()
         if change.vm_id is not None:
             vm = self.repo.get_vm(change.vm_id)
@@ -264,16 +376,22 @@ class Compliance:
             host = self.repo.get_host(change.host)
             level = {s.name: s.security_level for s in self.repo.list_sites()}.get(host.site, 0)
             affected |= set(index.update_host(_host_facts(host, level)))
-        if affected:
-            self.check(scope=affected)
+        return affected
 
     def check(self, scope: set[str] | None = None) -> tuple[list[Any], list[Any]]:
         """Store the violations of ``scope`` (None: every VM) as found now; record an event per change."""
-        if self._index is None:
-            findings: list[Finding] = []
-        else:
-            findings = [_finding(v) for v in self._index.violations(scope)]
-        opened, resolved = self.repo.sync_violations(findings, self.fleet.clock.now(), scope=scope)
+        with self._lock:
+            opened, resolved = self._store_violations(scope)
+        self._announce(opened, resolved)
+        return opened, resolved
+
+    def _store_violations(self, scope: set[str] | None) -> tuple[list[Any], list[Any]]:
+        """Find the violations of ``scope`` in the index in force and store them, in one go under the lock."""
+        index = self._in_force.index
+        findings = [] if index is None else [_finding(v) for v in index.violations(scope)]
+        return self.repo.sync_violations(findings, self.fleet.clock.now(), scope=scope)
+
+    def _announce(self, opened: list[Any], resolved: list[Any]) -> None:
         for v in opened:
             self.fleet.audit(
                 "compliance.violation",
@@ -295,59 +413,52 @@ class Compliance:
                 policy=v.policy,
                 rule=v.rule,
             )
-        return opened, resolved
 
     def audit_all(self) -> tuple[list[Any], list[Any]]:
-        """A full audit: rebuild the index from the CMDB and check every VM. A version applied meanwhile (by another
-        controller on the same database) is loaded first."""
+        """A full audit: rebuild the index from the CMDB (the policies stay compiled) and check every VM. A version
+        applied meanwhile (by another controller on the same database) is loaded first."""
         current = self.repo.current_policy_version()
-        if (current.version if current else None) != (self.version.version if self.version else None):
+        state = self._in_force
+        if _number(current) != _number(state.version):
             self.load()
-        elif self.policies is not None:
-            self._index = FleetIndex(compile_policies(self.policies), self.host_facts(), self.vm_facts())
+        elif state.index is not None:
+            since, hosts, vms = self._fleet_facts()
+            self._put_in_force(dataclasses.replace(state, index=FleetIndex(state.index.compiled, hosts, vms)), since)
         return self.check(None)
 
     # -- policy versions ---------------------------------------------------------------------------------------------
 
-    def validate(self, documents: dict[str, str]) -> PolicySet:
-        """Parse ``documents``; PolicyErrors lists every mistake, and so does a policy no host can ever satisfy."""
+    def prepare(self, documents: Mapping[str, str]) -> Candidate:
+        """Parse ``documents`` and compile them, once each, into a candidate for :meth:`preview` and
+        :meth:`install`. PolicyErrors lists every mistake, and so does a policy no host can ever satisfy, alone or
+        together with others."""
         if not documents:
             raise errors.InvalidInput("no policy files given")
-        policy_set = parse_policies(documents)
-        hosts = self.host_facts()
-        problems = unsatisfiable(policy_set, hosts) or self._joint_conflicts(policy_set, hosts)
+        policy_set = self._parse(documents)
+        since, hosts, vms = self._fleet_facts()
+        problems = unsatisfiable(policy_set, hosts)
         if problems:
             raise PolicyErrors(problems)
-        return policy_set
+        index = FleetIndex(self._compile(policy_set), hosts, vms)
+        problems = _joint_conflicts(policy_set, index, vms)
+        if problems:
+            raise PolicyErrors(problems)
+        return Candidate(dict(documents), policy_set, index, since)
 
-    def _joint_conflicts(self, policy_set: PolicySet, hosts: list[HostFacts]) -> list[PolicyError]:
-        """Policies that each leave some host but together leave none for a VM of the fleet they all select."""
-        vms = self.vm_facts()
-        index = FleetIndex(compile_policies(policy_set), hosts, vms)
-        found: list[PolicyError] = []
-        seen: set[tuple[str, ...]] = set()
-        for vm in vms:
-            names = tuple(index.policies_of(vm.id))
-            if len(names) < 2 or names in seen:
-                continue
-            seen.add(names)
-            if not index.eligible_hosts(vm):
-                source = policy_set.source(names[0])
-                found.append(
-                    PolicyError(
-                        source.file,
-                        source.line_of("require"),
-                        "require",
-                        f"together with {', '.join(names[1:])} it leaves no host for {vm.name} (and every VM they "
-                        "all select)",
-                        "host rules that some host of the fleet satisfies together",
-                    )
-                )
-        return found
+    def validate(self, documents: Mapping[str, str]) -> PolicySet:
+        """Parse ``documents`` and check them against the fleet (see :meth:`prepare`)."""
+        return self.prepare(documents).policies
 
-    def preview(self, policy_set: PolicySet) -> Preview:
-        candidate = FleetIndex(compile_policies(policy_set), self.host_facts(), self.vm_facts())
-        after = {f.key: f for f in (_finding(v) for v in candidate.violations(None))}
+    def preview(self, policies: Candidate | PolicySet) -> Preview:
+        """The violations applying ``policies`` would open and resolve (a candidate is previewed on its own index)."""
+        if isinstance(policies, Candidate):
+            index = policies.index
+        else:
+            _, hosts, vms = self._fleet_facts()
+            index = FleetIndex(self._compile(policies), hosts, vms)
+        shared = index is self._in_force.index  # a candidate is its request's own until it is installed
+        with self._lock if shared else contextlib.nullcontext():
+            after = {f.key: f for f in (_finding(v) for v in index.violations(None))}
         before = {v.key: v for v in self.repo.list_violations()}
         return Preview(
             would_violate=[f for k, f in after.items() if k not in before],
@@ -356,24 +467,29 @@ class Compliance:
             ],
         )
 
-    def apply(self, documents: dict[str, str], principal: str) -> PolicyVersion:
-        self.validate(documents)
-        version = self.repo.add_policy_version(documents, principal, self.fleet.clock.now())
-        self.load()
+    def install(self, candidate: Candidate, principal: str) -> PolicyVersion:
+        """Store the candidate's files as the next version, put its index in force (brought up to date with the
+        changes since it was built) and audit the fleet against it."""
+        version = self.repo.add_policy_version(dict(candidate.documents), principal, self.fleet.clock.now())
+        self._put_in_force(_InForce(version, candidate.policies, candidate.index), candidate.since)
         self.fleet.audit(
             "policy.applied",
-            f"policy version {version.version}: {', '.join(sorted(documents))}",
+            f"policy version {version.version}: {', '.join(sorted(candidate.documents))}",
             principal,
             version=version.version,
-            policies=list(self.policies.names if self.policies else ()),
+            policies=list(candidate.policies.names),
         )
-        self.audit_all()
+        self.check(None)
         return version
+
+    def apply(self, documents: Mapping[str, str], principal: str) -> PolicyVersion:
+        """:meth:`prepare` then :meth:`install`."""
+        return self.install(self.prepare(documents), principal)
 
     def clear(self, principal: str) -> PolicyVersion:
         """A new, empty version: nothing is enforced any more; every open violation resolves."""
         version = self.repo.add_policy_version({}, principal, self.fleet.clock.now())
-        self.load()
+        self._put_in_force(_InForce(version, None, None), since=0)
         self.fleet.audit(
             "policy.applied",
             f"policy version {version.version}: no policy",
@@ -388,8 +504,12 @@ class Compliance:
 
     def plan(self) -> Plan:
         """Migrations that remove the current violations within the governor's per-host limits and the VMs'
-        cooldowns; VMs migrating now, cooling down, or whose policies forbid automatic moves stay put."""
-        index = self.index()
+        cooldowns; VMs migrating now, cooling down, or whose policies forbid automatic moves stay put. The planner
+        simulates its moves on a copy of the index in force, taken under the lock and built without it."""
+        with self._lock:
+            in_force = self.index()
+            compiled, (hosts, vms) = in_force.compiled, in_force.facts()
+        index = FleetIndex(compiled, hosts, vms)
         return plan_remediation(
             index,
             max_moves=None,
@@ -406,7 +526,10 @@ class Compliance:
         for vm in self.repo.list_vms():
             if vm.id in frozen:
                 continue
-            rules = index.migration_rules(vm.id)
+            try:
+                rules = index.migration_rules(vm.id)
+            except errors.NotFound:  # created after the copy was taken: the plan does not know it
+                continue
             if not rules.auto_balance:
                 frozen[vm.id] = "its policies forbid automatic moves"
                 continue
@@ -417,6 +540,52 @@ class Compliance:
                 if until > now:
                     frozen[vm.id] = f"cooling down until {until:%H:%M:%S}"
         return frozen
+
+
+@contextlib.contextmanager
+def _arrived(index: FleetIndex, moves: Mapping[str, str]) -> Iterator[None]:
+    """Within the block ``index`` also holds each VM of ``moves`` on its destination (a stand-in of the same tenant,
+    profile and size); afterwards the stand-ins are gone."""
+    added: list[str] = []
+    try:
+        for vm_id, target in moves.items():
+            try:
+                facts = index.vm(vm_id)
+            except errors.NotFound:
+                continue  # not in the index (deleted meanwhile)
+            if facts.host == target:
+                continue  # committed: it is there already
+            stand_in = dataclasses.replace(facts, id=f"arriving:{vm_id}", host=target)
+            index.add_vm(stand_in)
+            added.append(stand_in.id)
+        yield
+    finally:
+        for stand_in_id in reversed(added):
+            index.remove_vm(stand_in_id)
+
+
+def _joint_conflicts(policy_set: PolicySet, index: FleetIndex, vms: list[VMFacts]) -> list[PolicyError]:
+    """Policies that each leave some host but together leave none for a VM of the fleet they all select."""
+    found: list[PolicyError] = []
+    seen: set[tuple[str, ...]] = set()
+    for vm in vms:
+        names = tuple(index.policies_of(vm.id))
+        if len(names) < 2 or names in seen:
+            continue
+        seen.add(names)
+        if not index.eligible_hosts(vm):
+            source = policy_set.source(names[0])
+            found.append(
+                PolicyError(
+                    source.file,
+                    source.line_of("require"),
+                    "require",
+                    f"together with {', '.join(names[1:])} it leaves no host for {vm.name} (and every VM they "
+                    "all select)",
+                    "host rules that some host of the fleet satisfies together",
+                )
+            )
+    return found
 
 
 def _host_facts(host: Host, site_level: int) -> HostFacts:

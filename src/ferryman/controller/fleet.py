@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from ferryman.core.models import (
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.pki.tickets import issue_lease
 from ferryman.security.secrets import hash_secret, new_secret
+from ferryman.wire.vms import Receipt
 
 log = structlog.get_logger(__name__)
 
@@ -173,7 +174,7 @@ class Fleet:
         return self.repo.record_event(event)
 
     def store_scrub_receipts(
-        self, host: str, receipts: list[dict[str, Any]], migration_id: str | None = None
+        self, host: str, receipts: Sequence[Receipt], migration_id: str | None = None
     ) -> list[dict[str, Any]]:
         """Keep an agent's scrub receipts in the CMDB; returns their short form for the audit event."""
         at = self.clock.now()
@@ -181,16 +182,16 @@ class Fleet:
             self.repo.add_scrub_receipt(
                 ScrubReceiptRecord(
                     host=host,
-                    path=r["path"],
-                    bytes=r["bytes"],
-                    mode=r["mode"],
-                    duration_s=r["duration_s"],
-                    sample_hash=r["sample_hash"],
+                    path=r.path,
+                    bytes=r.bytes,
+                    mode=r.mode,
+                    duration_s=r.duration_s,
+                    sample_hash=r.sample_hash,
                     at=at,
                     migration_id=migration_id,
                 )
             )
-        return [{k: r[k] for k in ("path", "bytes", "mode", "sample_hash")} for r in receipts]
+        return [r.model_dump(include={"path", "bytes", "mode", "sample_hash"}) for r in receipts]
 
     # ---- sites and hosts ---------------------------------------------------------------------------------------
 

@@ -35,7 +35,8 @@ from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.repository import Repository
 from ferryman.core.clock import Clock
 from ferryman.core.errors import Conflict, NotFound, PKIError, StorageError
-from ferryman.pki.csr import fsync_directory, write_atomic
+from ferryman.durable import fsync_directory
+from ferryman.pki.csr import write_atomic
 
 log = structlog.get_logger(__name__)
 

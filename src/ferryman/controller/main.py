@@ -100,9 +100,9 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
             await asyncio.sleep(settings.reconcile.interval_s)
             try:
                 reconciler.run()
-                if loop.time() >= next_audit:  # the periodic full compliance audit
+                if loop.time() >= next_audit:  # the periodic full compliance audit, off the event loop
                     next_audit = loop.time() + settings.reconcile.compliance_interval_s
-                    compliance.audit_all()
+                    await asyncio.to_thread(compliance.audit_all)
             except FerrymanError as err:
                 log.error("reconciliation pass failed", error=str(err))
 

@@ -1,5 +1,11 @@
 """REST routes of placement policies, compliance and the per-tenant report (``/api/v1/policies``, ``/api/v1/place``,
-``/api/v1/compliance``), and host attribute changes, which compliance re-checks."""
+``/api/v1/compliance``), and host attribute changes, which compliance re-checks.
+
+Routes that read the CMDB, parse or compile policies, audit or plan are plain functions, which FastAPI runs in its
+thread pool: the event loop that drives migrations never waits for them. The compliance service is safe to use from
+those threads (:mod:`ferryman.controller.compliance`). Routes that wait for migrations stay coroutines and hand
+their blocking steps to the thread pool.
+"""
 
 import dataclasses
 from typing import Any
@@ -7,8 +13,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from ferryman.controller.compliance import Compliance
+from ferryman.controller.compliance import Compliance, Preview
 from ferryman.controller.fleet import Fleet
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reports import tenant_report
@@ -68,12 +75,19 @@ def _finding(f: Any) -> dict[str, Any]:
     return {"vm_id": f.vm_id, "policy": f.policy, "rule": f.rule, "host": f.host, "message": f.message}
 
 
+def _preview_out(preview: Preview, names: dict[str, str]) -> dict[str, Any]:
+    return {
+        "would_violate": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_violate],
+        "would_resolve": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_resolve],
+    }
+
+
 def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: MigrationService, Person: Any) -> None:
     def vm_names() -> dict[str, str]:
         return _vm_names(fleet)
 
     @app.post("/api/v1/policies/validate")
-    async def validate(body: PolicyFilesIn, _: Person) -> dict[str, Any]:
+    def validate(body: PolicyFilesIn, _: Person) -> dict[str, Any]:
         try:
             policy_set = compliance.validate(body.documents)
         except PolicyErrors as err:
@@ -81,51 +95,49 @@ def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: Migra
         return {"ok": True, "errors": [], "policies": list(policy_set.names)}
 
     @app.post("/api/v1/policies/apply")
-    async def apply(body: PolicyFilesIn, who: Person) -> dict[str, Any]:
+    def apply(body: PolicyFilesIn, who: Person) -> dict[str, Any]:
+        # parsed and compiled once: the same candidate is checked, previewed and put in force
         try:
-            policy_set = compliance.validate(body.documents)
+            candidate = compliance.prepare(body.documents)
         except PolicyErrors as err:
             return {"applied": False, "version": None, "errors": _errors(err)}
-        preview = compliance.preview(policy_set)
-        names = vm_names()
         out: dict[str, Any] = {
             "applied": False,
             "version": None,
             "errors": [],
-            "policies": list(policy_set.names),
-            "would_violate": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_violate],
-            "would_resolve": [{**_finding(f), "vm": names.get(f.vm_id)} for f in preview.would_resolve],
+            "policies": list(candidate.policies.names),
+            **_preview_out(compliance.preview(candidate), vm_names()),
         }
         if body.dry_run:
             return out
         _may_change_policies(who.role)
-        version = compliance.apply(body.documents, who.name)
+        version = compliance.install(candidate, who.name)
         return {**out, "applied": True, "version": version.version}
 
     @app.post("/api/v1/policies/clear")
-    async def clear(who: Person) -> dict[str, Any]:
+    def clear(who: Person) -> dict[str, Any]:
         _may_change_policies(who.role)
         return {"version": compliance.clear(who.name).version}
 
     @app.get("/api/v1/policies")
     async def list_policies(_: Person) -> list[dict[str, Any]]:
-        version = compliance.version
-        if compliance.policies is None or version is None:
+        version, policies = compliance.in_force()
+        if policies is None or version is None:
             return []
         return [
             {
                 "name": p.name,
                 "description": p.description or "",
-                "file": compliance.policies.source(p.name).file,
+                "file": policies.source(p.name).file,
                 "version": version.version,
                 "applied_at": version.applied_at,
                 "applied_by": version.principal,
             }
-            for p in compliance.policies
+            for p in policies
         ]
 
     @app.get("/api/v1/policies/versions")
-    async def policy_versions(_: Person) -> list[dict[str, Any]]:
+    def policy_versions(_: Person) -> list[dict[str, Any]]:
         return [
             {"version": v.version, "applied_at": v.applied_at, "applied_by": v.principal, "files": sorted(v.documents)}
             for v in fleet.repo.list_policy_versions()
@@ -133,19 +145,20 @@ def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: Migra
 
     @app.get("/api/v1/policies/{name}")
     async def show_policy(name: str, _: Person) -> dict[str, Any]:
-        if compliance.policies is None or name not in compliance.policies:
+        version, policies = compliance.in_force()
+        if policies is None or name not in policies:
             raise errors.NotFound(f"policy {name!r} is not in force")
-        policy = compliance.policies[name]
-        source = compliance.policies.source(name)
+        policy = policies[name]
+        source = policies.source(name)
         return {
             "name": name,
             "file": source.file,
-            "version": compliance.version.version if compliance.version else None,
+            "version": version.version if version else None,
             "document": policy.model_dump(mode="json", exclude_none=True),
         }
 
     @app.post("/api/v1/place")
-    async def place(body: PlaceIn, _: Person) -> dict[str, Any]:
+    def place(body: PlaceIn, _: Person) -> dict[str, Any]:
         decision = compliance.place(body.tenant, body.profile, parse_mib(body.memory), body.name)
         rejections = {host: [dataclasses.asdict(r) for r in reasons] for host, reasons in decision.rejections.items()}
         return {"host": decision.host, "score": decision.score, "ranked": decision.ranked, "rejections": rejections}
@@ -158,24 +171,31 @@ def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: M
         return _vm_names(fleet)
 
     @app.get("/api/v1/compliance/violations")
-    async def violations(_: Person, all: bool = False) -> list[dict[str, Any]]:
+    def violations(_: Person, all: bool = False) -> list[dict[str, Any]]:
         names = vm_names()
         return [
             {**dataclasses.asdict(v), "vm": names.get(v.vm_id)} for v in fleet.repo.list_violations(open_only=not all)
         ]
 
     @app.post("/api/v1/compliance/check")
-    async def check(_: Person) -> dict[str, Any]:
+    def check(_: Person) -> dict[str, Any]:
         opened, resolved = compliance.audit_all()
         return {"opened": len(opened), "resolved": len(resolved), "open": len(fleet.repo.list_violations())}
 
-    @app.get("/api/v1/compliance/plan")
-    async def plan(_: Person) -> dict[str, Any]:
+    def planned_now() -> dict[str, Any]:
         return _plan_out(compliance, vm_names())
+
+    def audit_and_count() -> int:
+        compliance.audit_all()
+        return len(fleet.repo.list_violations())
+
+    @app.get("/api/v1/compliance/plan")
+    def plan(_: Person) -> dict[str, Any]:
+        return planned_now()
 
     @app.post("/api/v1/compliance/plan/execute")
     async def execute(who: Person) -> dict[str, Any]:
-        planned = _plan_out(compliance, vm_names())
+        planned = await run_in_threadpool(planned_now)
         started = []
         for move in planned["moves"]:
             try:
@@ -192,11 +212,11 @@ def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: M
                 continue
             started.append({**move, "migration": record.id, "error": None})
             await svc.wait_finished(record.id)
-        compliance.audit_all()
-        return {**planned, "executed": started, "remaining": len(fleet.repo.list_violations())}
+        remaining = await run_in_threadpool(audit_and_count)
+        return {**planned, "executed": started, "remaining": remaining}
 
     @app.get("/api/v1/compliance/report", response_model=None)
-    async def report(_: Person, tenant: str, since: str = "-30d", until: str = "now", format: str = "json") -> Any:
+    def report(_: Person, tenant: str, since: str = "-30d", until: str = "now", format: str = "json") -> Any:
         start, end = parse_time(since, fleet.clock), parse_time(until, fleet.clock)
         built = tenant_report(fleet, tenant, start, end)
         if format == "html":
@@ -206,7 +226,7 @@ def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: M
         return built.to_dict()
 
     @app.patch("/api/v1/hosts/{name}")
-    async def update_host(name: str, body: HostPatchIn, who: Person) -> dict[str, Any]:
+    def update_host(name: str, body: HostPatchIn, who: Person) -> dict[str, Any]:
         changes = body.model_dump(exclude_none=True)
         if not changes:
             raise errors.InvalidInput("nothing to change")

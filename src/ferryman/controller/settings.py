@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ferryman.core.errors import InvalidInput
 from ferryman.scheduler.governor import GovernorSettings
@@ -44,7 +44,8 @@ def governor_from_env(env: Mapping[str, str]) -> GovernorSettings:
     return GovernorSettings(**values)
 
 
-SCRUB_MODES = ("zero", "random")
+PlainScrubMode = Literal["zero", "random"]
+SCRUB_MODES: tuple[PlainScrubMode, ...] = ("zero", "random")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ControllerSettings:
     enrol_token_ttl_s: int = 3600
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     governor: GovernorSettings = field(default_factory=GovernorSettings)
-    scrub_mode: str = "zero"  # how migrations scrub plain VMs' losing copies: zero or random
+    scrub_mode: PlainScrubMode = "zero"  # how migrations scrub plain VMs' losing copies: zero or random
 
     @property
     def pki_dir(self) -> Path:
@@ -88,10 +89,11 @@ class ControllerSettings:
         url = db_url or env.get("FERRYMAN_DB_URL") or f"sqlite:///{data / 'cmdb.sqlite'}"
         interval = float(env.get("FERRYMAN_RECONCILE_INTERVAL", "5"))
         governor = governor_from_env(env)
-        scrub_mode = env.get("FERRYMAN_SCRUB_MODE", "zero")
-        if scrub_mode not in SCRUB_MODES:
+        chosen = env.get("FERRYMAN_SCRUB_MODE", "zero")
+        scrub_mode = next((mode for mode in SCRUB_MODES if mode == chosen), None)
+        if scrub_mode is None:
             raise InvalidInput(
-                f"FERRYMAN_SCRUB_MODE={scrub_mode!r}: use zero or random (encrypted VMs are always crypto-erased)"
+                f"FERRYMAN_SCRUB_MODE={chosen!r}: use zero or random (encrypted VMs are always crypto-erased)"
             )
         return cls(
             scrub_mode=scrub_mode,

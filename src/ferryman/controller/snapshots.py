@@ -4,15 +4,21 @@ The source agent takes a snapshot of every disk before each migration (its agent
 successful migration the source's snapshots are scrubbed with the rest of the losing side; after a rollback or a
 stuck migration they stay on the host that holds the copy of record, and ``restore`` puts the VM back to that point:
 the agent stops it, swaps each disk for its snapshot (the replaced disks are scrubbed) and boots it under a lease.
+
+The CMDB is read and written in the thread pool, the agents are awaited on the event loop, and so is the reconciler
+told about the change (its state belongs to the loop).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from ferryman.controller.fleet import Fleet
 from ferryman.core import errors
-from ferryman.core.models import VM, Severity, VMAction, VMState, next_vm_state
+from ferryman.core.models import VM, Host, Severity, VMAction, VMState, next_vm_state
+from ferryman.wire.vms import Restored
 
 # the VM runs after a restore: the lifecycle action that gets it there from each state
 RESTORABLE = {
@@ -23,21 +29,15 @@ RESTORABLE = {
 }
 
 
-def _placed(fleet: Fleet, name: str) -> tuple[VM, str]:
+def _placed(fleet: Fleet, name: str) -> tuple[VM, Host]:
     vm, placement = fleet.get_vm(name)
     if placement is None:
         raise errors.Conflict(f"{vm.name} has no placement")
-    return vm, placement.host
+    return vm, fleet.repo.get_host(placement.host)
 
 
-async def list_snapshots(fleet: Fleet, name: str) -> list[dict[str, Any]]:
-    vm, host = _placed(fleet, name)
-    found: list[dict[str, Any]] = await fleet.agents.snapshots(fleet.repo.get_host(host), vm.id)
-    return [{**s, "host": host} for s in found]
-
-
-async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> dict[str, Any]:
-    """Restore ``name`` from its snapshot ``tag`` (default: the newest) on its host; the VM runs afterwards."""
+def _restorable(fleet: Fleet, name: str, tag: str | None, principal: str) -> tuple[VM, Host]:
+    """The VM and its host once the request is known to be allowed, and audited."""
     vm, host = _placed(fleet, name)
     if fleet.repo.list_migrations(vm_id=vm.id, active_only=True):
         raise errors.Conflict(f"{vm.name} is migrating; restore it once the migration has ended")
@@ -45,38 +45,56 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
         raise errors.Conflict(f"{vm.name} is {vm.state.value}; it cannot be restored")
     fleet.audit(
         "vm.restore_requested",
-        f"restore {vm.name} on {host} from {tag or 'its newest snapshot'}",
+        f"restore {vm.name} on {host.name} from {tag or 'its newest snapshot'}",
         principal,
         vm=vm.id,
-        host=host,
+        host=host.name,
     )
+    return vm, host
+
+
+def _record_restore(fleet: Fleet, vm: VM, host: str, out: Restored) -> tuple[VM, list[dict[str, Any]]]:
+    """Keep the receipts of the replaced disks; the VM runs again."""
+    receipts = fleet.store_scrub_receipts(host, out.receipts)
+    if vm.state is not VMState.RUNNING:
+        vm = fleet.repo.set_vm_state(vm.id, next_vm_state(vm.state, RESTORABLE[vm.state]))
+    return vm, receipts
+
+
+async def list_snapshots(fleet: Fleet, name: str) -> list[dict[str, Any]]:
+    vm, host = await run_in_threadpool(_placed, fleet, name)
+    found = await fleet.agents.snapshots(host, vm.id)
+    return [{**s.model_dump(), "host": host.name} for s in found]
+
+
+async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> dict[str, Any]:
+    """Restore ``name`` from its snapshot ``tag`` (default: the newest) on its host; the VM runs afterwards."""
+    vm, host = await run_in_threadpool(_restorable, fleet, name, tag, principal)
     fleet.reconciler.note_change(vm.id)
     try:
-        out: dict[str, Any] = await fleet.agents.restore(
-            fleet.repo.get_host(host), vm.id, fleet.lease(vm, host), tag, fleet.disk_key(vm, host)
-        )
+        out = await fleet.agents.restore(host, vm.id, fleet.lease(vm, host.name), tag, fleet.disk_key(vm, host.name))
     except errors.FerrymanError as err:
-        fleet.audit(
+        await run_in_threadpool(
+            fleet.audit,
             "vm.restore_failed",
-            f"restore of {vm.name} on {host} failed: {err}",
+            f"restore of {vm.name} on {host.name} failed: {err}",
             principal,
             vm=vm.id,
-            host=host,
+            host=host.name,
             severity=Severity.WARNING,
         )
         raise
-    receipts = fleet.store_scrub_receipts(host, out["receipts"])
-    if vm.state is not VMState.RUNNING:
-        vm = fleet.repo.set_vm_state(vm.id, next_vm_state(vm.state, RESTORABLE[vm.state]))
+    vm, receipts = await run_in_threadpool(_record_restore, fleet, vm, host.name, out)
     fleet.reconciler.note_change(vm.id)
-    fleet.audit(
+    await run_in_threadpool(
+        fleet.audit,
         "vm.restored",
-        f"{vm.name} restored on {host} from snapshot {out['tag']} taken {out['taken_at']}",
+        f"{vm.name} restored on {host.name} from snapshot {out.tag} taken {out.taken_at}",
         principal,
         vm=vm.id,
-        host=host,
+        host=host.name,
         severity=Severity.WARNING,
-        tag=out["tag"],
+        tag=out.tag,
         receipts=receipts,
     )
-    return {"vm": vm.name, "host": host, "tag": out["tag"], "taken_at": out["taken_at"], "state": vm.state.value}
+    return {"vm": vm.name, "host": host.name, "tag": out.tag, "taken_at": out.taken_at, "state": vm.state.value}

@@ -101,18 +101,18 @@ class StaleCopies:
             )
             return
         self._failures.pop((vm_id, host_name), None)
-        if not out.get("removed"):
+        if not out.removed:
             return
-        receipts = fleet.store_scrub_receipts(host_name, out["receipts"])
+        receipts = fleet.store_scrub_receipts(host_name, out.receipts)
         fleet.reconciler.note_change(vm_id)
         fleet.audit(
             "vm.stale_copy_removed",
-            f"stale copy of {vm.name} on {host_name} killed and scrubbed ({len(out['receipts'])} artefact(s))",
+            f"stale copy of {vm.name} on {host_name} killed and scrubbed ({len(out.receipts)} artefact(s))",
             "system",
             vm=vm_id,
             host=host_name,
             severity=Severity.WARNING,
-            kept=out.get("kept", []),
+            kept=out.kept,
             receipts=receipts,
         )
 

@@ -15,12 +15,13 @@ callers retry a :class:`TransientError` (after ``delay`` seconds, a bounded numb
      │    ├── CapacityError         host full, no host can take the VM
      │    ├── Unauthenticated       missing / bad token or certificate
      │    ├── Forbidden             authenticated but not allowed (revoked, wrong identity)
- │    │    └── PolicyRefused    a hard placement rule forbids the creation or migration (reasons in the message)
+     │    │    └── PolicyRefused     a hard placement rule forbids the creation or migration (reasons in the message)
      │    ├── PKIError              CA, CSR, certificate problems
      │    ├── HypervisorError       QEMU refused or died (permanent for this attempt)
- │    └── StorageError          host storage full or failing (state files, nonce store)
+     │    └── StorageError          host storage full or failing (state files, nonce store)
      └── TransientError(delay)
-          └── AgentUnreachable      the host agent did not answer
+          ├── AgentUnreachable      the host agent did not answer
+          └── ScrubIncomplete       an artefact could not be scrubbed and stays in place; a later try may succeed
 """
 
 from __future__ import annotations
@@ -95,3 +96,28 @@ class HypervisorError(PermanentError):
 
 class AgentUnreachable(TransientError):
     """The host agent did not answer."""
+
+
+class ScrubIncomplete(TransientError):
+    """An artefact could not be scrubbed and was left in place (a process still held it, an I/O error): the scrub
+    is idempotent and a later try may finish it."""
+
+
+def error_types() -> dict[str, type[FerrymanError]]:
+    """Every class of this tree by name: what an error body's ``kind`` is rebuilt from."""
+    found: dict[str, type[FerrymanError]] = {}
+    pending: list[type[FerrymanError]] = [FerrymanError]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__ == __name__:
+            found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def kind_of(err: FerrymanError) -> type[FerrymanError]:
+    """The most specific class of this tree that ``err`` is (a subclass defined elsewhere travels as its base)."""
+    for cls in type(err).__mro__:
+        if cls.__module__ == __name__ and issubclass(cls, FerrymanError):
+            return cls
+    return FerrymanError

@@ -1,7 +1,9 @@
 """Builds the lab's test guest: a Debian cloud kernel plus a tiny busybox initramfs.
 
 The guest exists to be migrated and checked (see ``guest_init.sh``): it dirties memory, keeps a canary in RAM and
-appends acknowledged, numbered records to its raw disk. The kernel comes from the Debian package
+appends acknowledged, numbered records to its raw disk. Agents know nothing of it: the lab hands each agent the image
+as a boot image (:class:`GuestImage`, whose command line carries the guest's workload parameters) and the reader of
+its records as a guest probe (:class:`ferryman.lab.records.DiskRecordsProbe`). The kernel comes from the Debian package
 ``linux-image-cloud-amd64`` resolved through apt, downloaded and unpacked into the cache; nothing is installed on the
 host. Builds are keyed on a hash of the init script and builder version, so an edit to the script yields a new image
 while an unchanged one is returned at once without calling apt.
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ferryman.core.errors import InvalidInput, PermanentError
+from ferryman.agent.hypervisor.boot import BootImage
+from ferryman.core.errors import PermanentError
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Dependency order; guest_init.sh loads them in this order with insmod.
@@ -38,7 +41,13 @@ BUSYBOX = Path("/bin/busybox")
 _BUILDER_VERSION = "1"
 _PT_INTERP = 3
 _COMMAND_TIMEOUT = 300.0
-_PARAM_RE = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+READY_MARKER = "FERRYMAN-GUEST-READY"  # guest_init.sh prints it on the serial console once it runs
+# Boots fast on a serial console and passes the workload knobs guest_init.sh reads; each VM's values fill ${...}.
+GUEST_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 i8042.noaux i8042.nokbd i8042.nopnp no_timer_check"
+    " ferryman.vm=${vm_id} ferryman.canary=${canary} ferryman.dirty_kib=${dirty_kib_per_s}"
+    " ferryman.interval_ms=${record_interval_ms} ferryman.resident_mib=${resident_mib}"
+)
 
 
 class GuestBuildError(PermanentError):
@@ -46,11 +55,11 @@ class GuestBuildError(PermanentError):
 
 
 @dataclass(frozen=True)
-class GuestImage:
-    """A bootable guest: pass ``kernel`` to ``-kernel`` and ``initrd`` to ``-initrd``."""
+class GuestImage(BootImage):
+    """The lab guest as a boot image: its kernel and initrd, and the command line that passes each VM's workload."""
 
-    kernel: Path
-    initrd: Path
+    cmdline: str = GUEST_CMDLINE
+    ready_marker: str | None = READY_MARKER
 
 
 def default_cache_dir() -> Path:
@@ -62,27 +71,6 @@ def default_cache_dir() -> Path:
 def init_script() -> bytes:
     """The guest's /init, shipped as package data."""
     return resources.files("ferryman.lab").joinpath("guest_init.sh").read_bytes()
-
-
-def kernel_cmdline(
-    vm_id: str, canary: str, *, dirty_kib: int = 256, interval_ms: int = 1000, resident_mib: int = 0
-) -> str:
-    """The kernel command line that boots the guest fast on a serial console and passes its workload knobs.
-
-    Raises :class:`InvalidInput` for a value the command line cannot carry (spaces, quotes, empty).
-    """
-    for label, value in (("vm id", vm_id), ("canary", canary)):
-        if not _PARAM_RE.match(value):
-            raise InvalidInput(f"bad {label} {value!r}: use 1-128 of letters, digits and ._:@+-")
-    if dirty_kib < 0 or interval_ms < 1 or resident_mib < 0:
-        raise InvalidInput(
-            f"bad guest workload: dirty_kib={dirty_kib} interval_ms={interval_ms} resident_mib={resident_mib}"
-        )
-    return (
-        "console=ttyS0 quiet panic=-1 i8042.noaux i8042.nokbd i8042.nopnp no_timer_check"
-        f" ferryman.vm={vm_id} ferryman.canary={canary} ferryman.dirty_kib={dirty_kib}"
-        f" ferryman.interval_ms={interval_ms} ferryman.resident_mib={resident_mib}"
-    )
 
 
 def ensure_guest(cache_dir: Path | None = None) -> GuestImage:

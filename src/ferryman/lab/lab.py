@@ -20,10 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferryman.cli.client import Api, CliConfig, CliError
+from ferryman.client import Api, CliConfig, CliError
 from ferryman.lab import processes
+from ferryman.lab.guest import GuestImage, ensure_guest
 
 Say = Callable[[str], None]
+# the guest probe every agent of the lab is handed: validation also reads the lab guest's disk records
+RECORDS_PROBE = "ferryman.lab.records:DiskRecordsProbe"
 
 SITES = [
     {"name": "dc-vault", "security_level": 4, "description": "guarded data centre, biometric access"},
@@ -59,6 +62,8 @@ class LabState:
     addresses: dict[str, str] = field(default_factory=dict)
     started_at: str = ""
     host_dirs: dict[str, str] = field(default_factory=dict)  # hosts kept outside the lab directory
+    guest_kernel: str = ""  # the guest image every agent is handed (built at ``up``)
+    guest_initrd: str = ""
 
 
 class Lab:
@@ -144,14 +149,20 @@ class Lab:
             self._wipe()
         self.dir.mkdir(parents=True, mode=0o700)
         from ferryman.agent.hypervisor.accel import detect_accel
-        from ferryman.lab.guest import ensure_guest
 
         self.say("[1/5] building the guest image (kernel + initramfs from Debian packages)")
         guest = ensure_guest()
         self.say("[2/5] checking whether KVM can boot a guest here")
         accel = detect_accel(guest, guest.kernel.parent)
         self.say(f"      accelerator: {accel}")
-        state = LabState(port=port, agent_port=agent_port, accel=accel, started_at=dt.datetime.now(dt.UTC).isoformat())
+        state = LabState(
+            port=port,
+            agent_port=agent_port,
+            accel=accel,
+            started_at=dt.datetime.now(dt.UTC).isoformat(),
+            guest_kernel=str(guest.kernel),
+            guest_initrd=str(guest.initrd),
+        )
         try:
             self._start_controller(state)
             self._start_agents(state, hosts)
@@ -245,7 +256,9 @@ class Lab:
             (self.host_dir(name) / "enrol.token").unlink(missing_ok=True)
 
     def start_agent(self, state: LabState, name: str, token_file: Path | None = None) -> int:
-        """Start (or restart) the agent of ``name``; an enrolled agent needs no token."""
+        """Start (or restart) the agent of ``name``; an enrolled agent needs no token. The agent is handed the lab
+        guest as its boot image and the reader of the guest's disk records as a guest probe for validation."""
+        guest = self._guest(state)
         args = [
             "-m",
             "ferryman.agent",
@@ -261,7 +274,17 @@ class Lab:
             str(self.ca_file),
             "--accel",
             state.accel,
+            "--boot-kernel",
+            str(guest.kernel),
+            "--boot-initrd",
+            str(guest.initrd),
+            "--boot-cmdline",
+            guest.cmdline,
+            "--guest-probe",
+            RECORDS_PROBE,
         ]
+        if guest.ready_marker is not None:
+            args += ["--boot-ready-marker", guest.ready_marker]
         if token_file is not None:
             args += ["--enrol-token-file", str(token_file)]
         self._agent_started[name] = dt.datetime.now(dt.UTC)
@@ -270,6 +293,13 @@ class Lab:
         pid = state.agents[name] = proc.pid
         self._save(state)
         return pid
+
+    @staticmethod
+    def _guest(state: LabState) -> GuestImage:
+        """The guest image built at ``up`` (a state without one: the current image, built if needed)."""
+        if state.guest_kernel and state.guest_initrd:
+            return GuestImage(Path(state.guest_kernel), Path(state.guest_initrd))
+        return ensure_guest()
 
     def wait_host_up(self, name: str, timeout_s: float = 90) -> None:
         state = self.load_state()

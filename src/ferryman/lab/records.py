@@ -8,16 +8,23 @@ is correct for the guest's data when every acknowledged record is on disk and th
 Disks are read with ``qemu-io -r -U`` (shared, read-only), so reading while the VM runs is safe; only the sectors
 that hold records are read, and they go through a pipe, never a temporary file. An encrypted image is read with its
 disk key (``key=``), given to qemu-io through a pipe as well. This module never writes to a disk.
+
+:class:`DiskRecordsProbe` is the lab's guest probe: the lab hands it to every agent it starts
+(``--guest-probe ferryman.lab.records:DiskRecordsProbe``), so a migration's validation also sees the guest's records
+continue on the destination.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ferryman.agent.storage.scrub import KEY_OBJECT_ID, open_args_for_encrypted, run_qemu_tool
+from ferryman.agent.probes import Guest, Mark, ProbeResult
+from ferryman.agent.storage.images import KEY_OBJECT_ID, open_args_for_encrypted, run_qemu_tool
 from ferryman.core.errors import HypervisorError
 
 SECTOR = 512
@@ -85,6 +92,32 @@ def missing_seqs(records: Iterable[Record], acks: Iterable[int] = ()) -> list[in
     on_disk = {r.seq for r in records}
     highest = max(on_disk | set(acks), default=0)
     return [seq for seq in range(1, highest + 1) if seq not in on_disk]
+
+
+class DiskRecordsProbe:
+    """The guest runs here if it writes a record after activation: a record newer than the one read at activation
+    (or, without a fresh mark, than the newest one when the check starts) can only come from this copy."""
+
+    name = "records"
+    FRESH_INTERVALS = 3  # the activation's record counts as the starting point this many record intervals on
+    POLL_S = 0.1  # between two reads of the records (each a qemu-io run)
+
+    async def mark(self, guest: Guest) -> Mark:
+        seq = await asyncio.to_thread(read_last_seq, guest.disks[0], key=guest.key)
+        fresh_s = self.FRESH_INTERVALS * guest.spec.record_interval_ms / 1000
+        return Mark(seq, fresh_s=fresh_s, last_seq=seq)
+
+    async def check(self, guest: Guest, since: Any, wait_s: float) -> ProbeResult:
+        disk, key = guest.disks[0], guest.key
+        after = await asyncio.to_thread(read_last_seq, disk, key=key)
+        before = since if isinstance(since, int) else after
+        # a guest still booting needs longer than one interval for its next record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(3 * guest.spec.record_interval_ms / 1000, wait_s)
+        while after <= before and loop.time() < deadline:
+            await asyncio.sleep(self.POLL_S)
+            after = await asyncio.to_thread(read_last_seq, disk, key=key)
+        return ProbeResult(after > before, f"disk records {before} -> {after}", last_seq=after)
 
 
 def _parse_header(sector: bytes) -> int:

@@ -7,8 +7,6 @@ other field, so there is no point in asking for more. This module never talks to
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -16,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ferryman import durable
 from ferryman.core.errors import PKIError
 
 CURVE = ec.SECP256R1
@@ -58,24 +57,11 @@ def make_csr(key: ec.EllipticCurvePrivateKey, host: str) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The temporary file is created with ``mode`` from the start (never world-readable, not even for an instant), synced,
-    renamed over ``path``, and the directory is synced so the rename survives a power cut.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``data`` to ``path`` atomically and durably (:func:`ferryman.durable.write_atomic`), created with ``mode``;
+    a failure is a :class:`PKIError`."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(fd, mode)  # the umask may have removed bits we asked for
-            handle.write(data)
-            handle.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+        durable.write_atomic(path, data, mode=mode)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise PKIError(f"cannot write {path}: {err}") from err
 
 
@@ -88,10 +74,3 @@ def write_certificate(path: Path, pem: bytes) -> None:
     """Write a certificate PEM (public, 0644), atomically."""
     write_atomic(path, pem, mode=0o644)
 
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

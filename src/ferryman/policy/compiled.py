@@ -153,7 +153,8 @@ class CompiledPolicy:
 
 class CompiledPolicies:
     """A policy set ready for :class:`ferryman.policy.engine.FleetIndex`. Immutable after construction except for
-    its classification cache."""
+    its classification caches, which only ever gain entries equal to what any other caller would compute, so one
+    compiled set may be shared by indexes used in different threads (each index itself is not thread-safe)."""
 
     def __init__(self, policy_set: PolicySet) -> None:
         self.policy_set = policy_set
@@ -208,7 +209,9 @@ class CompiledPolicies:
         """The class of VMs selected by exactly the policies with indices ``key`` (sorted)."""
         found = self._classes.get(key)
         if found is None:
-            found = self._classes[key] = self._make_class(key)
+            # setdefault, not assignment: two threads classifying at once must end up with the same object, since
+            # the engine tells classes apart by identity.
+            found = self._classes.setdefault(key, self._make_class(key))
         return found
 
     def policies_for(self, vm: VMFacts) -> tuple[str, ...]:

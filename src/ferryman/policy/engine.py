@@ -31,6 +31,7 @@ API (everything a controller needs)::
     index.update_host(host) / remove_host(name) -> frozenset[str]                             # VMs to re-check
     index.migration_rules(vm_id) -> MigrationRules      # targets, cooldown, auto_balance
     index.eligible_hosts(vm), index.vms_on(host), index.host_load(host), index.hosts_report()
+    index.facts() -> (hosts, vms)                        # a frozen copy, to build another index from
 
 Ties between equally scored hosts go to the host with the fewest VMs, then to the first name.
 """
@@ -81,7 +82,7 @@ class FleetIndex(FleetState):
 
     def recompile(self, compiled: CompiledPolicies) -> FleetIndex:
         """A new index of the same fleet under another policy set (then run a full audit)."""
-        return FleetIndex(compiled, self.hosts(), [self.vm(v) for v in self.vm_ids()])
+        return FleetIndex(compiled, *self.facts())
 
     # ------------------------------------------------------------------------------------------------ decisions
 

@@ -98,6 +98,11 @@ class FleetState:
     def vm_ids(self) -> list[str]:
         return list(self._vms)
 
+    def facts(self) -> tuple[list[HostFacts], list[VMFacts]]:
+        """Every host (by name) and every VM as the index holds them now: what another index of the same fleet is
+        built from. The facts are frozen, so the copy stays as it is whatever happens to the index afterwards."""
+        return self.hosts(), [record.facts for record in self._vms.values()]
+
     def vms_on(self, host: str) -> tuple[str, ...]:
         """The ids of the VMs on ``host``."""
         return tuple(self._on[self._host_index(host)])

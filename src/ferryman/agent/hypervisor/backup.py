@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 
 from ferryman.agent.hypervisor.qmp import LUKS_ITER_TIME_MS, QemuDriver
-from ferryman.agent.storage.scrub import KEY_OBJECT_ID, ScrubMode, create_encrypted_qcow2, run_qemu_tool, scrub_tree
+from ferryman.agent.storage.images import KEY_OBJECT_ID, create_encrypted_qcow2, run_qemu_tool
+from ferryman.agent.storage.scrub import ScrubMode, scrub_tree
 from ferryman.agent.storage.snapshots import publish_snapshot, snapshot_paths
 from ferryman.core.errors import HypervisorError
 

@@ -38,7 +38,6 @@ import contextvars
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import signal
 import uuid
@@ -51,57 +50,23 @@ import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from ferryman.agent.hypervisor import procscan
+from ferryman.agent.hypervisor.boot import BootImage, boot_parameters, disable_core_dumps, qemu_argv
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
-from ferryman.agent.storage.scrub import KEY_OBJECT_ID, create_encrypted_qcow2, luks_passphrase
+from ferryman.agent.storage.images import KEY_OBJECT_ID, create_encrypted_qcow2, luks_passphrase
 from ferryman.core.clock import Clock, SystemClock
-from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
+from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound, StorageError
 from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name, check_resident
-from ferryman.lab.guest import GuestImage, kernel_cmdline
+from ferryman.durable import write_atomic
 
 GONE = "GONE"
 SHARED_DISKS = "disks.json"
 INCOMING_MARK = "incoming"
 QMP_LOST = "QMP_LOST"
-MACHINE = "q35"
 # PBKDF2 time of a LUKS header. The passphrase derives from a random 256-bit key, so key stretching adds no strength;
 # a short time keeps every QEMU start and qemu-img run fast.
 LUKS_ITER_TIME_MS = 10
 _RUN_STATES = {state.value: state for state in RunState}
-
-
-def disable_core_dumps() -> None:
-    """Runs in the child before exec: a QEMU core dump would hold guest memory, so none may be written."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def machine_args(
-    guest: GuestImage,
-    accel: str,
-    *,
-    memory_mb: int,
-    vcpus: int,
-    cmdline: str,
-    console: Path,
-    disks: Sequence[Path],
-    key_secret: str | None = None,
-) -> list[str]:
-    """The QEMU options that define the guest machine; identical for every boot, probe and migration peer.
-
-    With ``key_secret`` the qcow2 images are LUKS-encrypted and open with that secret object (defined separately)."""
-    args = ["-nodefaults", "-no-user-config", "-display", "none"]
-    args += ["-machine", f"{MACHINE},accel={accel},dump-guest-core=off", "-m", str(memory_mb), "-smp", str(vcpus)]
-    args += ["-chardev", f"file,id=serial0,path={_opt(console)},append=on", "-serial", "chardev:serial0"]
-    args += ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline]
-    for index, disk in enumerate(disks):
-        fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
-        crypt = f",encrypt.format=luks,encrypt.key-secret={key_secret}" if key_secret and fmt == "qcow2" else ""
-        args += [
-            "-blockdev",
-            f"driver={fmt},node-name=disk{index},file.driver=file,file.filename={_opt(disk)}{crypt}",
-        ]
-        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}"]
-    return args
 
 
 def _via_fd(dir_fd: int, name: str) -> str:
@@ -112,11 +77,6 @@ def _via_fd(dir_fd: int, name: str) -> str:
     in the VM directory.
     """
     return f"/proc/self/fd/{dir_fd}/{name}"
-
-
-def _opt(path: Path) -> str:
-    """A path inside a QEMU option string, where ',' must be doubled."""
-    return str(path).replace(",", ",,")
 
 
 @dataclasses.dataclass
@@ -164,7 +124,8 @@ class _EventStream:
 
 
 class QemuDriver:
-    """Runs this host's VMs as QEMU processes (see the module docstring for the on-disk layout)."""
+    """Runs this host's VMs as QEMU processes, each booted from the :class:`BootImage` the driver is handed (see the
+    module docstring for the on-disk layout)."""
 
     LAUNCH_TIMEOUT = 30.0
     CONNECT_TIMEOUT = 10.0
@@ -176,7 +137,7 @@ class QemuDriver:
     def __init__(
         self,
         state_dir: Path,
-        guest: GuestImage,
+        boot: BootImage,
         accel: str,
         *,
         qemu_binary: str = "qemu-system-x86_64",
@@ -187,7 +148,7 @@ class QemuDriver:
         if accel not in ("kvm", "tcg"):
             raise InvalidInput(f"bad accelerator {accel!r}: use kvm or tcg")
         self.state_dir = state_dir.resolve()
-        self.guest = guest
+        self.boot = boot
         self.accel = accel
         self.qemu_binary = qemu_binary
         self.qemu_img = qemu_img
@@ -246,12 +207,10 @@ class QemuDriver:
 
     def _save_spec(self, spec: VMSpec) -> None:
         path = self._vm_dir(spec.vm_id) / "spec.json"
-        tmp = path.with_suffix(".json.tmp")
-        with tmp.open("w") as fh:
-            json.dump(dataclasses.asdict(spec), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        try:  # the spec holds the copy's generation (fencing): it must survive a crash whole
+            write_atomic(path, json.dumps(dataclasses.asdict(spec), indent=2).encode(), mode=0o600)
+        except OSError as err:
+            raise StorageError(f"cannot save the spec of VM {spec.vm_id} at {path}: {err}") from err
 
     def set_generation(self, vm_id: str, generation: int) -> VMSpec:
         """Record a new generation for the VM (after a migration commit); returns the updated spec."""
@@ -360,7 +319,12 @@ class QemuDriver:
 
     def is_alive(self, vm_id: str) -> bool:
         """Whether the VM's own QEMU process (the one its pidfile names) is alive."""
-        return procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid") is not None
+        return self.pid_of(vm_id) is not None
+
+    def pid_of(self, vm_id: str) -> int | None:
+        """The pid of the VM's own QEMU process (the one its pidfile names), None if it is not alive."""
+        proc = procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid")
+        return proc.pid if proc is not None else None
 
     def incoming_owner(self, vm_id: str) -> str | None:
         """The migration that claimed this unactivated destination (None: unclaimed or not a destination)."""
@@ -515,27 +479,18 @@ class QemuDriver:
 
     def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
-        cmdline = _cmdline(spec)
-        argv = [self.qemu_binary, "-name", f"{spec.name},debug-threads=on", "-uuid", spec.vm_id]
-        argv += machine_args(
-            self.guest,
-            self.accel,
-            memory_mb=spec.memory_mb,
-            vcpus=spec.vcpus,
-            cmdline=cmdline,
+        return qemu_argv(
+            self.boot,
+            spec,
+            qemu_binary=self.qemu_binary,
+            accel=self.accel,
             console=vm_dir / "console.log",
             disks=self._disks(spec),
-            key_secret=KEY_OBJECT_ID if key_fd is not None else None,
+            qmp_socket=_via_fd(dir_fd, "qmp.sock"),
+            pidfile=vm_dir / "qemu.pid",
+            incoming=incoming,
+            key=(KEY_OBJECT_ID, key_fd) if key_fd is not None else None,
         )
-        if key_fd is not None:
-            # the passphrase is read from an inherited pipe: never on the command line, never in a file
-            argv += ["-object", f"secret,id={KEY_OBJECT_ID},file=/proc/self/fd/{key_fd},format=raw"]
-        if incoming:
-            # Paused until an explicit cont; the migration source and its TLS settings are given later over QMP.
-            argv += ["-incoming", "defer", "-S"]
-        argv += ["-qmp", f"unix:{_via_fd(dir_fd, 'qmp.sock')},server=on,wait=off"]
-        argv += ["-pidfile", str(vm_dir / "qemu.pid"), "-daemonize"]
-        return argv
 
     async def _launch(self, spec: VMSpec, incoming: bool = False) -> VMRuntime:
         """Start QEMU and attach to it; if attaching fails the fresh process is killed, never left unmanaged."""
@@ -761,17 +716,7 @@ def _validate(spec: VMSpec) -> None:
     if any(disk.size_bytes < 512 for disk in spec.disks):
         raise InvalidInput("every disk needs at least 512 bytes")
     check_resident(spec.resident_mib, spec.memory_mb)
-    _cmdline(spec)
-
-
-def _cmdline(spec: VMSpec) -> str:
-    return kernel_cmdline(
-        spec.vm_id,
-        spec.canary,
-        dirty_kib=spec.dirty_kib_per_s,
-        interval_ms=spec.record_interval_ms,
-        resident_mib=spec.resident_mib,
-    )
+    boot_parameters(spec)
 
 
 async def _wait_exit(pid: int, seconds: float) -> bool:

@@ -1,26 +1,24 @@
-"""Host storage: disk snapshots and the scrubbing of every artefact a VM leaves behind (design invariant 5).
+"""Host storage: encrypted disk images, disk snapshots and the scrubbing of every artefact a VM leaves behind
+(design invariant 5).
 
-The public surface is re-exported here; :mod:`.scrub` and :mod:`.snapshots` explain the guarantees and their limits.
+The public surface is re-exported here; :mod:`.images`, :mod:`.scrub` and :mod:`.snapshots` explain the guarantees
+and their limits.
 """
 
 from __future__ import annotations
 
-from ferryman.agent.storage.keystream import Keystream
-from ferryman.agent.storage.scrub import (
+from ferryman.agent.storage.images import (
     KEY_OBJECT_ID,
-    ScrubError,
-    ScrubMode,
-    ScrubReceipt,
     create_encrypted_qcow2,
     is_encrypted_image,
     luks_passphrase,
     open_args_for_encrypted,
     run_qemu_tool,
-    scrub_file,
-    scrub_tree,
     secret_object_arg,
     secret_object_qmp,
 )
+from ferryman.agent.storage.keystream import Keystream
+from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_file, scrub_tree
 from ferryman.agent.storage.snapshots import (
     SnapshotInfo,
     leftover_partials,

@@ -24,17 +24,11 @@ from pathlib import Path
 
 import structlog
 
-from ferryman.agent.storage.scrub import (
-    KEY_OBJECT_ID,
-    ScrubError,
-    ScrubMode,
-    ScrubReceipt,
-    open_args_for_encrypted,
-    run_qemu_tool,
-    scrub_tree,
-)
+from ferryman.agent.storage.images import KEY_OBJECT_ID, encrypt_options, open_args_for_encrypted, run_qemu_tool
+from ferryman.agent.storage.scrub import ScrubError, ScrubMode, ScrubReceipt, scrub_tree
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound
+from ferryman.durable import fsync_directory
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +38,6 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 _NAME_RE = re.compile(r"^(?P<disk>[^/]+?)\.(?P<stamp>\d{8}T\d{6}\.\d{6}Z)\.(?P<tag>[A-Za-z0-9_-]{1,64})\.qcow2$")
 _CONVERT_TIMEOUT = 6 * 3600.0
-_ENCRYPT_OPTS = f"encrypt.format=luks,encrypt.key-secret={KEY_OBJECT_ID}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,7 @@ def snapshot_disk(
 
     The copy is written to a ``.partial`` file and linked into place only when complete, so a listed snapshot is
     always whole. With ``key`` the snapshot gets its own LUKS header under the same key (``iter_time_ms`` as in
-    :func:`~ferryman.agent.storage.scrub.create_encrypted_qcow2`).
+    :func:`~ferryman.agent.storage.images.create_encrypted_qcow2`).
 
     Raises :class:`InvalidInput` for a bad tag, :class:`NotFound` if ``disk`` is missing, :class:`Conflict` if the
     same snapshot name exists, :class:`HypervisorError` if qemu-img fails (the partial copy is scrubbed first).
@@ -118,7 +111,7 @@ def publish_snapshot(partial: Path, final: Path) -> None:
         _scrub_quietly(partial)
         raise HypervisorError(f"cannot keep snapshot {final.name}: {err.strerror or err}") from err
     partial.unlink()  # the data stays reachable through ``final``: nothing is freed here
-    _fsync_dir(final.parent)
+    fsync_directory(final.parent)
 
 
 def list_snapshots(directory: Path) -> list[SnapshotInfo]:
@@ -193,7 +186,7 @@ def restore_snapshot(
     if had_disk:
         os.replace(disk, replaced)
     os.replace(partial, disk)
-    _fsync_dir(disk.parent)
+    fsync_directory(disk.parent)
     log.info("snapshot restored", snapshot=str(snapshot), disk=str(disk))
     if not had_disk:
         return None
@@ -211,7 +204,7 @@ def _convert(source: Path, target: Path, *, key: bytes | None, iter_time_ms: int
     if key is None:
         argv += ["-f", "qcow2", str(source), "-O", "qcow2", str(target)]
     else:
-        opts = f"{_ENCRYPT_OPTS},encrypt.iter-time={int(iter_time_ms)}"
+        opts = encrypt_options(iter_time_ms)
         argv += [*open_args_for_encrypted(source, KEY_OBJECT_ID), "-O", "qcow2", "-o", opts, str(target)]
     try:
         run_qemu_tool(argv, key=key, timeout=_CONVERT_TIMEOUT)
@@ -241,11 +234,3 @@ def _scrub_quietly(path: Path) -> None:
         scrub_tree([path], ScrubMode.ZERO)
     except ScrubError as err:
         log.error("partial copy not scrubbed", path=str(path), error=err.message)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,6 +1,6 @@
 """Alembic environment for the CMDB.
 
-:func:`ferryman.cmdb.sql.migrate` builds the Alembic configuration in code and hands over an open connection in
+:func:`ferryman.cmdb.engine.migrate` builds the Alembic configuration in code and hands over an open connection in
 ``config.attributes["connection"]``, already inside a transaction (and, on PostgreSQL, holding the migration lock), so
 the whole upgrade commits or rolls back as one. Without a connection, ``sqlalchemy.url`` from the configuration is used;
 offline mode renders SQL for that URL's dialect.

@@ -1,4 +1,5 @@
-"""The CLI's REST client and where it finds the controller (URL, CA, token).
+"""The REST client of the controller's API, for the CLI and the lab, and where it finds the controller (URL, CA,
+token).
 
 Lookup order: environment (FERRYMAN_URL, FERRYMAN_CA, FERRYMAN_TOKEN or FERRYMAN_TOKEN_FILE), then a JSON config file
 (FERRYMAN_CONFIG, else the local lab's ``cli.json``).

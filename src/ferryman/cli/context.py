@@ -1,0 +1,32 @@
+"""What every ``ferryman`` command shares: the API client of the configured controller and option value parsing.
+
+Command modules import this one and never each other's command modules for these pieces, so the command modules stay
+free of import cycles and ``main`` only assembles them. Nothing here talks to the controller by itself: ``api()``
+builds a client from the configuration, the first request connects.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ferryman.client import Api, CliConfig, CliError
+
+Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def api() -> Api:
+    """A client for the controller named by the environment or the config file (see :class:`CliConfig`)."""
+    return Api(CliConfig.load())
+
+
+def parse_profile(items: list[str]) -> dict[str, str]:
+    """``--profile key=value`` options as a mapping; a later key wins. A malformed item is a CliError."""
+    profile = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise CliError(f"bad --profile {item!r}: use key=value, e.g. environment=production")
+        profile[key] = value
+    return profile

@@ -1,0 +1,138 @@
+"""What the migration runner needs from the world, as narrow Protocols (STYLE.md habit 7).
+
+The runner (:mod:`ferryman.migration.runner`) drives the pure machine and talks to nothing else: the controller
+supplies adapters for these ports (:mod:`ferryman.controller.migrations`), and :mod:`ferryman.testing.migration` ships
+fakes, so the whole protocol runs in unit tests without QEMU, a database or a network.
+
+What this module must not do: import an implementation (controller, agent, SQL, HTTP).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
+
+from ferryman.cmdb.journal import MigrationRecord
+from ferryman.core.models import VM, Placement, Severity
+from ferryman.wire.base import AgentCall, Reply
+from ferryman.wire.vms import Receipt
+
+R = TypeVar("R", bound=Reply)
+
+
+class Journal(Protocol):
+    """The durable record of each migration, and the VM rows its commit moves (the CMDB)."""
+
+    def get_migration(self, migration_id: str) -> MigrationRecord: ...
+
+    def list_migrations(
+        self, *, vm_id: str | None = None, active_only: bool = False, limit: int = 200
+    ) -> list[MigrationRecord]: ...
+
+    def advance_migration(
+        self,
+        migration_id: str,
+        phase: str,
+        at: dt.datetime,
+        *,
+        expected_phase: str | None = None,
+        outcome: str | None = None,
+        error: str | None = None,
+        bytes_transferred: int | None = None,
+        downtime_ms: int | None = None,
+        data: dict[str, Any] | None = None,
+        step_data: dict[str, Any] | None = None,
+    ) -> MigrationRecord:
+        """Persist a phase (and merge ``data``); see :class:`ferryman.cmdb.journal.JournalRepository`."""
+        ...
+
+    def commit_migration(
+        self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
+    ) -> tuple[MigrationRecord, VM, Placement]:
+        """THE commit: placement, generation, phase and ``data`` in one transaction (Conflict: nothing changed)."""
+        ...
+
+    def get_vm(self, name_or_id: str) -> VM: ...
+
+
+class Agents(Protocol):
+    """The host agents, by host name."""
+
+    async def call(self, host: str, target: str, request: AgentCall[R], *, limit_s: float = 120) -> R:
+        """Send ``request`` about ``target`` (a migration id) to ``host``'s agent; the agent's error comes back as
+        the same :class:`ferryman.core.errors.FerrymanError` class, an unreachable agent as ``AgentUnreachable``."""
+        ...
+
+
+class Credentials(Protocol):
+    """What the controller signs, and the disk keys of the copies a migration touches."""
+
+    def ticket(self, record: MigrationRecord) -> str:
+        """A signed, single-use migration ticket for this migration's host pair and generation."""
+        ...
+
+    def lease(self, vm_id: str, host: str, generation: int) -> str:
+        """A signed permission for ``host`` to run ``vm_id`` at ``generation`` (fencing)."""
+        ...
+
+    def crl(self) -> str:
+        """The current certificate revocation list (PEM), for the hosts' TLS peers checks."""
+        ...
+
+    def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
+        """The key of ``vm``'s copy on ``host`` at ``generation``; None for a plain VM."""
+        ...
+
+    def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
+        """The key of the destination copy (generation + 1); ``make`` (preparation only) creates it on first use: a
+        new key, or the source's for shared storage. None for a plain VM."""
+        ...
+
+    def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
+        """Destroy the keys of one losing copy first (crypto-erase that holds if its host never answers)."""
+        ...
+
+
+class Inventory(Protocol):
+    """The rest of the controller that hears of a migration's effects."""
+
+    def committed(self, vm: VM) -> None:
+        """The VM's placement moved: reconciliation and compliance must look at it again."""
+        ...
+
+    def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
+        """Keep scrub receipts in the CMDB; their short form for the audit event."""
+        ...
+
+
+class Audit(Protocol):
+    """The audit trail: every decision and phase change is an event."""
+
+    def __call__(
+        self,
+        kind: str,
+        message: str,
+        principal: str,
+        *,
+        vm: str | None = None,
+        host: str | None = None,
+        severity: Severity = Severity.INFO,
+        **data: Any,
+    ) -> object: ...
+
+
+class Clock(Protocol):
+    """Time for the runner: wall-clock for the journal, a monotonic clock and sleeps for its bounded waits."""
+
+    def now(self) -> dt.datetime: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class Pause(Protocol):
+    """Called before each command with the persisted phase (fault injection holds the runner here)."""
+
+    async def __call__(self, phase: str, migration_id: str, step: str | None) -> None: ...
