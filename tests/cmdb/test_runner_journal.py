@@ -1,5 +1,6 @@
-"""The migration runner on the real CMDB journal (SQLite and PostgreSQL), with fake agents: the SQL repository
-keeps the contract the runner's fakes assume, and a crash between phases recovers from what the database holds."""
+"""The migration runner on the real CMDB journal (SQLite and PostgreSQL), through the controller's threaded adapter,
+with fake agents: the SQL repository keeps the contract the runner's fakes assume, and a crash between phases
+recovers from what the database holds."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import datetime as dt
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.sql import SqlRepository
+from ferryman.controller.migrations import ThreadedJournal
 from ferryman.core.models import VM
 from ferryman.migration import machine as m
-from ferryman.migration.ports import Journal
 from ferryman.migration.runner import MigrationRunner
 from ferryman.migration.states import LOCAL_PATH, Phase
 from ferryman.scheduler.governor import Governor, GovernorSettings
@@ -20,9 +21,9 @@ from ferryman.wire import migration as w
 T0 = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
 
 
-def runner(repo: Journal, agents: FakeAgents, pause: object = None) -> MigrationRunner:
+def runner(repo: SqlRepository, agents: FakeAgents, pause: object = None) -> MigrationRunner:
     return MigrationRunner(
-        journal=repo,
+        journal=ThreadedJournal(repo),
         agents=agents,
         credentials=FakeCredentials(),
         inventory=FakeInventory(),

@@ -73,7 +73,7 @@ class World:
         return state
 
     def record(self) -> MigrationRecord:
-        return self.journal.get_migration(MID)
+        return self.journal.migrations[MID]
 
     def placed_on(self) -> tuple[str, int]:
         placement = self.journal.placements[self.vm.id]
@@ -166,7 +166,7 @@ async def test_every_call_carries_the_ticket_issued_once_and_the_host_pairs_cred
     """The ticket is issued at admission and presented by every step; leases name the copy's host and generation."""
     await run_to_end(world, world.new_migration())
     ticket = world.record().data["ticket"]
-    assert ticket == world.credentials.ticket(world.record())
+    assert ticket == await world.credentials.ticket(world.record())
     assert all(getattr(c.request, "ticket", None) == ticket for c in world.agents.calls)
     activate = next(c.request for c in world.agents.calls if isinstance(c.request, w.Activate))
     assert activate.lease == "lease:vm-1:host-b:g2"
@@ -347,7 +347,7 @@ async def test_a_commit_whose_state_write_was_lost_rolls_forward(world: World) -
     first.start(MID, world.new_migration(), m.Start())
     await asyncio.wait_for(pause.reached.wait(), 5)
     await first.close()
-    world.journal.commit_migration(MID, world.clock.now())  # the placement moved; the machine state is the old one
+    await world.journal.commit_migration(MID, world.clock.now())  # the placement moved; the machine state is old
     second = world.runner()
     await second.recover()
     await second.wait(MID, 5)
@@ -411,14 +411,14 @@ async def test_a_bug_in_a_step_is_an_alarm_not_a_silent_stop(world: World) -> No
     assert any(e.kind == "migration.runner_error" and e.severity is Severity.ALARM for e in world.audit.events)
 
 
-def test_the_fake_journal_commit_is_a_compare_and_set() -> None:
+async def test_the_fake_journal_commit_is_a_compare_and_set() -> None:
     """The fake keeps the journal's contract: only a switched-over migration at the VM's generation commits."""
     world = make_world()
     world.new_migration()
     with pytest.raises(errors.Conflict):
-        world.journal.commit_migration(MID, dt.datetime.now(dt.UTC))
+        await world.journal.commit_migration(MID, dt.datetime.now(dt.UTC))
     with pytest.raises(errors.Conflict):
-        world.journal.advance_migration(MID, "committed", dt.datetime.now(dt.UTC))
+        await world.journal.advance_migration(MID, "committed", dt.datetime.now(dt.UTC))
 
 
 async def test_a_request_the_runner_cannot_form_fails_its_step_instead_of_crashing(world: World) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from ferryman.cmdb.journal import ScrubReceiptRecord
 from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
 from ferryman.controller.agent_client import AgentClient
 from ferryman.controller.keys import Copy, DiskKeys
+from ferryman.controller.offload import blocking
 from ferryman.controller.reconcile import Reconciler
 from ferryman.core import errors
 from ferryman.core.clock import Clock
@@ -133,6 +135,9 @@ class Fleet:
         self.keys = keys
         self.admission: Admission | None = None
         self._watchers: list[Callable[[Change], None]] = []
+        # held while a creation chooses its host or a migration is admitted (worker threads): two requests racing for
+        # one host's memory or one of the governor's slots are judged one after the other
+        self.placing = threading.Lock()
 
     # ---- change notification (compliance re-checks what a change affects) -----------------------------------------
 
@@ -373,38 +378,10 @@ class Fleet:
             raise errors.Conflict(f"a VM named {req.name} already exists")
 
     async def create_vm(self, req: VMRequest, principal: str) -> VM:
-        self._validate(req)
-        host = self._choose_host(req, principal)
-        self.repo.ensure_tenant(req.tenant)
-        vm = VM(
-            id=str(uuid.uuid4()),
-            name=req.name,
-            tenant=req.tenant,
-            memory_mb=req.memory_mb,
-            vcpus=req.vcpus,
-            disk_bytes=req.disk_bytes,
-            image="ferryman-lab-guest",
-            canary=f"FMCANARY-{secrets.token_hex(8)}",
-            profile=dict(req.profile),
-            state=VMState.CREATING,
-            created_at=self.clock.now(),
-            encrypted=req.encrypted,
-        )
-        self.reconciler.note_change(vm.id)
-        vm = self.repo.add_vm(vm, host.name, self.clock.now())
-        try:  # the key is stored (wrapped) before any agent sees it
-            key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
-        except errors.FerrymanError as err:
-            self.repo.delete_vm(vm.id, self.clock.now())
-            self.changed(Change(vm_id=vm.id))
-            self.audit(
-                "vm.create_failed", f"{vm.name}: no disk key: {err}", principal, vm=vm.id, severity=Severity.WARNING
-            )
-            raise
-        self.changed(Change(vm_id=vm.id))
-        self.audit(
-            "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
-        )
+        """Choose a host, record the VM there (CMDB work in a worker thread), then ask its agent to boot it."""
+        vm_id = str(uuid.uuid4())
+        self.reconciler.note_change(vm_id)  # before the CMDB holds it: a report of it is not an unknown QEMU
+        vm, host, key = await blocking(self._register, vm_id, req, principal)
         spec = VMSpec(
             vm_id=vm.id,
             name=vm.name,
@@ -421,19 +398,63 @@ class Fleet:
         try:
             await self.agents.create_vm(host, spec, self.lease(vm, host.name), key)
         except errors.AgentUnreachable as err:
-            vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.FAILED))
-            self.audit(
-                "vm.create_failed", f"{vm.name}: {err}", principal, vm=vm.id, host=host.name, severity=Severity.WARNING
-            )
+            await blocking(self._creation_failed, vm, host, principal, err, keep=True)
             raise
         except errors.FerrymanError as err:
             await self._discard_failed(vm, host)
+            await blocking(self._creation_failed, vm, host, principal, err, keep=False)
+            raise
+        vm = await blocking(self._created, vm, host, principal)
+        self.reconciler.note_change(vm.id)
+        return vm
+
+    def _register(self, vm_id: str, req: VMRequest, principal: str) -> tuple[VM, Host, bytes | None]:
+        """Validate, choose the host and record the VM on it with its disk key (stored, wrapped, before any agent
+        sees it)."""
+        self._validate(req)
+        with self.placing:
+            host = self._choose_host(req, principal)
+            self.repo.ensure_tenant(req.tenant)
+            vm = VM(
+                id=vm_id,
+                name=req.name,
+                tenant=req.tenant,
+                memory_mb=req.memory_mb,
+                vcpus=req.vcpus,
+                disk_bytes=req.disk_bytes,
+                image="ferryman-lab-guest",
+                canary=f"FMCANARY-{secrets.token_hex(8)}",
+                profile=dict(req.profile),
+                state=VMState.CREATING,
+                created_at=self.clock.now(),
+                encrypted=req.encrypted,
+            )
+            vm = self.repo.add_vm(vm, host.name, self.clock.now())
+        try:
+            key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
+        except errors.FerrymanError as err:
+            self.repo.delete_vm(vm.id, self.clock.now())
+            self.changed(Change(vm_id=vm.id))
             self.audit(
-                "vm.create_failed", f"{vm.name}: {err}", principal, vm=vm.id, host=host.name, severity=Severity.WARNING
+                "vm.create_failed", f"{vm.name}: no disk key: {err}", principal, vm=vm.id, severity=Severity.WARNING
             )
             raise
+        self.changed(Change(vm_id=vm.id))
+        self.audit(
+            "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
+        )
+        return vm, host, key
+
+    def _creation_failed(self, vm: VM, host: Host, principal: str, err: errors.FerrymanError, *, keep: bool) -> None:
+        """``keep``: the agent did not answer, so the VM may exist there: it stays, marked failed."""
+        if keep:
+            vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.FAILED))
+        self.audit(
+            "vm.create_failed", f"{vm.name}: {err}", principal, vm=vm.id, host=host.name, severity=Severity.WARNING
+        )
+
+    def _created(self, vm: VM, host: Host, principal: str) -> VM:
         vm = self.repo.set_vm_state(vm.id, next_vm_state(vm.state, VMAction.CREATED))
-        self.reconciler.note_change(vm.id)
         self.audit("vm.created", f"{vm.name} runs on {host.name}", principal, vm=vm.id, host=host.name)
         return vm
 
@@ -442,9 +463,14 @@ class Fleet:
             await self.agents.destroy_vm(host, vm.id)
         except errors.FerrymanError as err:
             log.warning("cleanup of failed VM creation failed", vm=vm.id, host=host.name, error=str(err))
-        self.destroy_keys(vm, "creation failed")
-        self.repo.delete_vm(vm.id, self.clock.now())
+        await blocking(self._forget, vm, "creation failed")
+
+    def _forget(self, vm: VM, reason: str) -> VM:
+        """The VM is gone from its host: its keys are destroyed and its CMDB row marked deleted."""
+        self.destroy_keys(vm, reason)
+        vm = self.repo.delete_vm(vm.id, self.clock.now())
         self.changed(Change(vm_id=vm.id))
+        return vm
 
     def disk_key(self, vm: VM, host: str, generation: int | None = None) -> bytes | None:
         """The key of ``vm``'s copy on ``host`` (at ``generation``, default the VM's): None for a plain VM."""
@@ -483,6 +509,40 @@ class Fleet:
         return vm, self.repo.current_placement(vm.id)
 
     async def vm_action(self, name: str, action: VMAction, principal: str) -> VM:
+        vm, host, target = await blocking(self._action_requested, name, action, principal)
+        self.reconciler.note_change(vm.id)
+        if action is VMAction.DELETE:
+            try:
+                await self.agents.destroy_vm(host, vm.id)
+            except errors.NotFound:
+                log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
+            vm = await blocking(self._forget, vm, "VM deleted")
+        else:
+            needs_lease = action in {VMAction.START, VMAction.RESUME}
+            lease = self.lease(vm, host.name) if needs_lease else None
+            # a boot opens the images
+            key = await blocking(self.disk_key, vm, host.name) if action is VMAction.START else None
+            try:
+                await self.agents.vm_action(host, vm.id, action.value, lease, key)
+            except errors.Forbidden as err:
+                await blocking(
+                    self.audit,
+                    "vm.fenced",
+                    f"{host.name} refused to {action.value} {vm.name}: {err}",
+                    principal,
+                    vm=vm.id,
+                    host=host.name,
+                    severity=Severity.ALARM,
+                )
+                raise
+            vm = await blocking(self.repo.set_vm_state, vm.id, target)
+        self.reconciler.note_change(vm.id)
+        await blocking(
+            self.audit, f"vm.{target.value}", f"{vm.name} is {target.value}", principal, vm=vm.id, host=host.name
+        )
+        return vm
+
+    def _action_requested(self, name: str, action: VMAction, principal: str) -> tuple[VM, Host, VMState]:
         vm, placement = self.get_vm(name)
         target = next_vm_state(vm.state, action)
         if placement is None:
@@ -495,32 +555,4 @@ class Fleet:
             vm=vm.id,
             host=host.name,
         )
-        self.reconciler.note_change(vm.id)
-        if action is VMAction.DELETE:
-            try:
-                await self.agents.destroy_vm(host, vm.id)
-            except errors.NotFound:
-                log.info("VM to delete was not on its host", vm=vm.id, host=host.name)
-            self.destroy_keys(vm, "VM deleted")
-            vm = self.repo.delete_vm(vm.id, self.clock.now())
-            self.changed(Change(vm_id=vm.id))
-        else:
-            needs_lease = action in {VMAction.START, VMAction.RESUME}
-            lease = self.lease(vm, host.name) if needs_lease else None
-            key = self.disk_key(vm, host.name) if action is VMAction.START else None  # a boot opens the images
-            try:
-                await self.agents.vm_action(host, vm.id, action.value, lease, key)
-            except errors.Forbidden as err:
-                self.audit(
-                    "vm.fenced",
-                    f"{host.name} refused to {action.value} {vm.name}: {err}",
-                    principal,
-                    vm=vm.id,
-                    host=host.name,
-                    severity=Severity.ALARM,
-                )
-                raise
-            vm = self.repo.set_vm_state(vm.id, target)
-        self.reconciler.note_change(vm.id)
-        self.audit(f"vm.{target.value}", f"{vm.name} is {target.value}", principal, vm=vm.id, host=host.name)
-        return vm
+        return vm, host, target

@@ -24,10 +24,11 @@ from ferryman.controller import failpoints
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.fleet import Change, Fleet
 from ferryman.controller.keys import Copy
+from ferryman.controller.offload import blocking
 from ferryman.controller.settings import PlainScrubMode
 from ferryman.core import errors
 from ferryman.core.clock import Clock
-from ferryman.core.models import VM, Host, HostState, Severity, VMState
+from ferryman.core.models import VM, Host, HostState, Placement, Severity, VMState
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner, RunnerSettings
 from ferryman.migration.states import Phase
@@ -51,11 +52,11 @@ class MigrationService:
         self.repo = fleet.repo
         self.governor = Governor(settings or GovernorSettings(), random.Random().random)
         self.runner = MigrationRunner(
-            journal=fleet.repo,
+            journal=ThreadedJournal(fleet.repo),
             agents=HostAgents(fleet.repo, agents),
             credentials=FleetCredentials(fleet),
             inventory=FleetInventory(fleet),
-            audit=fleet.audit,
+            audit=ThreadedAudit(fleet),
             clock=LoopClock(fleet.clock),
             governor=self.governor,
             settings=RunnerSettings(scrub_mode=scrub_mode),
@@ -113,6 +114,59 @@ class MigrationService:
     ) -> MigrationRecord:
         """Admit a migration (policies, then the governor) and start it; ``automatic``: a remediation plan's move,
         which a VM's policies may forbid (``auto_balance: false``). An operator's drain is not automatic."""
+        record, state = await blocking(
+            self._admit,
+            vm_name,
+            to,
+            shared_storage=shared_storage,
+            principal=principal,
+            bandwidth_mib_s=bandwidth_mib_s,
+            force=force,
+            role=role,
+            automatic=automatic,
+        )
+        self.runner.start(record.id, state, m.Start())
+        return record
+
+    def _admit(
+        self,
+        vm_name: str,
+        to: str,
+        *,
+        shared_storage: bool,
+        principal: str,
+        bandwidth_mib_s: int | None,
+        force: bool,
+        role: str,
+        automatic: bool,
+    ) -> tuple[MigrationRecord, m.MigrationState]:
+        """The admission, in a worker thread: one request at a time is judged against the fleet, the policies and
+        the governor and recorded, with creations choosing hosts (:attr:`Fleet.placing`), so two requests racing
+        for one host or one slot are judged one after the other."""
+        with self.fleet.placing:
+            return self._admit_now(
+                vm_name,
+                to,
+                shared_storage=shared_storage,
+                principal=principal,
+                bandwidth_mib_s=bandwidth_mib_s,
+                force=force,
+                role=role,
+                automatic=automatic,
+            )
+
+    def _admit_now(
+        self,
+        vm_name: str,
+        to: str,
+        *,
+        shared_storage: bool,
+        principal: str,
+        bandwidth_mib_s: int | None,
+        force: bool,
+        role: str,
+        automatic: bool,
+    ) -> tuple[MigrationRecord, m.MigrationState]:
         vm, _ = self.fleet.get_vm(vm_name)
         source, destination = self._check_request(vm, to)
         if self.fleet.admission is not None:
@@ -167,26 +221,39 @@ class MigrationService:
             migration=mid,
             shared_storage=shared_storage,
         )
-        self.runner.start(mid, state, m.Start())
-        return record
+        return record, state
 
     async def wait_finished(self, mid: str, limit_s: float = 1800.0) -> None:
         """Wait (bounded) until the runner of ``mid`` has stopped."""
         await self.runner.wait(mid, limit_s)
 
     async def cancel(self, mid: str, principal: str) -> MigrationRecord:
+        record = await blocking(self._record_cancel, mid, principal)
+        self.runner.cancel(mid)
+        return record
+
+    def _record_cancel(self, mid: str, principal: str) -> MigrationRecord:
         record = self.repo.request_cancel(mid, self.fleet.clock.now())
         self.fleet.audit(
             "migration.cancel_requested", f"cancel of migration {mid}", principal, vm=record.vm_id, migration=mid
         )
-        self.runner.cancel(mid)
         return record
 
     async def drain(self, host: str, principal: str) -> tuple[list[MigrationRecord], list[str]]:
         """Move every running VM off ``host``: each to the reachable host with the most free memory, within the
         governor's limits; what cannot start now is reported, not retried in a loop."""
+        admitted, refused = await blocking(self._plan_drain, host, principal)
+        for record, state in admitted:
+            self.runner.start(record.id, state, m.Start())
+        return [record for record, _ in admitted], refused
+
+    def _plan_drain(
+        self, host: str, principal: str
+    ) -> tuple[list[tuple[MigrationRecord, m.MigrationState]], list[str]]:
+        """Admit a migration for each running VM of ``host`` (in a worker thread)."""
         self.repo.get_host(host)
-        started, refused = [], []
+        started: list[tuple[MigrationRecord, m.MigrationState]] = []
+        refused: list[str] = []
         planned: dict[str, str] = {}  # VM id -> destination of the migrations this drain started
         for placement in self.repo.placements_on(host):
             vm = self.repo.get_vm(placement.vm_id)
@@ -216,7 +283,18 @@ class MigrationService:
                 refused.append(f"{vm.name}: no other host is allowed by its placement policies")
                 continue
             try:
-                started.append(await self.request(vm.name, target, shared_storage=False, principal=principal))
+                started.append(
+                    self._admit(
+                        vm.name,
+                        target,
+                        shared_storage=False,
+                        principal=principal,
+                        bandwidth_mib_s=None,
+                        force=False,
+                        role="admin",
+                        automatic=False,
+                    )
+                )
                 planned[vm.id] = target
             except errors.FerrymanError as err:
                 refused.append(f"{vm.name}: {err}")
@@ -233,6 +311,78 @@ class MigrationService:
         await self.runner.close()
 
 
+class ThreadedJournal:
+    """The runner's :class:`~ferryman.migration.ports.Journal` port: the CMDB, each transaction in a worker thread."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+
+    async def get_migration(self, migration_id: str) -> MigrationRecord:
+        return await blocking(self._repo.get_migration, migration_id)
+
+    async def list_migrations(
+        self, *, vm_id: str | None = None, active_only: bool = False, limit: int = 200
+    ) -> list[MigrationRecord]:
+        return await blocking(self._repo.list_migrations, vm_id=vm_id, active_only=active_only, limit=limit)
+
+    async def advance_migration(
+        self,
+        migration_id: str,
+        phase: str,
+        at: dt.datetime,
+        *,
+        expected_phase: str | None = None,
+        outcome: str | None = None,
+        error: str | None = None,
+        bytes_transferred: int | None = None,
+        downtime_ms: int | None = None,
+        data: dict[str, Any] | None = None,
+        step_data: dict[str, Any] | None = None,
+    ) -> MigrationRecord:
+        return await blocking(
+            self._repo.advance_migration,
+            migration_id,
+            phase,
+            at,
+            expected_phase=expected_phase,
+            outcome=outcome,
+            error=error,
+            bytes_transferred=bytes_transferred,
+            downtime_ms=downtime_ms,
+            data=data,
+            step_data=step_data,
+        )
+
+    async def commit_migration(
+        self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
+    ) -> tuple[MigrationRecord, VM, Placement]:
+        return await blocking(self._repo.commit_migration, migration_id, at, data=data)
+
+    async def get_vm(self, name_or_id: str) -> VM:
+        return await blocking(self._repo.get_vm, name_or_id)
+
+
+class ThreadedAudit:
+    """The runner's :class:`~ferryman.migration.ports.Audit` port: the fleet's audit trail, written in a worker
+    thread."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    async def __call__(
+        self,
+        kind: str,
+        message: str,
+        principal: str,
+        *,
+        vm: str | None = None,
+        host: str | None = None,
+        severity: Severity = Severity.INFO,
+        **data: Any,
+    ) -> object:
+        return await blocking(self._fleet.audit, kind, message, principal, vm=vm, host=host, severity=severity, **data)
+
+
 class HostAgents:
     """The runner's :class:`~ferryman.migration.ports.Agents` port: host names to the mTLS agent client."""
 
@@ -241,7 +391,7 @@ class HostAgents:
         self._client = client
 
     async def call(self, host: str, target: str, request: AgentCall[R], *, limit_s: float = 120) -> R:
-        return await self._client.call(self._repo.get_host(host), target, request, limit_s=limit_s)
+        return await self._client.call(await blocking(self._repo.get_host, host), target, request, limit_s=limit_s)
 
 
 class FleetCredentials:
@@ -250,7 +400,10 @@ class FleetCredentials:
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
 
-    def ticket(self, record: MigrationRecord) -> str:
+    async def ticket(self, record: MigrationRecord) -> str:
+        return await blocking(self._ticket, record)
+
+    def _ticket(self, record: MigrationRecord) -> str:
         _, token = issue_ticket(
             self._fleet.ca,
             migration_id=record.id,
@@ -262,17 +415,23 @@ class FleetCredentials:
         )
         return token
 
-    def lease(self, vm_id: str, host: str, generation: int) -> str:
-        return issue_lease(self._fleet.ca, vm_id=vm_id, host=host, generation=generation)[1]
+    async def lease(self, vm_id: str, host: str, generation: int) -> str:
+        return (await blocking(issue_lease, self._fleet.ca, vm_id=vm_id, host=host, generation=generation))[1]
 
-    def crl(self) -> str:
+    async def crl(self) -> str:
+        return await blocking(self._crl)
+
+    def _crl(self) -> str:
         revoked = [(c.serial, c.revoked_at) for c in self._fleet.repo.list_certificates() if c.revoked_at is not None]
         return self._fleet.ca.issue_crl(revoked).decode()
 
-    def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
-        return self._fleet.disk_key(vm, host, generation)
+    async def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
+        return await blocking(self._fleet.disk_key, vm, host, generation)
 
-    def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
+    async def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
+        return await blocking(self._destination_key, vm, record, make=make)
+
+    def _destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
         """A key of its own for new images, or the source's for shared storage, where both copies open the same
         images; made and stored on first use (preparation), only read later (NotFound if it is gone)."""
         if not vm.encrypted:
@@ -287,8 +446,8 @@ class FleetCredentials:
             return keys.share(Copy(vm.id, record.source, record.generation), target)
         return keys.ensure(target)
 
-    def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
-        return self._fleet.destroy_keys(vm, reason, host=host, generation=generation)
+    async def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
+        return await blocking(self._fleet.destroy_keys, vm, reason, host=host, generation=generation)
 
 
 class FleetInventory:
@@ -297,12 +456,12 @@ class FleetInventory:
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
 
-    def committed(self, vm: VM) -> None:
-        self._fleet.reconciler.note_change(vm.id)
-        self._fleet.changed(Change(vm_id=vm.id))
+    async def committed(self, vm: VM) -> None:
+        self._fleet.reconciler.note_change(vm.id)  # the reconciler lives on the loop
+        await blocking(self._fleet.changed, Change(vm_id=vm.id))
 
-    def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
-        return self._fleet.store_scrub_receipts(host, receipts, migration_id)
+    async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
+        return await blocking(self._fleet.store_scrub_receipts, host, receipts, migration_id)
 
 
 class LoopClock:

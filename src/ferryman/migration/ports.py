@@ -4,6 +4,9 @@ The runner (:mod:`ferryman.migration.runner`) drives the pure machine and talks 
 supplies adapters for these ports (:mod:`ferryman.controller.migrations`), and :mod:`ferryman.testing.migration` ships
 fakes, so the whole protocol runs in unit tests without QEMU, a database or a network.
 
+Every port that may block (a database transaction, a signature, an HTTP call) is a coroutine: the controller's
+adapters run blocking work in worker threads, so the event loop that drives every migration never waits on it.
+
 What this module must not do: import an implementation (controller, agent, SQL, HTTP).
 """
 
@@ -24,13 +27,13 @@ R = TypeVar("R", bound=Reply)
 class Journal(Protocol):
     """The durable record of each migration, and the VM rows its commit moves (the CMDB)."""
 
-    def get_migration(self, migration_id: str) -> MigrationRecord: ...
+    async def get_migration(self, migration_id: str) -> MigrationRecord: ...
 
-    def list_migrations(
+    async def list_migrations(
         self, *, vm_id: str | None = None, active_only: bool = False, limit: int = 200
     ) -> list[MigrationRecord]: ...
 
-    def advance_migration(
+    async def advance_migration(
         self,
         migration_id: str,
         phase: str,
@@ -47,13 +50,13 @@ class Journal(Protocol):
         """Persist a phase (and merge ``data``); see :class:`ferryman.cmdb.journal.JournalRepository`."""
         ...
 
-    def commit_migration(
+    async def commit_migration(
         self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
     ) -> tuple[MigrationRecord, VM, Placement]:
         """THE commit: placement, generation, phase and ``data`` in one transaction (Conflict: nothing changed)."""
         ...
 
-    def get_vm(self, name_or_id: str) -> VM: ...
+    async def get_vm(self, name_or_id: str) -> VM: ...
 
 
 class Agents(Protocol):
@@ -68,28 +71,28 @@ class Agents(Protocol):
 class Credentials(Protocol):
     """What the controller signs, and the disk keys of the copies a migration touches."""
 
-    def ticket(self, record: MigrationRecord) -> str:
+    async def ticket(self, record: MigrationRecord) -> str:
         """A signed, single-use migration ticket for this migration's host pair and generation."""
         ...
 
-    def lease(self, vm_id: str, host: str, generation: int) -> str:
+    async def lease(self, vm_id: str, host: str, generation: int) -> str:
         """A signed permission for ``host`` to run ``vm_id`` at ``generation`` (fencing)."""
         ...
 
-    def crl(self) -> str:
+    async def crl(self) -> str:
         """The current certificate revocation list (PEM), for the hosts' TLS peers checks."""
         ...
 
-    def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
+    async def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
         """The key of ``vm``'s copy on ``host`` at ``generation``; None for a plain VM."""
         ...
 
-    def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
+    async def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
         """The key of the destination copy (generation + 1); ``make`` (preparation only) creates it on first use: a
         new key, or the source's for shared storage. None for a plain VM."""
         ...
 
-    def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
+    async def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
         """Destroy the keys of one losing copy first (crypto-erase that holds if its host never answers)."""
         ...
 
@@ -97,11 +100,11 @@ class Credentials(Protocol):
 class Inventory(Protocol):
     """The rest of the controller that hears of a migration's effects."""
 
-    def committed(self, vm: VM) -> None:
+    async def committed(self, vm: VM) -> None:
         """The VM's placement moved: reconciliation and compliance must look at it again."""
         ...
 
-    def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
+    async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
         """Keep scrub receipts in the CMDB; their short form for the audit event."""
         ...
 
@@ -109,7 +112,7 @@ class Inventory(Protocol):
 class Audit(Protocol):
     """The audit trail: every decision and phase change is an event."""
 
-    def __call__(
+    async def __call__(
         self,
         kind: str,
         message: str,

@@ -125,11 +125,11 @@ class MigrationRunner:
 
     async def recover(self) -> None:
         """At start: every unfinished migration continues under a Recover event (roll back or roll forward)."""
-        for record in self.journal.list_migrations(active_only=True):
+        for record in await self.journal.list_migrations(active_only=True):
             state = m.MigrationState.from_record(record.data["machine"])
             if record.phase == Phase.COMMITTED.value and not state.committed:
                 state, _ = m.step(state, m.StepDone(Step.COMMIT))  # the commit landed; its state write did not
-            self.audit(
+            await self.audit(
                 "migration.recovering",
                 f"migration {record.id} resumes from {record.phase}",
                 "system",
@@ -151,7 +151,7 @@ class MigrationRunner:
         log.info("migration running", migration=mid, phase=state.phase.value)
         budget = m.max_commands(state)
         try:
-            state, queue = self._apply(mid, state, event)
+            state, queue = await self._apply(mid, state, event)
             while queue and budget > 0:
                 command = queue.pop(0)
                 if self.pause is not None:
@@ -162,9 +162,9 @@ class MigrationRunner:
                     continue
                 outcome = await self._execute(mid, state, command)
                 if outcome is not None:
-                    state, queue = self._apply(mid, state, outcome)
+                    state, queue = await self._apply(mid, state, outcome)
             if not is_terminal(state.phase):
-                self.audit(
+                await self.audit(
                     "alarm.migration_stalled",
                     f"migration {mid} stopped in {state.phase.value} (pending {state.pending})",
                     "system",
@@ -176,7 +176,7 @@ class MigrationRunner:
             raise
         except Exception as err:  # a bug must not leave a migration silently unattended
             log.exception("migration runner crashed", migration=mid)
-            self.audit(
+            await self.audit(
                 "migration.runner_error",
                 f"runner of {mid} failed: {err}",
                 "system",
@@ -186,19 +186,21 @@ class MigrationRunner:
         finally:
             self.progress.pop(mid, None)
 
-    def _apply(self, mid: str, state: m.MigrationState, event: m.Event) -> tuple[m.MigrationState, list[m.Command]]:
+    async def _apply(
+        self, mid: str, state: m.MigrationState, event: m.Event
+    ) -> tuple[m.MigrationState, list[m.Command]]:
         """Step the machine and persist the new state BEFORE any of its commands runs."""
         new, commands = m.step(state, event)
-        self._persist(mid, new)
+        await self._persist(mid, new)
         return new, list(commands)
 
-    def _persist(self, mid: str, state: m.MigrationState) -> None:
-        record = self.journal.get_migration(mid)
+    async def _persist(self, mid: str, state: m.MigrationState) -> None:
+        record = await self.journal.get_migration(mid)
         outcome = OUTCOMES.get(state.phase)
         if record.phase == state.phase.value and outcome is None and record.data.get("machine") == state.to_record():
             return
         transferred, downtime = state.facts.get("transferred_bytes"), state.facts.get("downtime_ms")
-        self.journal.advance_migration(
+        await self.journal.advance_migration(
             mid,
             state.phase.value,
             self.clock.now(),
@@ -215,7 +217,7 @@ class MigrationRunner:
         )
         if record.phase != state.phase.value:
             log.info("migration transition", migration=mid, frm=record.phase, to=state.phase.value)
-            self.audit(
+            await self.audit(
                 "migration.phase",
                 f"migration {mid[:8]}: {record.phase} → {state.phase.value}",
                 record.principal,
@@ -233,7 +235,7 @@ class MigrationRunner:
         attempt = 0
         while True:
             try:
-                check = await self._call(state.destination, mid, w.CheckDestination(ticket=self._ticket(mid)), 60)
+                check = await self._call(state.destination, mid, w.CheckDestination(ticket=await self._ticket(mid)), 60)
             except errors.TransientError as err:
                 if attempt >= state.max_retries:
                     return f"{state.destination} did not answer: {err}"
@@ -250,16 +252,16 @@ class MigrationRunner:
         refusal = await self._destination_ready(mid, state)
         if refusal is not None:
             failed = m.StepFailed(Step.COMMIT, f"destination not ready: {refusal}", retryable=False)
-            return self._apply(mid, state, failed)
+            return await self._apply(mid, state, failed)
         after, commands = m.step(state, m.StepDone(Step.COMMIT))
         try:
-            record, vm, placement = self.journal.commit_migration(
+            record, vm, placement = await self.journal.commit_migration(
                 mid, self.clock.now(), data={"machine": after.to_record()}
             )
         except errors.FerrymanError as err:  # the transaction did not land: nothing changed
-            return self._apply(mid, state, m.StepFailed(Step.COMMIT, str(err), retryable=False))
-        self.inventory.committed(vm)
-        self.audit(
+            return await self._apply(mid, state, m.StepFailed(Step.COMMIT, str(err), retryable=False))
+        await self.inventory.committed(vm)
+        await self.audit(
             "migration.committed",
             f"{vm.name} now lives on {placement.host} (generation {placement.generation})",
             record.principal,
@@ -272,11 +274,11 @@ class MigrationRunner:
     async def _execute(self, mid: str, state: m.MigrationState, command: m.Command) -> m.Event | None:
         if isinstance(command, m.RaiseAlarm):
             alarm = f"alarm.{command.kind}"
-            self.audit(alarm, command.message, "system", vm=state.vm_id, severity=Severity.ALARM, migration=mid)
+            await self.audit(alarm, command.message, "system", vm=state.vm_id, severity=Severity.ALARM, migration=mid)
             return None
         if isinstance(command, m.Finish) and command.step is None:
             await self._close(mid, state)
-            self._finished(mid, state, command)
+            await self._finished(mid, state, command)
             return None
         step = command.step
         assert step is not None
@@ -309,10 +311,10 @@ class MigrationRunner:
             return m.StepFailed(step, problem, retryable=False)
         return m.StepDone(step, facts)
 
-    def _finished(self, mid: str, state: m.MigrationState, finish: m.Finish) -> None:
-        record = self.journal.get_migration(mid)
+    async def _finished(self, mid: str, state: m.MigrationState, finish: m.Finish) -> None:
+        record = await self.journal.get_migration(mid)
         severity = Severity.INFO if finish.outcome in {"done", "rolled_back"} else Severity.ALARM
-        self.audit(
+        await self.audit(
             f"migration.{finish.outcome}",
             f"migration {mid} {finish.outcome}" + (f": {state.cause}" if state.cause else ""),
             record.principal,
@@ -324,31 +326,32 @@ class MigrationRunner:
 
     # -- talking to agents -----------------------------------------------------------------------------------------
 
-    def _ticket(self, mid: str) -> str:
-        return str(self.journal.get_migration(mid).data["ticket"])
+    async def _ticket(self, mid: str) -> str:
+        return str((await self.journal.get_migration(mid)).data["ticket"])
 
     async def _call(self, host: str, mid: str, request: AgentCall[R], limit_s: float = 120) -> R:
         return await self.agents.call(host, mid, request, limit_s=limit_s)
 
-    def _vm(self, state: m.MigrationState) -> VM:
-        return self.journal.get_vm(state.vm_id)
+    async def _vm(self, state: m.MigrationState) -> VM:
+        return await self.journal.get_vm(state.vm_id)
 
-    def _generation(self, mid: str) -> int:
+    async def _generation(self, mid: str) -> int:
         """The VM's generation when the migration was requested (the source copy's)."""
-        return self.journal.get_migration(mid).generation
+        return (await self.journal.get_migration(mid)).generation
 
-    def _source_key(self, mid: str, state: m.MigrationState) -> bytes | None:
-        return self.credentials.disk_key(self._vm(state), state.source, self._generation(mid))
+    async def _source_key(self, mid: str, state: m.MigrationState) -> bytes | None:
+        return await self.credentials.disk_key(await self._vm(state), state.source, await self._generation(mid))
 
-    def _destination_key(self, mid: str, state: m.MigrationState, *, make: bool = False) -> bytes | None:
-        return self.credentials.destination_key(self._vm(state), self.journal.get_migration(mid), make=make)
+    async def _destination_key(self, mid: str, state: m.MigrationState, *, make: bool = False) -> bytes | None:
+        record = await self.journal.get_migration(mid)
+        return await self.credentials.destination_key(await self._vm(state), record, make=make)
 
-    def _size(self, state: m.MigrationState) -> int:
-        vm = self._vm(state)
+    async def _size(self, state: m.MigrationState) -> int:
+        vm = await self._vm(state)
         return vm.memory_mb * (1 << 20) + (0 if state.shared_storage else vm.disk_bytes)
 
-    def _spec(self, mid: str, state: m.MigrationState) -> VMSpec:
-        vm = self._vm(state)
+    async def _spec(self, mid: str, state: m.MigrationState) -> VMSpec:
+        vm = await self._vm(state)
         f = state.facts
         return VMSpec(
             vm_id=vm.id,
@@ -357,7 +360,7 @@ class MigrationRunner:
             memory_mb=vm.memory_mb,
             disks=(DiskSpec(vm.disk_bytes),),
             canary=vm.canary,
-            generation=self._generation(mid),
+            generation=await self._generation(mid),
             dirty_kib_per_s=int(f.get("dirty_kib_per_s") or 256),
             record_interval_ms=int(f.get("record_interval_ms") or 1000),
             encrypted=vm.encrypted,
@@ -365,7 +368,7 @@ class MigrationRunner:
         )
 
     async def _hooks(self, mid: str, host: str, point: w.HookPointName, **context: w.JSONValue) -> str:
-        out = await self._call(host, mid, w.RunHooks(ticket=self._ticket(mid), point=point, context=context))
+        out = await self._call(host, mid, w.RunHooks(ticket=await self._ticket(mid), point=point, context=context))
         if out.vetoed:
             raise errors.Conflict(f"vetoed by {host}: {out.summary}")
         return out.summary
@@ -373,19 +376,19 @@ class MigrationRunner:
     # -- the steps -------------------------------------------------------------------------------------------------
 
     async def _admit(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        record = self.journal.get_migration(mid)
+        record = await self.journal.get_migration(mid)
         if "ticket" not in record.data:  # issued once: retries and recovery present the same ticket
-            self.journal.advance_migration(
+            await self.journal.advance_migration(
                 mid,
                 state.phase.value,
                 self.clock.now(),
-                data={"ticket": self.credentials.ticket(record)},
+                data={"ticket": await self.credentials.ticket(record)},
                 step_data={"ticket": "issued"},
             )
         return {}
 
     async def _snapshot(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        request = w.TakeSnapshot(ticket=self._ticket(mid), disk_key=self._source_key(mid, state))
+        request = w.TakeSnapshot(ticket=await self._ticket(mid), disk_key=await self._source_key(mid, state))
         out = await self._call(state.source, mid, request, limit_s=600)
         return {
             "snapshots": out.snapshots,
@@ -398,12 +401,12 @@ class MigrationRunner:
     async def _prepare_destination(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         shared = str(state.facts.get("disk_paths") or "").split(",") if state.shared_storage else []
         request = w.Prepare(
-            ticket=self._ticket(mid),
-            spec=self._spec(mid, state),
+            ticket=await self._ticket(mid),
+            spec=await self._spec(mid, state),
             source_dn=qemu_dn_of_host(state.source),
-            crl_pem=self.credentials.crl(),
+            crl_pem=await self.credentials.crl(),
             shared_disks=[p for p in shared if p],
-            disk_key=self._destination_key(mid, state, make=True),
+            disk_key=await self._destination_key(mid, state, make=True),
         )
         out = await self._call(state.destination, mid, request, limit_s=120)
         return {"dst_address": out.address, "migration_port": out.migration_port, "nbd_port": out.nbd_port}
@@ -415,25 +418,25 @@ class MigrationRunner:
         }
 
     async def _start_mirror(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        within = self.governor.completion_timeout_s(self._size(state))
+        within = self.governor.completion_timeout_s(await self._size(state))
         request = w.StartMirror(
-            ticket=self._ticket(mid),
+            ticket=await self._ticket(mid),
             dst_address=str(state.facts["dst_address"]),
             nbd_port=int(state.facts["nbd_port"] or 0),
-            crl_pem=self.credentials.crl(),
+            crl_pem=await self.credentials.crl(),
             within=within,
         )
         out = await self._call(state.source, mid, request, limit_s=within + 30)
         return {"mirrored_bytes": out.mirrored_bytes}
 
     async def _transfer(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        cap = self.journal.get_migration(mid).data.get("bandwidth_mib_s")
+        cap = (await self.journal.get_migration(mid)).data.get("bandwidth_mib_s")
         bandwidth = int(cap) << 20 if cap else self.governor.settings.bandwidth_cap_bytes_per_s
         request = w.StartTransfer(
-            ticket=self._ticket(mid),
+            ticket=await self._ticket(mid),
             dst_address=str(state.facts["dst_address"]),
             migration_port=int(state.facts["migration_port"] or 0),
-            crl_pem=self.credentials.crl(),
+            crl_pem=await self.credentials.crl(),
             bandwidth_bytes_per_s=bandwidth,
         )
         await self._call(state.source, mid, request)
@@ -442,9 +445,9 @@ class MigrationRunner:
     async def _switch_over(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Follow the RAM stream (progress for the CLI) until it completes, then end the mirrors on the source."""
         clock, s = self.clock, self.settings
-        deadline = clock.monotonic() + self.governor.completion_timeout_s(self._size(state))
+        deadline = clock.monotonic() + self.governor.completion_timeout_s(await self._size(state))
         stalled_since, last = clock.monotonic(), -1
-        ticket = self._ticket(mid)
+        ticket = await self._ticket(mid)
         while True:
             asked = clock.monotonic()
             progress = await self._call(state.source, mid, w.ReadProgress(ticket=ticket, wait_s=s.progress_wait_s))
@@ -463,36 +466,36 @@ class MigrationRunner:
         return {"transferred_bytes": out.transferred_bytes, "downtime_ms": out.downtime_ms, "total_ms": out.total_ms}
 
     async def _activate(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        vm = self._vm(state)  # committed: vm.generation is the new one
+        vm = await self._vm(state)  # committed: vm.generation is the new one
         request = w.Activate(
-            ticket=self._ticket(mid),
-            lease=self.credentials.lease(vm.id, state.destination, vm.generation),
-            disk_key=self._destination_key(mid, state),
+            ticket=await self._ticket(mid),
+            lease=await self.credentials.lease(vm.id, state.destination, vm.generation),
+            disk_key=await self._destination_key(mid, state),
         )
         out = await self._call(state.destination, mid, request)
         if out.restarted:
-            self._restarted(mid, state, state.destination)
+            await self._restarted(mid, state, state.destination)
         return {"activated_generation": out.generation, "activation_seq": out.last_seq}
 
     async def _retire_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        await self._call(state.source, mid, w.Retire(ticket=self._ticket(mid)))
+        await self._call(state.source, mid, w.Retire(ticket=await self._ticket(mid)))
         return {}
 
     async def _scrub(self, mid: str, state: m.MigrationState, side: w.Side) -> dict[str, m.Fact]:
         """The losing side's copy goes: for an encrypted VM its key is destroyed first (crypto-erase that holds even
         if the host never answers), then the host scrubs every artefact and returns the receipts."""
         host = state.source if side == "source" else state.destination
-        vm = self._vm(state)
-        generation = self._generation(mid) + (0 if side == "source" else 1)
-        destroyed = self.credentials.destroy_keys(
+        vm = await self._vm(state)
+        generation = await self._generation(mid) + (0 if side == "source" else 1)
+        destroyed = await self.credentials.destroy_keys(
             vm, f"migration {mid}: the {side} copy lost", host=host, generation=generation
         )
         mode: w.ScrubModeName = "crypto" if vm.encrypted else self.settings.scrub_mode
-        request = w.Scrub(ticket=self._ticket(mid), side=side, mode=mode)
+        request = w.Scrub(ticket=await self._ticket(mid), side=side, mode=mode)
         out = await self._call(host, mid, request, limit_s=1800)
-        receipts = self.inventory.store_receipts(host, out.receipts, mid)
+        receipts = await self.inventory.store_receipts(host, out.receipts, mid)
         total = sum(r.bytes for r in out.receipts)
-        self.audit(
+        await self.audit(
             "scrub.done",
             f"{len(out.receipts)} artefact(s), {total} bytes scrubbed on {host}",
             "system",
@@ -509,7 +512,7 @@ class MigrationRunner:
 
     async def _post_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """Validation first (the guest runs on the destination), then the hooks."""
-        request = w.Validate(ticket=self._ticket(mid), disk_key=self._destination_key(mid, state))
+        request = w.Validate(ticket=await self._ticket(mid), disk_key=await self._destination_key(mid, state))
         check = await self._call(state.destination, mid, request, limit_s=120)
         if not check.ok and not check.running:
             # the committed copy's QEMU is gone: activation boots it again from its disks (roll forward), once
@@ -524,20 +527,20 @@ class MigrationRunner:
 
     async def _finish(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         await self._close(mid, state)
-        self._finished(mid, state, m.Finish("done"))
+        await self._finished(mid, state, m.Finish("done"))
         return {}
 
     async def _close(self, mid: str, state: m.MigrationState) -> None:
         """Both hosts scrub their copy of this migration's TLS material and forget it (best effort: a host that is
         down keeps it until the reconciliation of residues, and its ticket has expired by then)."""
-        if "ticket" not in self.journal.get_migration(mid).data:
+        if "ticket" not in (await self.journal.get_migration(mid)).data:
             return
         roles: tuple[tuple[str, w.Side], ...] = ((state.source, "source"), (state.destination, "destination"))
         for host, role in roles:
             try:
-                await self._call(host, mid, w.Close(ticket=self._ticket(mid), role=role))
+                await self._call(host, mid, w.Close(ticket=await self._ticket(mid), role=role))
             except errors.FerrymanError as err:
-                self.audit(
+                await self.audit(
                     "migration.close_failed",
                     f"{host} could not close migration {mid}: {err}",
                     "system",
@@ -547,27 +550,27 @@ class MigrationRunner:
                 )
 
     async def _kill_destination(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        await self._call(state.destination, mid, w.KillDestination(ticket=self._ticket(mid)))
+        await self._call(state.destination, mid, w.KillDestination(ticket=await self._ticket(mid)))
         return {}
 
     async def _resume_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """The source runs again under a lease for the generation the migration started from (never committed)."""
-        generation = self._generation(mid)
-        vm = self._vm(state)
+        generation = await self._generation(mid)
+        vm = await self._vm(state)
         if vm.generation != generation:
             raise errors.Conflict(f"VM {vm.name} is at generation {vm.generation}: this migration's source is stale")
         request = w.ResumeSource(
-            ticket=self._ticket(mid),
-            lease=self.credentials.lease(vm.id, state.source, generation),
-            disk_key=self._source_key(mid, state),
+            ticket=await self._ticket(mid),
+            lease=await self.credentials.lease(vm.id, state.source, generation),
+            disk_key=await self._source_key(mid, state),
         )
         out = await self._call(state.source, mid, request)
         if out.restarted:
-            self._restarted(mid, state, state.source)
+            await self._restarted(mid, state, state.source)
         return {"source_run_state": out.run_state}
 
-    def _restarted(self, mid: str, state: m.MigrationState, host: str) -> None:
-        self.audit(
+    async def _restarted(self, mid: str, state: m.MigrationState, host: str) -> None:
+        await self.audit(
             "migration.vm_restarted",
             f"the QEMU of the copy of record on {host} had died; the VM was booted again from its disks",
             "system",
@@ -578,7 +581,7 @@ class MigrationRunner:
         )
 
     async def _rollback_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        request = w.RunHooks(ticket=self._ticket(mid), point="rollback", context={"cause": state.cause})
+        request = w.RunHooks(ticket=await self._ticket(mid), point="rollback", context={"cause": state.cause})
         out = await self._call(state.source, mid, request)
         return {"rollback_hooks": out.summary}
 

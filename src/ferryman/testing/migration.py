@@ -1,4 +1,6 @@
-"""Fakes of the migration runner's ports (:mod:`ferryman.migration.ports`), for unit tests of the protocol.
+"""Fakes of the migration runner's ports (:mod:`ferryman.migration.ports`), for unit tests of the protocol. They
+answer at once, on the event loop; tests set them up and read them back synchronously (``migrations``, ``vms``,
+``placements``, ``calls``, ``events``).
 
 With them :class:`~ferryman.migration.runner.MigrationRunner` runs a whole migration, a retry, a cancel or a
 recovery in milliseconds: no QEMU, no database, no network, and time that only moves when the runner sleeps. They
@@ -46,13 +48,16 @@ class FakeJournal:
         self.phases[record.id] = [record.phase]
         return record
 
-    def get_migration(self, migration_id: str) -> MigrationRecord:
+    def _record(self, migration_id: str) -> MigrationRecord:
         try:
             return self.migrations[migration_id]
         except KeyError:
             raise errors.NotFound(f"migration {migration_id!r} not found") from None
 
-    def list_migrations(
+    async def get_migration(self, migration_id: str) -> MigrationRecord:
+        return self._record(migration_id)
+
+    async def list_migrations(
         self, *, vm_id: str | None = None, active_only: bool = False, limit: int = 200
     ) -> list[MigrationRecord]:
         found = [
@@ -62,7 +67,7 @@ class FakeJournal:
         ]
         return sorted(found, key=lambda r: r.requested_at, reverse=True)[:limit]
 
-    def advance_migration(
+    async def advance_migration(
         self,
         migration_id: str,
         phase: str,
@@ -76,7 +81,7 @@ class FakeJournal:
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
     ) -> MigrationRecord:
-        record = self.get_migration(migration_id)
+        record = self._record(migration_id)
         if record.outcome is not None:
             raise errors.Conflict(f"migration {migration_id} is finished")
         if expected_phase is not None and record.phase != expected_phase:
@@ -96,10 +101,10 @@ class FakeJournal:
         self.phases[migration_id].append(phase)
         return self.migrations[migration_id]
 
-    def commit_migration(
+    async def commit_migration(
         self, migration_id: str, at: dt.datetime, *, data: dict[str, Any] | None = None
     ) -> tuple[MigrationRecord, VM, Placement]:
-        record = self.get_migration(migration_id)
+        record = self._record(migration_id)
         vm, placement = self.vms[record.vm_id], self.placements[record.vm_id]
         if record.outcome is not None or record.phase != SWITCHED_OVER:
             raise errors.Conflict(f"migration {migration_id} is in {record.phase}: it cannot commit")
@@ -114,7 +119,7 @@ class FakeJournal:
         self.commits += 1
         return committed, vm, placement
 
-    def get_vm(self, name_or_id: str) -> VM:
+    async def get_vm(self, name_or_id: str) -> VM:
         for vm in self.vms.values():
             if name_or_id in {vm.id, vm.name}:
                 return vm
@@ -223,19 +228,19 @@ class FakeCredentials:
         self.keys: dict[tuple[str, str, int], bytes] = {}
         self.destroyed: list[tuple[str, str, int]] = []
 
-    def ticket(self, record: MigrationRecord) -> str:
+    async def ticket(self, record: MigrationRecord) -> str:
         return f"ticket:{record.id}:{record.source}->{record.destination}:g{record.generation}"
 
-    def lease(self, vm_id: str, host: str, generation: int) -> str:
+    async def lease(self, vm_id: str, host: str, generation: int) -> str:
         return f"lease:{vm_id}:{host}:g{generation}"
 
-    def crl(self) -> str:
+    async def crl(self) -> str:
         return "-----BEGIN X509 CRL-----\n-----END X509 CRL-----\n"
 
-    def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
+    async def disk_key(self, vm: VM, host: str, generation: int) -> bytes | None:
         return self.keys.setdefault((vm.id, host, generation), bytes(32)) if vm.encrypted else None
 
-    def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
+    async def destination_key(self, vm: VM, record: MigrationRecord, *, make: bool) -> bytes | None:
         copy = (vm.id, record.destination, record.generation + 1)
         if not vm.encrypted:
             return None
@@ -243,7 +248,7 @@ class FakeCredentials:
             raise errors.NotFound(f"no key for {copy}")
         return self.keys.setdefault(copy, bytes([1]) * 32)
 
-    def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
+    async def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
         copy = (vm.id, host, generation)
         if not vm.encrypted or copy not in self.keys:
             return []
@@ -257,10 +262,10 @@ class FakeInventory:
     committed_vms: list[str] = field(default_factory=list)
     receipts: list[tuple[str, str, Receipt]] = field(default_factory=list)
 
-    def committed(self, vm: VM) -> None:
+    async def committed(self, vm: VM) -> None:
         self.committed_vms.append(vm.id)
 
-    def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
+    async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
         self.receipts += [(host, migration_id, r) for r in receipts]
         return [r.model_dump(include={"path", "bytes"}) for r in receipts]
 
@@ -278,7 +283,7 @@ class FakeAudit:
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
 
-    def __call__(
+    async def __call__(
         self,
         kind: str,
         message: str,
