@@ -141,87 +141,67 @@ class MigrationService:
         automatic: bool,
     ) -> tuple[MigrationRecord, m.MigrationState]:
         """The admission, in a worker thread: one request at a time is judged against the fleet, the policies and
-        the governor and recorded, with creations choosing hosts (:attr:`Fleet.placing`), so two requests racing
+        the governor and recorded, like creations choosing hosts (:attr:`Fleet.placing`), so two requests racing
         for one host or one slot are judged one after the other."""
         with self.fleet.placing:
-            return self._admit_now(
-                vm_name,
-                to,
+            vm, _ = self.fleet.get_vm(vm_name)
+            source, destination = self._check_request(vm, to)
+            if self.fleet.admission is not None:
+                self.fleet.admission.admit_migration(
+                    vm, destination.name, force=force, role=role, principal=principal, automatic=automatic
+                )
+            now = self.fleet.clock.now()
+            active, history = self._history()
+            ask = MigrationRequest(vm.id, source.name, destination.name, principal)
+            decision = self.governor.decide(ask, now=now, active=active, history=history)
+            mid = str(uuid.uuid4())
+            state = m.initial(mid, vm.id, source.name, destination.name, shared_storage)
+            record = MigrationRecord(
+                id=mid,
+                vm_id=vm.id,
+                source=source.name,
+                destination=destination.name,
                 shared_storage=shared_storage,
+                phase=Phase.REQUESTED.value,
                 principal=principal,
-                bandwidth_mib_s=bandwidth_mib_s,
-                force=force,
-                role=role,
-                automatic=automatic,
+                generation=vm.generation,
+                requested_at=now,
+                updated_at=now,
+                data={"machine": state.to_record(), "bandwidth_mib_s": bandwidth_mib_s},
             )
-
-    def _admit_now(
-        self,
-        vm_name: str,
-        to: str,
-        *,
-        shared_storage: bool,
-        principal: str,
-        bandwidth_mib_s: int | None,
-        force: bool,
-        role: str,
-        automatic: bool,
-    ) -> tuple[MigrationRecord, m.MigrationState]:
-        vm, _ = self.fleet.get_vm(vm_name)
-        source, destination = self._check_request(vm, to)
-        if self.fleet.admission is not None:
-            self.fleet.admission.admit_migration(
-                vm, destination.name, force=force, role=role, principal=principal, automatic=automatic
-            )
-        now = self.fleet.clock.now()
-        active, history = self._history()
-        decision = self.governor.decide(
-            MigrationRequest(vm.id, source.name, destination.name, principal), now=now, active=active, history=history
-        )
-        mid = str(uuid.uuid4())
-        state = m.initial(mid, vm.id, source.name, destination.name, shared_storage)
-        record = MigrationRecord(
-            id=mid,
-            vm_id=vm.id,
-            source=source.name,
-            destination=destination.name,
-            shared_storage=shared_storage,
-            phase=Phase.REQUESTED.value,
-            principal=principal,
-            generation=vm.generation,
-            requested_at=now,
-            updated_at=now,
-            data={"machine": state.to_record(), "bandwidth_mib_s": bandwidth_mib_s},
-        )
-        if not decision.allowed:
-            refused = dataclasses.replace(
-                record, phase=Phase.REFUSED.value, outcome="refused", finished_at=now, error="; ".join(decision.reasons)
-            )
-            self.repo.add_migration(refused)
-            for alert in decision.alerts:
-                self.fleet.audit("security.thrashing", alert.message, principal, vm=vm.id, severity=Severity.ALARM)
+            if not decision.allowed:
+                refused = dataclasses.replace(
+                    record,
+                    phase=Phase.REFUSED.value,
+                    outcome="refused",
+                    finished_at=now,
+                    error="; ".join(decision.reasons),
+                )
+                self.repo.add_migration(refused)
+                for alert in decision.alerts:
+                    self.fleet.audit("security.thrashing", alert.message, principal, vm=vm.id, severity=Severity.ALARM)
+                self.fleet.audit(
+                    "migration.refused",
+                    f"{vm.name} → {to} refused: {refused.error}",
+                    principal,
+                    vm=vm.id,
+                    host=source.name,
+                    severity=Severity.WARNING,
+                    migration=mid,
+                )
+                retry = f" (retry in {decision.retry_after_s:.0f}s)" if decision.retry_after_s else ""
+                raise errors.Conflict(f"migration refused: {refused.error}{retry}")
+            record = self.repo.add_migration(record)
             self.fleet.audit(
-                "migration.refused",
-                f"{vm.name} → {to} refused: {refused.error}",
+                "migration.requested",
+                f"{vm.name} {source.name} → {destination.name}",
                 principal,
                 vm=vm.id,
                 host=source.name,
-                severity=Severity.WARNING,
                 migration=mid,
+                shared_storage=shared_storage,
             )
-            retry = f" (retry in {decision.retry_after_s:.0f}s)" if decision.retry_after_s else ""
-            raise errors.Conflict(f"migration refused: {refused.error}{retry}")
-        record = self.repo.add_migration(record)
-        self.fleet.audit(
-            "migration.requested",
-            f"{vm.name} {source.name} → {destination.name}",
-            principal,
-            vm=vm.id,
-            host=source.name,
-            migration=mid,
-            shared_storage=shared_storage,
-        )
-        return record, state
+            return record, state
 
     async def wait_finished(self, mid: str, limit_s: float = 1800.0) -> None:
         """Wait (bounded) until the runner of ``mid`` has stopped."""
