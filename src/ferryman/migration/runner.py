@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from ferryman.cmdb.journal import MigrationRecord
 from ferryman.core import errors
 from ferryman.core.models import VM, DiskSpec, Severity, VMSpec
 from ferryman.migration import machine as m
@@ -82,6 +83,9 @@ class MigrationRunner:
         self.progress: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
+        # each running migration's journal record as this runner last wrote or read it: the runner is its only
+        # writer while it runs, so its phase, ticket and generation need no read of the journal per step
+        self._records: dict[str, MigrationRecord] = {}
         self._handlers: dict[Step, Handler] = {
             Step.ADMIT: self._admit,
             Step.SNAPSHOT: self._snapshot,
@@ -185,6 +189,7 @@ class MigrationRunner:
             )
         finally:
             self.progress.pop(mid, None)
+            self._records.pop(mid, None)
 
     async def _apply(
         self, mid: str, state: m.MigrationState, event: m.Event
@@ -194,13 +199,19 @@ class MigrationRunner:
         await self._persist(mid, new)
         return new, list(commands)
 
+    async def _record(self, mid: str) -> MigrationRecord:
+        record = self._records.get(mid)
+        if record is None:
+            record = self._records[mid] = await self.journal.get_migration(mid)
+        return record
+
     async def _persist(self, mid: str, state: m.MigrationState) -> None:
-        record = await self.journal.get_migration(mid)
+        record = await self._record(mid)
         outcome = OUTCOMES.get(state.phase)
         if record.phase == state.phase.value and outcome is None and record.data.get("machine") == state.to_record():
             return
         transferred, downtime = state.facts.get("transferred_bytes"), state.facts.get("downtime_ms")
-        await self.journal.advance_migration(
+        self._records[mid] = await self.journal.advance_migration(
             mid,
             state.phase.value,
             self.clock.now(),
@@ -258,6 +269,7 @@ class MigrationRunner:
             record, vm, placement = await self.journal.commit_migration(
                 mid, self.clock.now(), data={"machine": after.to_record()}
             )
+            self._records[mid] = record
         except errors.FerrymanError as err:  # the transaction did not land: nothing changed
             return await self._apply(mid, state, m.StepFailed(Step.COMMIT, str(err), retryable=False))
         await self.inventory.committed(vm)
@@ -312,7 +324,7 @@ class MigrationRunner:
         return m.StepDone(step, facts)
 
     async def _finished(self, mid: str, state: m.MigrationState, finish: m.Finish) -> None:
-        record = await self.journal.get_migration(mid)
+        record = await self._record(mid)
         severity = Severity.INFO if finish.outcome in {"done", "rolled_back"} else Severity.ALARM
         await self.audit(
             f"migration.{finish.outcome}",
@@ -327,7 +339,7 @@ class MigrationRunner:
     # -- talking to agents -----------------------------------------------------------------------------------------
 
     async def _ticket(self, mid: str) -> str:
-        return str((await self.journal.get_migration(mid)).data["ticket"])
+        return str((await self._record(mid)).data["ticket"])
 
     async def _call(self, host: str, mid: str, request: AgentCall[R], limit_s: float = 120) -> R:
         return await self.agents.call(host, mid, request, limit_s=limit_s)
@@ -337,13 +349,13 @@ class MigrationRunner:
 
     async def _generation(self, mid: str) -> int:
         """The VM's generation when the migration was requested (the source copy's)."""
-        return (await self.journal.get_migration(mid)).generation
+        return (await self._record(mid)).generation
 
     async def _source_key(self, mid: str, state: m.MigrationState) -> bytes | None:
         return await self.credentials.disk_key(await self._vm(state), state.source, await self._generation(mid))
 
     async def _destination_key(self, mid: str, state: m.MigrationState, *, make: bool = False) -> bytes | None:
-        record = await self.journal.get_migration(mid)
+        record = await self._record(mid)
         return await self.credentials.destination_key(await self._vm(state), record, make=make)
 
     async def _size(self, state: m.MigrationState) -> int:
@@ -376,9 +388,9 @@ class MigrationRunner:
     # -- the steps -------------------------------------------------------------------------------------------------
 
     async def _admit(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        record = await self.journal.get_migration(mid)
+        record = await self._record(mid)
         if "ticket" not in record.data:  # issued once: retries and recovery present the same ticket
-            await self.journal.advance_migration(
+            self._records[mid] = await self.journal.advance_migration(
                 mid,
                 state.phase.value,
                 self.clock.now(),
@@ -430,7 +442,7 @@ class MigrationRunner:
         return {"mirrored_bytes": out.mirrored_bytes}
 
     async def _transfer(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
-        cap = (await self.journal.get_migration(mid)).data.get("bandwidth_mib_s")
+        cap = (await self._record(mid)).data.get("bandwidth_mib_s")
         bandwidth = int(cap) << 20 if cap else self.governor.settings.bandwidth_cap_bytes_per_s
         request = w.StartTransfer(
             ticket=await self._ticket(mid),
@@ -533,7 +545,7 @@ class MigrationRunner:
     async def _close(self, mid: str, state: m.MigrationState) -> None:
         """Both hosts scrub their copy of this migration's TLS material and forget it (best effort: a host that is
         down keeps it until the reconciliation of residues, and its ticket has expired by then)."""
-        if "ticket" not in (await self.journal.get_migration(mid)).data:
+        if "ticket" not in (await self._record(mid)).data:
             return
         roles: tuple[tuple[str, w.Side], ...] = ((state.source, "source"), (state.destination, "destination"))
         for host, role in roles:
