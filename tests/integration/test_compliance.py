@@ -14,11 +14,12 @@ from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Change, Fleet, VMRequest
 from ferryman.controller.reconcile import Reconciler
 from ferryman.core import errors
-from ferryman.core.models import VM, Host, HostState, Site
+from ferryman.core.models import HostState, Site
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.policy.schema import PolicyErrors
 from ferryman.scheduler.governor import GovernorSettings
 from ferryman.testing.clock import FakeClock
+from ferryman.testing.inventory import enrolled_host, small_vm
 
 POLICY = """\
 name: prod-vault
@@ -38,37 +39,6 @@ class NoAgents:
     """The compliance service never calls an agent."""
 
 
-def host(name: str, site: str, patch: int) -> Host:
-    return Host(
-        name=name,
-        address="127.0.0.1",
-        agent_port=1,
-        site=site,
-        zone="z1",
-        subnet="10.0.0.0/24",
-        virt_type="kvm",
-        hypervisor="qemu",
-        hypervisor_version="7.2.0",
-        patch_level=patch,
-        state=HostState.ENROLLED,
-        memory_mb=4096,
-    )
-
-
-def vm(name: str, tenant: str, environment: str) -> VM:
-    return VM(
-        id=f"id-{name}",
-        name=name,
-        tenant=tenant,
-        memory_mb=128,
-        vcpus=1,
-        disk_bytes=1 << 26,
-        image="i",
-        canary="c",
-        profile={"environment": environment},
-    )
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[Fleet, Compliance, FakeClock]:
     clock = FakeClock()
@@ -77,10 +47,10 @@ def world(tmp_path: Path) -> tuple[Fleet, Compliance, FakeClock]:
     fleet = Fleet(repo, NoAgents(), ca, clock, Reconciler(repo, clock, 30))  # type: ignore[arg-type]
     repo.add_site(Site("vault", 4))
     repo.add_site(Site("edge", 2))
-    for h in (host("h1", "vault", 5), host("h2", "vault", 3), host("h3", "edge", 9)):
+    for h in (enrolled_host("h1", "vault", 5), enrolled_host("h2", "vault", 3), enrolled_host("h3", "edge", 9)):
         repo.add_host(h)
         repo.set_host_state(h.name, HostState.ENROLLED)
-    for v, on in ((vm("web", "acme", "production"), "h2"), (vm("ci", "globex", "test"), "h1")):
+    for v, on in ((small_vm("web", "acme", "production"), "h2"), (small_vm("ci", "globex", "test"), "h1")):
         repo.ensure_tenant(v.tenant)
         repo.add_vm(v, on, clock.now())
     compliance = Compliance(fleet, GovernorSettings(vm_cooldown_s=60))

@@ -21,12 +21,13 @@ from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Change, Fleet
 from ferryman.controller.policy_routes import policy_routes
 from ferryman.controller.reconcile import Reconciler
-from ferryman.core.models import VM, Host, HostState, Site
+from ferryman.core.models import HostState, Site
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.policy.compiled import CompiledPolicies, compile_policies
 from ferryman.policy.schema import PolicySet, parse_policies
 from ferryman.scheduler.governor import GovernorSettings
 from ferryman.testing.clock import FakeClock
+from ferryman.testing.inventory import enrolled_host, small_vm
 
 POLICY = """\
 name: prod-vault
@@ -100,47 +101,16 @@ class World:
     app: FastAPI
 
 
-def _host(name: str, site: str, patch: int) -> Host:
-    return Host(
-        name=name,
-        address="127.0.0.1",
-        agent_port=1,
-        site=site,
-        zone="z1",
-        subnet="10.0.0.0/24",
-        virt_type="kvm",
-        hypervisor="qemu",
-        hypervisor_version="7.2.0",
-        patch_level=patch,
-        state=HostState.ENROLLED,
-        memory_mb=4096,
-    )
-
-
-def _vm(name: str, tenant: str, environment: str) -> VM:
-    return VM(
-        id=f"id-{name}",
-        name=name,
-        tenant=tenant,
-        memory_mb=128,
-        vcpus=1,
-        disk_bytes=1 << 26,
-        image="i",
-        canary="c",
-        profile={"environment": environment},
-    )
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     clock = FakeClock()
     sql = open_repository(f"sqlite:///{tmp_path / 'cmdb.sqlite'}", clock=clock)
     sql.add_site(Site("vault", 4))
     sql.add_site(Site("edge", 2))
-    for h in (_host("h1", "vault", 5), _host("h2", "vault", 3), _host("h3", "edge", 9)):
+    for h in (enrolled_host("h1", "vault", 5), enrolled_host("h2", "vault", 3), enrolled_host("h3", "edge", 9)):
         sql.add_host(h)
         sql.set_host_state(h.name, HostState.ENROLLED)
-    for v, on in ((_vm("web", "acme", "production"), "h2"), (_vm("ci", "globex", "test"), "h1")):
+    for v, on in ((small_vm("web", "acme", "production"), "h2"), (small_vm("ci", "globex", "test"), "h1")):
         sql.ensure_tenant(v.tenant)
         sql.add_vm(v, on, clock.now())
     repo = WatchedRepository(sql)

@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,6 @@ log = structlog.get_logger(__name__)
 SNAPSHOT_S = 500.0  # a live snapshot's bound: within the controller's 600 s for the step, so no retry overlaps it
 VALIDATION_MIN_WAIT_S = 30.0  # how long validation waits, at least, for the guest probes' evidence of progress
 PROGRESS_WAIT_MAX_S = 5.0  # the longest a progress request may wait for the RAM stream to settle
-
-
-@dataclass(frozen=True)
-class Context:
-    ticket: MigrationTicket
-    role: Role
 
 
 def free_port(address: str) -> int:
