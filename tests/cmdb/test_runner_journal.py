@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+import pytest
+
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.sql import SqlRepository
 from ferryman.controller.migrations import ThreadedJournal
-from ferryman.core.models import VM
+from ferryman.core.errors import Conflict
+from ferryman.core.models import VM, Event
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner
 from ferryman.migration.states import LOCAL_PATH, Phase
@@ -88,3 +91,25 @@ async def test_a_crash_after_the_commit_rolls_forward_from_the_database(fleet: S
     assert fleet.get_migration("m1").outcome == "done"
     assert agents.steps()[0] == ("h2", "Activate")
     assert isinstance(agents.calls[0].request, w.Activate) and agents.calls[0].request.lease.endswith(":h2:g2")
+
+
+async def test_each_phase_change_and_its_audit_event_land_in_one_transaction(fleet: SqlRepository) -> None:
+    """Every phase the journal went through has exactly one ``migration.phase`` event, in order, by the requester."""
+    await runner(fleet, FakeAgents()).run("m-ev", start(fleet, "m-ev"), m.Start())
+    events = list(reversed(fleet.list_events(kind_prefix="migration.phase", limit=100)))
+    phases = [s.phase for s in fleet.migration_steps("m-ev")]
+    changes = [(a, b) for a, b in zip(["requested", *phases], phases, strict=False) if a != b and b != "committed"]
+    assert [(e.data["frm"], e.data["to"]) for e in events] == changes
+    assert {e.principal for e in events} == {"alice"} and {e.data["migration"] for e in events} == {"m-ev"}
+
+
+def test_a_refused_transition_writes_no_event(fleet: SqlRepository) -> None:
+    """The event shares the transition's fate: a compare-and-set that fails leaves the log as it was."""
+    start(fleet, "m-cas")
+    before = fleet.list_events(limit=100)
+    event = Event(kind="migration.phase", message="m-cas: requested → admitted", time=T0)
+    with pytest.raises(Conflict):
+        fleet.advance_migration("m-cas", "admitted", T0, expected_phase="snapshotted", event=event)
+    assert fleet.list_events(limit=100) == before
+    fleet.advance_migration("m-cas", "admitted", T0, expected_phase="requested", event=event)
+    assert fleet.list_events(limit=100)[0].kind == "migration.phase"

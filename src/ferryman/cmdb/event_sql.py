@@ -32,6 +32,20 @@ def _eq_or_null(column: sa.ColumnElement[Any], value: Any) -> sa.ColumnElement[b
     return column.is_(None) if value is None else column == value
 
 
+def insert_event(conn: sa.Connection, event: Event) -> Event:
+    """Append ``event`` to the log inside the caller's transaction (an audited change and its event land together)."""
+    recorded = dataclasses.replace(
+        event,
+        time=_utc(event.time),
+        severity=Severity(event.severity),
+        data=_json(event.data, "event data"),
+        id=None,
+    )
+    values = dataclasses.asdict(recorded) | {"severity": recorded.severity.value}
+    del values["id"]
+    return dataclasses.replace(recorded, id=new_id(conn.execute(sa.insert(events).values(**values))))
+
+
 def _event(row: sa.Row[Any]) -> Event:
     return from_row(Event, row, severity=Severity(row.severity), data=dict(row.data))
 
@@ -44,18 +58,8 @@ class SqlEventMixin(SqlBase):
     """:class:`~ferryman.cmdb.repository.EventRepository` for :class:`~ferryman.cmdb.sql.SqlRepository`."""
 
     def record_event(self, event: Event) -> Event:
-        recorded = dataclasses.replace(
-            event,
-            time=_utc(event.time),
-            severity=Severity(event.severity),
-            data=_json(event.data, "event data"),
-            id=None,
-        )
-        values = dataclasses.asdict(recorded) | {"severity": recorded.severity.value}
-        del values["id"]
         with self._write() as conn:
-            event_id = new_id(conn.execute(sa.insert(events).values(**values)))
-        return dataclasses.replace(recorded, id=event_id)
+            return insert_event(conn, event)
 
     def list_events(
         self,

@@ -16,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ferryman.core.models import VM, Placement
+from ferryman.core.models import VM, Event, Placement
 
 SWITCHED_OVER = "switched_over"
 COMMITTED = "committed"
@@ -92,12 +92,13 @@ class JournalRepository(Protocol):
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
+        event: Event | None = None,
     ) -> MigrationRecord:
         """Set the phase (and optional fields; ``data`` is merged into the record's data) and append a step, one
         transaction; the step carries ``step_data`` (default ``data``). With ``expected_phase`` it is a compare-and-set
         (Conflict if the phase differs). An ``outcome`` finishes the migration (finished_at = at). Refuses (Conflict) to
         change a finished migration, and to set ``committed`` on a migration not yet committed (only
-        :meth:`commit_migration` commits)."""
+        :meth:`commit_migration` commits). An ``event`` is appended to the event log by the same transaction."""
         ...
 
     def commit_migration(

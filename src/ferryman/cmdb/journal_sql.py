@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ferryman.cmdb.event_sql import insert_event
 from ferryman.cmdb.inventory_sql import move_vm_in
 from ferryman.cmdb.journal import COMMITTED, SWITCHED_OVER, MigrationRecord, MigrationStep, ScrubReceiptRecord
 from ferryman.cmdb.schema import migration_steps, migrations, scrub_receipts
@@ -30,7 +31,7 @@ from ferryman.cmdb.sql_base import SqlBase, first_or_not_found, from_row, new_id
 from ferryman.cmdb.values import as_json as _json
 from ferryman.cmdb.values import utc as _utc
 from ferryman.core.errors import Conflict, InvalidInput
-from ferryman.core.models import VM, Placement, VMState
+from ferryman.core.models import VM, Event, Placement, VMState
 
 _MIGRATION_FIELDS = tuple(f.name for f in dataclasses.fields(MigrationRecord))
 
@@ -164,10 +165,12 @@ class SqlJournalMixin(SqlBase):
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
+        event: Event | None = None,
     ) -> MigrationRecord:
         """Set the phase and the given fields, merge ``data`` into the record's data (top-level keys replaced) and
         append a step carrying ``step_data`` (default: ``data``), one transaction; an ``outcome`` finishes the
-        migration at ``at``.
+        migration at ``at``. An ``event`` (the transition's audit event) is appended to the event log by the same
+        transaction.
 
         NotFound for an unknown migration. Conflict, with nothing written, if the phase asked for is ``committed`` while
         the migration is not committed yet (only :meth:`commit_migration` commits), the migration is finished, or
@@ -190,6 +193,8 @@ class SqlJournalMixin(SqlBase):
             values |= {name: value for name, value in optional.items() if value is not None}
             _update(conn, row, values)
             _append_step(conn, migration_id, phase, at, step_delta)
+            if event is not None:
+                insert_event(conn, event)
             return _migration(_migration_row(conn, migration_id))
 
     def commit_migration(

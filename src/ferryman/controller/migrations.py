@@ -28,7 +28,7 @@ from ferryman.controller.offload import blocking
 from ferryman.controller.settings import PlainScrubMode
 from ferryman.core import errors
 from ferryman.core.clock import Clock
-from ferryman.core.models import VM, Host, HostState, Placement, Severity, VMState
+from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, VMState
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner, RunnerSettings
 from ferryman.migration.states import Phase
@@ -318,6 +318,7 @@ class ThreadedJournal:
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
+        event: Event | None = None,
     ) -> MigrationRecord:
         return await blocking(
             self._repo.advance_migration,
@@ -331,6 +332,7 @@ class ThreadedJournal:
             downtime_ms=downtime_ms,
             data=data,
             step_data=step_data,
+            event=event,
         )
 
     async def commit_migration(
@@ -364,14 +366,28 @@ class ThreadedAudit:
 
 
 class HostAgents:
-    """The runner's :class:`~ferryman.migration.ports.Agents` port: host names to the mTLS agent client."""
+    """The runner's :class:`~ferryman.migration.ports.Agents` port: host names to the mTLS agent client.
 
-    def __init__(self, repo: Repository, client: HttpAgentClient) -> None:
+    A host's row (address, port) is read from the CMDB at most once per ``fresh_s`` per host: a migration calls its
+    two hosts a dozen times in a few seconds, and a re-enrolled host's new address is seen within ``fresh_s``."""
+
+    def __init__(self, repo: Repository, client: HttpAgentClient, *, fresh_s: float = 5.0) -> None:
         self._repo = repo
         self._client = client
+        self._fresh_s = fresh_s
+        self._hosts: dict[str, tuple[float, Host]] = {}
 
     async def call(self, host: str, target: str, request: AgentCall[R], *, limit_s: float = 120) -> R:
-        return await self._client.call(await blocking(self._repo.get_host, host), target, request, limit_s=limit_s)
+        return await self._client.call(await self._host(host), target, request, limit_s=limit_s)
+
+    async def _host(self, name: str) -> Host:
+        now = asyncio.get_running_loop().time()
+        cached = self._hosts.get(name)
+        if cached is not None and now - cached[0] < self._fresh_s:
+            return cached[1]
+        host = await blocking(self._repo.get_host, name)
+        self._hosts[name] = (now, host)
+        return host
 
 
 class FleetCredentials:

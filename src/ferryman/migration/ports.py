@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from ferryman.cmdb.journal import MigrationRecord
-from ferryman.core.models import VM, Placement, Severity
+from ferryman.core.models import VM, Event, Placement, Severity
 from ferryman.wire.base import AgentCall, Reply
 from ferryman.wire.vms import Receipt
 
@@ -46,8 +46,10 @@ class Journal(Protocol):
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
+        event: Event | None = None,
     ) -> MigrationRecord:
-        """Persist a phase (and merge ``data``); see :class:`ferryman.cmdb.journal.JournalRepository`."""
+        """Persist a phase (and merge ``data``), with ``event`` (its audit event) in the same transaction; see
+        :class:`ferryman.cmdb.journal.JournalRepository`."""
         ...
 
     async def commit_migration(

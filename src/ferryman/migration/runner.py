@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.core import errors
-from ferryman.core.models import VM, DiskSpec, Severity, VMSpec
+from ferryman.core.models import VM, DiskSpec, Event, Severity, VMSpec
 from ferryman.migration import machine as m
 from ferryman.migration.ports import Agents, Audit, Clock, Credentials, Inventory, Journal, Pause
 from ferryman.migration.states import Phase, Step, is_terminal
@@ -86,6 +86,9 @@ class MigrationRunner:
         # each running migration's journal record as this runner last wrote or read it: the runner is its only
         # writer while it runs, so its phase, ticket and generation need no read of the journal per step
         self._records: dict[str, MigrationRecord] = {}
+        # and its VM row: only the commit moves it while the migration runs (the commit's result replaces it); the
+        # one decision that must see a concurrent change (resuming the source) reads the journal afresh
+        self._vms: dict[str, VM] = {}
         self._handlers: dict[Step, Handler] = {
             Step.ADMIT: self._admit,
             Step.SNAPSHOT: self._snapshot,
@@ -190,6 +193,7 @@ class MigrationRunner:
         finally:
             self.progress.pop(mid, None)
             self._records.pop(mid, None)
+            self._vms.pop(mid, None)
 
     async def _apply(
         self, mid: str, state: m.MigrationState, event: m.Event
@@ -206,15 +210,28 @@ class MigrationRunner:
         return record
 
     async def _persist(self, mid: str, state: m.MigrationState) -> None:
+        """Write the machine's state; a change of phase carries its audit event in the same transaction."""
         record = await self._record(mid)
         outcome = OUTCOMES.get(state.phase)
         if record.phase == state.phase.value and outcome is None and record.data.get("machine") == state.to_record():
             return
         transferred, downtime = state.facts.get("transferred_bytes"), state.facts.get("downtime_ms")
+        now = self.clock.now()
+        event = None
+        if record.phase != state.phase.value:
+            log.info("migration transition", migration=mid, frm=record.phase, to=state.phase.value)
+            event = Event(
+                kind="migration.phase",
+                message=f"migration {mid[:8]}: {record.phase} → {state.phase.value}",
+                time=now,
+                principal=record.principal,
+                vm=state.vm_id,
+                data={"migration": mid, "frm": record.phase, "to": state.phase.value, "cause": state.cause},
+            )
         self._records[mid] = await self.journal.advance_migration(
             mid,
             state.phase.value,
-            self.clock.now(),
+            now,
             outcome=outcome,
             error=state.error,
             bytes_transferred=int(transferred) if transferred is not None else None,
@@ -225,19 +242,8 @@ class MigrationRunner:
                 "error": state.error,
                 "cause": state.cause,
             },
+            event=event,
         )
-        if record.phase != state.phase.value:
-            log.info("migration transition", migration=mid, frm=record.phase, to=state.phase.value)
-            await self.audit(
-                "migration.phase",
-                f"migration {mid[:8]}: {record.phase} → {state.phase.value}",
-                record.principal,
-                vm=state.vm_id,
-                migration=mid,
-                frm=record.phase,
-                to=state.phase.value,
-                cause=state.cause,
-            )
 
     async def _destination_ready(self, mid: str, state: m.MigrationState) -> str | None:
         """Why the destination cannot take over now (None: it holds the complete, paused copy). An unreachable agent
@@ -269,7 +275,7 @@ class MigrationRunner:
             record, vm, placement = await self.journal.commit_migration(
                 mid, self.clock.now(), data={"machine": after.to_record()}
             )
-            self._records[mid] = record
+            self._records[mid], self._vms[mid] = record, vm
         except errors.FerrymanError as err:  # the transaction did not land: nothing changed
             return await self._apply(mid, state, m.StepFailed(Step.COMMIT, str(err), retryable=False))
         await self.inventory.committed(vm)
@@ -345,7 +351,10 @@ class MigrationRunner:
         return await self.agents.call(host, mid, request, limit_s=limit_s)
 
     async def _vm(self, state: m.MigrationState) -> VM:
-        return await self.journal.get_vm(state.vm_id)
+        vm = self._vms.get(state.migration_id)
+        if vm is None:
+            vm = self._vms[state.migration_id] = await self.journal.get_vm(state.vm_id)
+        return vm
 
     async def _generation(self, mid: str) -> int:
         """The VM's generation when the migration was requested (the source copy's)."""
@@ -568,7 +577,7 @@ class MigrationRunner:
     async def _resume_source(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         """The source runs again under a lease for the generation the migration started from (never committed)."""
         generation = await self._generation(mid)
-        vm = await self._vm(state)
+        vm = self._vms[mid] = await self.journal.get_vm(state.vm_id)  # afresh: has anything moved it meanwhile?
         if vm.generation != generation:
             raise errors.Conflict(f"VM {vm.name} is at generation {vm.generation}: this migration's source is stale")
         request = w.ResumeSource(

@@ -22,7 +22,7 @@ from typing import Any
 
 from ferryman.cmdb.journal import COMMITTED, SWITCHED_OVER, MigrationRecord
 from ferryman.core import errors
-from ferryman.core.models import VM, Placement, Severity
+from ferryman.core.models import VM, Event, Placement, Severity
 from ferryman.testing.clock import FakeClock
 from ferryman.wire import migration as w
 from ferryman.wire.base import AgentCall, Empty, Message, R
@@ -37,6 +37,7 @@ class FakeJournal:
         self.vms: dict[str, VM] = {}
         self.placements: dict[str, Placement] = {}
         self.phases: dict[str, list[str]] = {}  # every phase written, in order, per migration
+        self.events: list[Event] = []  # audit events written with a phase, in order
         self.commits = 0
 
     def add_vm(self, vm: VM, host: str, at: dt.datetime) -> None:
@@ -80,6 +81,7 @@ class FakeJournal:
         downtime_ms: int | None = None,
         data: dict[str, Any] | None = None,
         step_data: dict[str, Any] | None = None,
+        event: Event | None = None,
     ) -> MigrationRecord:
         record = self._record(migration_id)
         if record.outcome is not None:
@@ -99,6 +101,8 @@ class FakeJournal:
             changes["downtime_ms"] = downtime_ms
         self.migrations[migration_id] = dataclasses.replace(record, **changes)
         self.phases[migration_id].append(phase)
+        if event is not None:
+            self.events.append(event)
         return self.migrations[migration_id]
 
     async def commit_migration(
