@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static postgresql cpio kmod xz-utils zstd ca-certificates openssl
-              python3-venv iproute2 procps)
+              python3-venv iproute2 procps syslinux syslinux-common mtools dosfstools fdisk)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -31,3 +31,5 @@ if ! cmp -s constraints.txt .venv/.ferryman-constraints || ! cmp -s pyproject.to
 fi
 echo "== building the lab guest image"
 .venv/bin/python -c "from ferryman.lab.guest import ensure_guest; g = ensure_guest(); print('   ', g.kernel, g.initrd)"
+echo "== building the lab guest boot disk"
+.venv/bin/python -c "from ferryman.lab.disk_image import ensure_guest_disk; print('   ', ensure_guest_disk().path)"

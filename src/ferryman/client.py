@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,20 @@ class Api:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+    def put_file(self, path: str, source: Path, on_bytes: Callable[[int], None] | None = None) -> Any:
+        """Stream ``source`` as the body of a PUT (never read whole into memory); ``on_bytes`` hears each chunk."""
+
+        def chunks() -> Iterator[bytes]:
+            with source.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                    yield chunk
+
+        try:
+            size = source.stat().st_size
+        except OSError as err:
+            raise CliError(f"cannot read {source}: {err.strerror or err}") from err
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        return self.request("PUT", path, content=chunks(), headers=headers)

@@ -27,6 +27,7 @@ COMMANDS = {
         "snapshots",
         "restore",
     ],
+    "image": ["import", "list", "show", "verify", "revoke", "keygen", "sign", "trust"],
     "site": ["list", "add"],
     "lab": ["up", "status", "down"],
     "migration": ["list", "show", "cancel"],

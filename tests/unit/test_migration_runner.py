@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import pytest
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.core import errors
-from ferryman.core.models import VM, Severity, VMState
+from ferryman.core.models import VM, ImageRef, Severity, VMState
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner, RunnerSettings
 from ferryman.migration.states import LOCAL_PATH, SHARED_PATH, Phase
@@ -20,6 +21,7 @@ from ferryman.testing.migration import (
     FakeAgents,
     FakeAudit,
     FakeCredentials,
+    FakeImages,
     FakeInventory,
     FakeJournal,
     FakeRunnerClock,
@@ -38,6 +40,7 @@ class World:
     audit: FakeAudit
     clock: FakeRunnerClock
     vm: VM
+    images: FakeImages = dataclasses.field(default_factory=FakeImages)
 
     def runner(self, *, pause: object = None, settings: RunnerSettings | None = None) -> MigrationRunner:
         return MigrationRunner(
@@ -50,6 +53,7 @@ class World:
             governor=Governor(GovernorSettings(), lambda: 0.5),
             settings=settings or RunnerSettings(),
             pause=pause,  # type: ignore[arg-type]
+            images=self.images,
         )
 
     def new_migration(self, *, shared: bool = False) -> m.MigrationState:
@@ -431,3 +435,27 @@ async def test_a_request_the_runner_cannot_form_fails_its_step_instead_of_crashi
     assert world.placed_on() == ("host-b", 2) and at(world, "Scrub") == []
     assert "alarm.migration_stuck_rolling_forward" in world.audit.kinds()
     assert "migration.runner_error" not in world.audit.kinds()
+
+
+IMAGE = ImageRef("debian-12", "sha256:" + "d" * 64, 1 << 20, "qcow2", "c2ln", "PEM")
+
+
+async def test_the_destination_gets_the_vms_image_before_it_prepares_and_the_spec_names_it(world: World) -> None:
+    """An image-booted VM: the image goes to the destination first, then Prepare carries it in the spec."""
+    world.journal.vms[world.vm.id] = dataclasses.replace(world.vm, image="debian-12")
+    world.images.refs["debian-12"] = IMAGE
+    record = await run_to_end(world, world.new_migration())
+    assert record.outcome == "done" and world.images.sent == [("host-b", "debian-12")]
+    prepare = next(c.request for c in world.agents.calls if isinstance(c.request, w.Prepare))
+    assert prepare.spec.image == IMAGE
+
+
+async def test_a_vm_whose_image_was_revoked_does_not_migrate(world: World) -> None:
+    """The registry refuses the image at destination preparation: nothing is sent, the migration rolls back."""
+    world.journal.vms[world.vm.id] = dataclasses.replace(world.vm, image="debian-12")
+    world.images.refs["debian-12"] = IMAGE
+    world.images.revoked.add("debian-12")
+    record = await run_to_end(world, world.new_migration())
+    assert record.outcome == "rolled_back" and "revoked" in (record.error or "")
+    assert world.images.sent == [] and not at(world, "Prepare")
+    assert world.placed_on() == ("host-a", 1)

@@ -238,6 +238,94 @@ def test_patch_level_floor():
     assert index.admit(vm("a"), "h2") == []
 
 
+# ----------------------------------------------------------------------------------------------- image baselines
+
+BASELINE = require('{min_image_version: {debian: "12.8", ubuntu: "22.04.4"}}')
+
+
+def imaged(vm_id: str, image: str | None, os: str | None = None, version: str | None = None, **kw) -> VMFacts:
+    """A VM booting ``image``, whose registry baseline is ``os`` ``version`` (None: unknown to the registry)."""
+    return dataclasses.replace(vm(vm_id, **kw), image=image, image_os=os, image_version=version)
+
+
+def test_image_below_the_minimum_violates_at_and_above_do_not():
+    """debian 12.7 is below a 12.8 floor; 12.8 meets it and 12.10 is above it (versions order numerically)."""
+    vms = [
+        imaged("old", "deb-12-7", "debian", "12.7", host_name="h1"),
+        imaged("at", "deb-12-8", "debian", "12.8", host_name="h1"),
+        imaged("new", "deb-12-10", "debian", "12.10", host_name="h1"),
+        imaged("lts", "jammy-4", "ubuntu", "22.04.4", host_name="h1"),
+        imaged("jammy", "jammy-3", "ubuntu", "22.04.3", host_name="h1"),
+    ]
+    index = index_of(BASELINE, [host("h1")], vms)
+    violations = index.violations()
+    assert [v.key for v in violations] == [
+        ("jammy", "acme-rules", "min_image_version"),
+        ("old", "acme-rules", "min_image_version"),
+    ]
+    assert violations[1].message == (
+        "image deb-12-7 is debian 12.7, below the minimum debian version 12.8 required by acme-rules"
+    )
+    assert violations[1].host == "h1" and violations[1].neighbours == ()
+    assert index.violations(["at", "new", "lts"]) == []
+
+
+def test_image_unknown_to_the_registry_violates_the_baseline():
+    """A VM whose image the registry does not know (or that names none) cannot show its baseline: a violation."""
+    vms = [imaged("lab", "lab", host_name="h1"), imaged("bare", None, host_name="h1")]
+    index = index_of(BASELINE, [host("h1")], vms)
+    found = {v.vm_id: v for v in index.violations()}
+    assert set(found) == {"lab", "bare"} and {v.rule for v in found.values()} == {"min_image_version"}
+    assert found["lab"].message.startswith("image baseline unknown: image lab is not in the image registry")
+    assert "(debian 12.8, ubuntu 22.04.4)" in found["lab"].message
+    assert found["bare"].message.startswith("image baseline unknown: the VM names no image")
+
+
+def test_image_of_an_os_the_rule_does_not_name_is_not_constrained():
+    """An alpine image is free under a rule naming debian and ubuntu; other tenants' images are not governed."""
+    vms = [
+        imaged("a", "alpine-3", "alpine", "3.1", host_name="h1"),
+        imaged("g", "lab", tenant="globex", host_name="h1"),
+    ]
+    index = index_of(BASELINE, [host("h1")], vms)
+    assert index.violations() == []
+    assert index.admit(vms[0], "h1") == [] and index.admit(vms[1], "h1") == []
+
+
+def test_below_the_baseline_is_refused_on_every_host_with_the_reason():
+    """Creation and migration of a VM below the baseline are refused on every host, each time with the reason."""
+    hosts = [host("h1"), host("h2"), host("h3", patch_level=1)]
+    index = index_of(BASELINE, hosts)
+    new = imaged("new", "deb-12-7", "debian", "12.7")
+    expected = Reason(
+        "acme-rules",
+        "min_image_version",
+        "image deb-12-7 is debian 12.7, below the minimum debian version 12.8 required by acme-rules",
+    )
+    for h in hosts:
+        assert index.admit(new, h.name) == [expected]
+    decision = index.place(new)
+    assert decision.host is None and decision.allowed == 0
+    assert {name: reasons for name, reasons in decision.rejections.items()} == {h.name: [expected] for h in hosts}
+    assert "acme-rules min_image_version rejects 3" in decision.summary()
+
+    placed = imaged("placed", "lab", host_name="h1")
+    index.add_vm(placed)
+    for h in ("h2", "h3"):
+        assert rules(index.admit(placed, h)) == {("acme-rules", "min_image_version")}
+        assert "image baseline unknown" in index.admit(placed, h)[0].message
+    assert index.place(placed).host is None
+    assert index.place(imaged("fine", "deb-12-8", "debian", "12.8")).host == "h2"  # h1 runs a VM already
+
+
+def test_new_image_facts_resolve_the_violation():
+    """A VM whose facts change to an image at the baseline no longer violates it."""
+    index = index_of(BASELINE, [host("h1")], [imaged("a", "lab", host_name="h1")])
+    assert [v.vm_id for v in index.violations()] == ["a"]
+    assert index.update_vm(imaged("a", "deb-12-9", "debian", "12.9", host_name="h1")) == {"a"}
+    assert index.violations() == [] and index.violations(["a"]) == []
+
+
 # ------------------------------------------------------------------------------------------ built-in hard rules
 
 

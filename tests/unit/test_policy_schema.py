@@ -117,6 +117,53 @@ def test_unparseable_version_is_refused():
     assert error.field == "require.min_hypervisor_version" and "not a version" in error.problem
 
 
+BASELINE = """\
+name: baseline
+select: {tenants: [acme]}
+require:
+  min_image_version:
+    debian: "12.8"
+    ubuntu: "22.04.4"
+"""
+
+
+def test_min_image_version_parses_into_os_and_minimum():
+    """min_image_version maps OS names to quoted versions, and round-trips through to_yaml."""
+    policies = parse_policies({"b.yaml": BASELINE})
+    assert policies["baseline"].require.min_image_version == {"debian": "12.8", "ubuntu": "22.04.4"}
+    assert policies.source("baseline").line_of("require.min_image_version.ubuntu") == 6
+    assert parse_policies({"stored.yaml": policies.to_yaml()}) == policies
+
+
+@pytest.mark.parametrize(
+    ("rule", "line", "field", "problem"),
+    [
+        ("min_image_version: {}", 4, "require.min_image_version", "empty mapping"),
+        ("min_image_version: [debian]", 4, "require.min_image_version", "not a mapping of OS name"),
+        ("min_image_version:\n    debian: 12.8", 5, "require.min_image_version.debian", "quote it"),
+        ('min_image_version:\n    debian: "latest"', 5, "require.min_image_version.debian", "not a version"),
+        ('min_image_version:\n    debian: "12.8"\n    Debian: "12"', 6, "require.min_image_version.Debian", "OS name"),
+        ('min_image_version:\n    debian: "12.8"\n    12: "1.0"', 6, "require.min_image_version.12", "quote it"),
+        ('min_image_versions: {debian: "12.8"}', 4, "require.min_image_versions", "did you mean min_image_version?"),
+    ],
+)
+def test_min_image_version_errors_name_file_line_and_field(rule, line, field, problem):
+    """An empty mapping, a bad OS name, an unquoted or bad version, or a misspelt rule is an error at its line."""
+    text = f"name: baseline\nselect: {{tenants: [acme]}}\nrequire:\n  {rule}\n"
+    error = only_error({"b.yaml": text})
+    assert (error.file, error.line, error.field) == ("b.yaml", line, field)
+    assert problem in error.problem
+    assert str(error).startswith(f"b.yaml:{line}: {field}: ")
+
+
+def test_min_image_version_is_a_hard_rule_only():
+    """A prefer entry cannot rank hosts by the VM's image: min_image_version there is an error at its line."""
+    text = 'name: p\nselect: {tenants: [acme]}\nprefer:\n  - weight: 3\n    min_image_version: {debian: "12.8"}\n'
+    error = only_error({"p.yaml": text})
+    assert (error.line, error.field) == (5, "prefer[0].min_image_version")
+    assert "under require" in error.problem and "min_image_version" not in error.allowed
+
+
 def test_missing_select_is_reported_at_the_document():
     """A document without select names the missing field and the document's first line."""
     text = "---\nname: orphan\nrequire: {min_patch_level: 2}\n"

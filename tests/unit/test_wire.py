@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,10 +16,12 @@ from pydantic import ValidationError
 from ferryman.agent.app import create_agent_app
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
+from ferryman.agent.storage.image_cache import ImageCache
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
-from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec
+from ferryman.core.models import DiskSpec, ImageRef, RunState, VMRuntime, VMSpec
 from ferryman.pki.ca import CertificateAuthority
+from ferryman.wire import images as wi
 from ferryman.wire import migration as wm
 from ferryman.wire import vms as wv
 from ferryman.wire.base import AgentCall, Reply
@@ -102,6 +106,10 @@ def test_specs_and_runtimes_convert_both_ways() -> None:
     """The VM spec and runtime travel as the domain dataclasses; an unknown run state reads as other."""
     spec = VMSpec("vm-1", "web-1", 1, 128, (DiskSpec(1 << 26),), "canary", generation=3, encrypted=True)
     assert wv.spec_from_dict(json.loads(json.dumps(wv.spec_to_dict(spec)))) == spec
+    image = ImageRef("debian-12", "sha256:" + "a" * 64, 1 << 20, "qcow2", "c2ln", "PEM", boot="kernel",
+                     kernel="sha256:" + "b" * 64, kernel_size=10, initrd="sha256:" + "c" * 64, initrd_size=20)
+    booted = dataclasses.replace(spec, image=image)
+    assert wv.spec_from_dict(json.loads(json.dumps(wv.spec_to_dict(booted)))) == booted
     with pytest.raises(errors.InvalidInput, match="malformed VM spec"):
         wv.spec_from_dict({"vm_id": "x"})
     runtime = VMRuntime("vm-1", "web-1", RunState.PAUSED, 42, 3)
@@ -111,7 +119,7 @@ def test_specs_and_runtimes_convert_both_ways() -> None:
 
 def agent_calls() -> list[type[AgentCall[Any]]]:
     found: list[type[AgentCall[Any]]] = []
-    for module in (wm, wv):
+    for module in (wm, wv, wi):
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, AgentCall) and "path" in vars(value):
                 found.append(value)
@@ -139,9 +147,9 @@ def test_the_agent_app_serves_every_wire_request_with_its_types(tmp_path: Path) 
     )
     settings.pki_dir.mkdir(parents=True)
     settings.ca.write_bytes(ca.cert_pem)
-    app = create_agent_app(settings, cast(Any, object()), cast(MigrationAgent, object()))
+    app = create_agent_app(settings, cast(Any, object()), cast(MigrationAgent, object()), cast(ImageCache, object()))
     routes = {
-        (method, route.path.replace("{mid}", "{target}").replace("{vm_id}", "{target}")): route
+        (method, re.sub(r"\{(mid|vm_id|digest)\}", "{target}", route.path)): route
         for route in app.routes
         if isinstance(route, APIRoute)
         for method in route.methods or ()

@@ -2,6 +2,7 @@
 certificate (verified against our CA by TLS) has role ``controller`` and the controller's name. Every body and answer
 is a type of :mod:`ferryman.wire`, the same the controller's client sends and reads."""
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -12,14 +13,17 @@ from fastapi import Depends, FastAPI, Request
 from ferryman.agent.hypervisor.protocol import Hypervisor
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
+from ferryman.agent.storage.image_cache import ImageCache
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
 from ferryman.httperrors import install_error_handlers
+from ferryman.images.signing import check_digest
 from ferryman.pki.identity import check_peer
 from ferryman.pki.tickets import verify_lease
 from ferryman.security.asgi_tls import peer_certificate
 from ferryman.wire import migration as w
 from ferryman.wire.base import Empty
+from ferryman.wire.images import ImageHeld
 from ferryman.wire.vms import (
     ActionDone,
     CreateVM,
@@ -34,8 +38,15 @@ from ferryman.wire.vms import (
     VMList,
 )
 
+_FLUSH_BYTES = 4 << 20
 
-def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: MigrationAgent | None = None) -> FastAPI:
+
+def create_agent_app(
+    settings: AgentSettings,
+    driver: Hypervisor,
+    migrations: MigrationAgent | None = None,
+    images: ImageCache | None = None,
+) -> FastAPI:
     clock = SystemClock()
     ca_cert = x509.load_pem_x509_certificate(settings.ca.read_bytes())
 
@@ -99,6 +110,9 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
             return ActionDone(runtime=Runtime.of(await driver.pause(vm_id)))
         return ActionDone(runtime=Runtime.of(await driver.resume(vm_id)))
 
+    if images is not None:
+        _image_routes(app, images, Controller)
+
     @app.delete("/v1/vms/{vm_id}")
     async def destroy_vm(vm_id: str, _: Controller) -> Empty:
         await driver.destroy(vm_id)
@@ -111,6 +125,36 @@ def create_agent_app(settings: AgentSettings, driver: Hypervisor, migrations: Mi
         _migration_routes(app, migrations, Controller)
 
     return app
+
+
+def _image_routes(app: FastAPI, images: ImageCache, Controller: Any) -> None:
+    """The image cache: the controller asks what it holds and streams in what is missing (checked by digest)."""
+
+    @app.get("/v1/images/{digest}")
+    def holds_image(digest: str, _: Controller) -> ImageHeld:
+        check_digest(digest)
+        if not images.store.has(digest):
+            return ImageHeld(digest=digest, present=False)
+        return ImageHeld(digest=digest, present=True, size=images.store.get(digest).size)
+
+    @app.put("/v1/images/{digest}")
+    async def receive_image(digest: str, request: Request, _: Controller) -> ImageHeld:
+        upload = await asyncio.to_thread(images.receive, check_digest(digest))
+        try:
+            pending: list[bytes] = []
+            buffered = 0
+            async for chunk in request.stream():
+                pending.append(chunk)
+                buffered += len(chunk)
+                if buffered >= _FLUSH_BYTES:
+                    await asyncio.to_thread(upload.write, b"".join(pending))
+                    pending, buffered = [], 0
+            if pending:
+                await asyncio.to_thread(upload.write, b"".join(pending))
+            blob = await asyncio.to_thread(upload.finish)
+        finally:
+            await asyncio.to_thread(upload.discard)
+        return ImageHeld(digest=blob.digest, present=True, size=blob.size)
 
 
 def _snapshot_routes(app: FastAPI, m: MigrationAgent, Controller: Any) -> None:

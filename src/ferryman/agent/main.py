@@ -14,12 +14,13 @@ import structlog
 from ferryman.agent.app import create_agent_app
 from ferryman.agent.enrol import enrol, is_enrolled
 from ferryman.agent.hypervisor.accel import detect_accel
-from ferryman.agent.hypervisor.boot import BOOT_PARAMETERS, DEFAULT_CMDLINE, BootImage
+from ferryman.agent.hypervisor.boot import DEFAULT_CMDLINE, BootImage
 from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.probes import GuestProbe, load_probe
 from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
+from ferryman.core.bootparams import BOOT_PARAMETERS
 from ferryman.core.clock import SystemClock
 from ferryman.core.errors import FerrymanError, InvalidInput
 from ferryman.logs import configure_logging
@@ -138,7 +139,7 @@ async def serve(settings: AgentSettings, boot: BootImage, probes: list[GuestProb
     reattached = await driver.reattach()
     log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached), probes=len(probes))
     migrations = MigrationAgent(settings, driver, SystemClock(), snapshots_keep=settings.snapshots_keep, probes=probes)
-    app = create_agent_app(settings, driver, migrations)
+    app = create_agent_app(settings, driver, migrations, driver.images)
     server = make_server(
         app,
         host=settings.listen_host,

@@ -231,6 +231,10 @@ def vm_create(
     encrypted: Annotated[
         bool, typer.Option("--encrypted", help="LUKS-encrypted disks under per-copy keys (crypto-erase on discard)")
     ] = False,
+    image: Annotated[str | None, typer.Option("--image", help="boot from this registry image (verified)")] = None,
+    full_copy: Annotated[
+        bool, typer.Option("--full-copy", help="copy the whole image to the VM's disk instead of an overlay on it")
+    ] = False,
     json_: Json = False,
 ) -> None:
     """Create and boot a VM (on the best host its placement policies allow, unless --host)."""
@@ -247,6 +251,8 @@ def vm_create(
         "resident_mib": resident,
         "force": force,
         "encrypted": encrypted,
+        "image": image,
+        "full_copy": full_copy,
     }
     print(f"creating {name} ...", file=sys.stderr)
     vm = api().post("/api/v1/vms", body)
@@ -303,6 +309,7 @@ def vm_show(name: str, json_: Json = False) -> None:
             ("disk", f"{vm['disk_bytes'] >> 20} MiB"),
             ("profile", ", ".join(f"{k}={v}" for k, v in sorted(vm["profile"].items())) or "-"),
             ("encrypted", "yes (per-copy disk keys)" if vm.get("encrypted") else "no"),
+            ("image", (vm.get("image") or "-") + (" (full copy)" if vm.get("full_copy") else "")),
         ]
     )
     if vm["neighbours"]:

@@ -11,6 +11,7 @@ import sys
 import typer
 
 from ferryman.cli.events import alarms, events
+from ferryman.cli.images import image_app
 from ferryman.cli.inventory import host_app, site_app, vm_app
 from ferryman.cli.lab import lab_app
 from ferryman.cli.migrate import migration_app
@@ -30,6 +31,7 @@ app.command("place")(place)
 host_app.command("set")(host_set)
 app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
+app.add_typer(image_app, name="image")
 app.add_typer(site_app, name="site")
 app.add_typer(lab_app, name="lab")
 app.add_typer(migration_app, name="migration")

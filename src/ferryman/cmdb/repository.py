@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ferryman.cmdb.images import ImageRepository
 from ferryman.cmdb.journal import JournalRepository
 from ferryman.cmdb.key_store import KeyRepository
 from ferryman.cmdb.policy_store import PolicyRepository
@@ -156,6 +157,7 @@ class Repository(
     JournalRepository,
     PolicyRepository,
     KeyRepository,
+    ImageRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

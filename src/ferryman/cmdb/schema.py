@@ -141,6 +141,7 @@ vms = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("deleted_at", UtcDateTime, nullable=True),
     sa.Column("encrypted", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("image_copy", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("generation >= 1", name="generation_positive"),
     sa.Index("ix_vms_name", "name"),
     _unique_where("uq_vms_live_name", "name", where=f"state <> '{VM_DELETED}'"),
@@ -354,4 +355,52 @@ disk_keys = sa.Table(
     sa.CheckConstraint("(destroyed_at IS NULL) = (wrapped IS NOT NULL)", name="destroyed_means_no_key"),
     sa.Index("ix_disk_keys_vm_id", "vm_id"),
     _unique_where("uq_disk_keys_live_copy", "vm_id", "host", "generation", where="destroyed_at IS NULL"),
+)
+
+# -- the image registry and its trust store (ferryman.cmdb.images) ----------------------------------------------------
+
+DIGEST = 71  # sha256:<64 hex>
+
+signing_keys = sa.Table(
+    "signing_keys",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("fingerprint", sa.String(DIGEST), nullable=False),
+    sa.Column("added_at", UtcDateTime, nullable=False),
+    sa.Column("added_by", sa.String(255), nullable=False),
+    sa.Column("removed_at", UtcDateTime, nullable=True),
+    sa.Column("removed_by", sa.String(255), nullable=True),
+)
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("disk_digest", sa.String(DIGEST), nullable=False),
+    sa.Column("disk_size", sa.BigInteger, nullable=False),
+    sa.Column("format", sa.String(16), nullable=False),
+    sa.Column("virtual_size", sa.BigInteger, nullable=False),
+    sa.Column("os", sa.String(NAME), nullable=False),
+    sa.Column("version", sa.String(NAME), nullable=False),
+    sa.Column("publisher", sa.String(NAME), sa.ForeignKey("signing_keys.name"), nullable=False),
+    sa.Column("signature", sa.String(128), nullable=False),
+    sa.Column("boot", sa.String(16), nullable=False),
+    sa.Column("imported_at", UtcDateTime, nullable=False),
+    sa.Column("imported_by", sa.String(255), nullable=False),
+    sa.Column("kernel_digest", sa.String(DIGEST), nullable=True),
+    sa.Column("kernel_size", sa.BigInteger, nullable=True),
+    sa.Column("initrd_digest", sa.String(DIGEST), nullable=True),
+    sa.Column("initrd_size", sa.BigInteger, nullable=True),
+    sa.Column("cmdline", sa.Text, nullable=True),
+    sa.Column("firmware", sa.String(16), nullable=False),
+    sa.Column("guest_agent", sa.Boolean, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_by", sa.String(255), nullable=True),
+    sa.Column("revoked_reason", sa.Text, nullable=True),
+    sa.CheckConstraint("boot IN ('firmware', 'kernel')", name="boot_kind"),
+    sa.CheckConstraint(
+        "(boot = 'kernel') = (kernel_digest IS NOT NULL AND initrd_digest IS NOT NULL)", name="kernel_boot_artefacts"
+    ),
+    sa.Index("ix_images_disk_digest", "disk_digest"),
 )

@@ -10,7 +10,8 @@ The repository is composed of one mixin per protocol, each over the transactions
 - :class:`~ferryman.cmdb.credential_sql.SqlCredentialMixin`: API and enrolment tokens, certificates, settings;
 - :class:`~ferryman.cmdb.journal_sql.SqlJournalMixin`: the migration journal and its commit;
 - :class:`~ferryman.cmdb.policy_sql.SqlPolicyMixin` and :class:`~ferryman.cmdb.key_sql.SqlKeyMixin`: policy versions,
-  violations and disk keys.
+  violations and disk keys;
+- :class:`~ferryman.cmdb.image_sql.SqlImageMixin`: the image registry and its trusted signing keys.
 
 Engines, the schema upgrade and the wrapping of database errors live in :mod:`ferryman.cmdb.engine`. Nothing here
 decides anything (no policy, no scheduling), and nothing creates or alters tables except the Alembic revisions that
@@ -22,6 +23,7 @@ from __future__ import annotations
 from ferryman.cmdb.credential_sql import SqlCredentialMixin
 from ferryman.cmdb.engine import create_engine, migrate
 from ferryman.cmdb.event_sql import SqlEventMixin
+from ferryman.cmdb.image_sql import SqlImageMixin
 from ferryman.cmdb.inventory_sql import SqlInventoryMixin
 from ferryman.cmdb.journal_sql import SqlJournalMixin
 from ferryman.cmdb.key_sql import SqlKeyMixin
@@ -32,7 +34,9 @@ from ferryman.core.clock import Clock
 __all__ = ["SqlRepository", "open_repository"]
 
 
-class SqlRepository(SqlInventoryMixin, SqlEventMixin, SqlCredentialMixin, SqlJournalMixin, SqlPolicyMixin, SqlKeyMixin):
+class SqlRepository(
+    SqlInventoryMixin, SqlEventMixin, SqlCredentialMixin, SqlJournalMixin, SqlPolicyMixin, SqlKeyMixin, SqlImageMixin
+):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included. Each public method is one
     transaction."""
 

@@ -8,8 +8,9 @@ of :mod:`ferryman.wire`.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from ferryman.pki.identity import check_peer
 from ferryman.pki.tls import client_context
 from ferryman.wire.base import AgentCall, R
 from ferryman.wire.errors import ErrorBody, decode_error
+from ferryman.wire.images import UPLOAD_PATH, HoldsImage, ImageHeld
 from ferryman.wire.vms import (
     CreateVM,
     DestroyVM,
@@ -49,6 +51,10 @@ class AgentClient(Protocol):
     async def restore(
         self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None
     ) -> Restored: ...
+    async def holds_image(self, host: Host, digest: str) -> ImageHeld: ...
+    async def put_image(
+        self, host: Host, digest: str, source: Path, size: int, *, limit_s: float = 3600
+    ) -> ImageHeld: ...
     async def aclose(self) -> None: ...
 
 
@@ -92,6 +98,11 @@ class HttpAgentClient:
             response = await self._client.request(method, url, json=body, timeout=timeout)
         except httpx.TransportError as err:
             raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
+        self._checked(host, response)
+        return response.json() if response.content else None
+
+    def _checked(self, host: Host, response: httpx.Response) -> None:
+        """The agent's identity, then its error (the same error class) if it reported one."""
         self._check_agent_identity(host, response)
         if response.status_code >= 400:
             try:
@@ -99,7 +110,37 @@ class HttpAgentClient:
             except ValueError:  # not JSON, or not an error body: the proxy or server itself failed
                 raise errors.HypervisorError(f"{host.name}: HTTP {response.status_code}: {response.text}") from None
             raise decode_error(problem, prefix=f"{host.name}: ")
-        return response.json() if response.content else None
+
+    async def holds_image(self, host: Host, digest: str) -> ImageHeld:
+        return await self.call(host, digest, HoldsImage())
+
+    async def put_image(
+        self, host: Host, digest: str, source: Path, size: int, *, limit_s: float = 3600
+    ) -> ImageHeld:
+        """Stream the file ``source`` (``size`` bytes) into ``host``'s image cache as ``digest`` (the agent checks it
+        on arrival)."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            fh = await asyncio.to_thread(source.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(fh.read, 4 << 20):
+                    yield chunk
+            finally:
+                fh.close()
+
+        url = f"{host.agent_url}{UPLOAD_PATH.format(target=digest)}"
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        try:
+            response = await self._client.put(
+                url, content=chunks(), headers=headers, timeout=httpx.Timeout(limit_s, connect=5.0)
+            )
+        except httpx.TransportError as err:
+            raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
+        self._checked(host, response)
+        try:
+            return ImageHeld.model_validate(response.json())
+        except (ValueError, ValidationError) as err:
+            raise errors.HypervisorError(f"{host.name}: malformed answer to an image upload: {err}") from err
 
     def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")

@@ -27,6 +27,8 @@ from ferryman.controller import schemas as s
 from ferryman.controller import snapshots
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, VMRequest
+from ferryman.controller.image_routes import image_routes
+from ferryman.controller.images import ImageService
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.policy_routes import policy_routes
 from ferryman.core import errors
@@ -54,6 +56,7 @@ def create_app(
     migrations: MigrationService | None = None,
     background: Callable[[], Any] | None = None,
     compliance: Compliance | None = None,
+    images: ImageService | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -107,6 +110,8 @@ def create_app(
         _migrations(app, fleet, migrations, Person)
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
+    if images is not None:
+        image_routes(app, images, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
@@ -233,6 +238,8 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             force=body.force,
             role=who.role,
             encrypted=body.encrypted,
+            image=body.image,
+            image_copy=body.full_copy,
         )
         vm = await fleet.create_vm(req, who.name)
         return s.VMOut.of(vm, await run_in_threadpool(fleet.repo.current_placement, vm.id))

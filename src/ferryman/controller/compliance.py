@@ -18,6 +18,12 @@ only for a few whole-fleet integer operations and one CMDB transaction at a time
 catches up, when it is put in force, with the changes announced while it was built (the service numbers them).
 Violations are computed and stored under the lock, so an older finding never overwrites a newer one.
 
+Policies read a VM's image baseline (OS and version) from the image registry, copied into its facts once per read of
+the fleet. The registry has findings of its own, policies or not: a VM that runs from a revoked image is an open
+violation of :data:`IMAGE_REGISTRY` (rule :data:`IMAGE_REVOKED`) until the VM is gone, stored with the policies'
+violations by every full audit and incremental check; a revocation announced as ``Change(image=name)`` re-checks the
+VMs of that image at once.
+
 It never moves a VM by itself: a remediation plan runs only when an operator executes it, through the secure
 migration path. Forcing a placement against hard rules ("break glass") needs a role in :data:`BREAK_GLASS_ROLES` and
 is an alarm-level audit event.
@@ -36,13 +42,15 @@ from typing import Any
 
 import structlog
 
+from ferryman.cmdb.images import ImageRecord
 from ferryman.cmdb.policy_store import Finding, PolicyVersion
-from ferryman.controller.fleet import Change, Fleet, VMRequest
+from ferryman.controller.fleet import LAB_GUEST_IMAGE, Change, Fleet, VMRequest
 from ferryman.core import errors
 from ferryman.core.models import VM, Host, HostState, Severity, VMState
-from ferryman.policy.engine import CompiledPolicies, FleetIndex, compile_policies
+from ferryman.policy.engine import CompiledPolicies, FleetIndex, PlacementDecision, compile_policies
 from ferryman.policy.facts import HostFacts, VMFacts
 from ferryman.policy.hostrules import unsatisfiable
+from ferryman.policy.imagerules import RULE as IMAGE_RULE
 from ferryman.policy.schema import PolicyError, PolicyErrors, PolicySet, parse_policies
 from ferryman.scheduler.governor import GovernorSettings
 from ferryman.scheduler.planner import Plan, plan_remediation
@@ -54,6 +62,10 @@ BREAK_GLASS_ROLES = frozenset({"admin"})
 IN_FLIGHT_LIMIT = 100_000  # unfinished migrations admission reads (the governor keeps far fewer running at once)
 KEPT_CHANGES = 10_000
 """CMDB changes remembered for indexes under construction; one built while more happened reads the fleet again."""
+IMAGE_REGISTRY = "image-registry"
+"""The policy name of the findings the image registry makes itself, with or without placement policies."""
+IMAGE_REVOKED = "image_revoked"
+"""The rule of a VM that runs from a revoked image."""
 
 Parser = Callable[[Mapping[str, str]], PolicySet]
 Compiler = Callable[[PolicySet], CompiledPolicies]
@@ -126,11 +138,22 @@ class Compliance:
         return [_host_facts(h, levels.get(h.site, 0)) for h in self.repo.list_hosts()]
 
     def vm_facts(self) -> list[VMFacts]:
+        images = {image.name: image for image in self.repo.list_images()}
         out = []
         for vm in self.repo.list_vms():
             placement = self.repo.current_placement(vm.id)
-            out.append(_vm_facts(vm, placement.host if placement else None))
+            out.append(_vm_facts(vm, placement.host if placement else None, images.get(vm.image)))
         return out
+
+    def _image(self, name: str) -> ImageRecord | None:
+        """The registry's record of image ``name`` (None: the registry does not know it)."""
+        try:
+            return self.repo.get_image(name)
+        except errors.NotFound:
+            return None
+
+    def _facts_of(self, vm: VM, host: str | None) -> VMFacts:
+        return _vm_facts(vm, host, self._image(vm.image))
 
     def _fleet_facts(self) -> tuple[int, list[HostFacts], list[VMFacts]]:
         """The number of the last change announced, then the VMs and the hosts as the CMDB has them now. VMs are
@@ -221,6 +244,7 @@ class Compliance:
         """The allowed host among ``candidates`` with the best score (None: no policies, the fleet chooses)."""
         if not self.active:
             return None
+        image = req.image or LAB_GUEST_IMAGE
         vm = VMFacts(
             id=f"new:{req.name}",
             name=req.name,
@@ -228,6 +252,8 @@ class Compliance:
             profile=dict(req.profile),
             memory_mb=req.memory_mb,
             host=None,
+            image=image,
+            **_image_facts(self._image(image)),
         )
         names = {h.name: h for h in candidates}
         in_flight = self._in_flight()
@@ -248,7 +274,8 @@ class Compliance:
                 )
             return names[req.host]
         if decision.host is None:
-            raise errors.PolicyRefused(f"no host may take {req.name}: {decision.summary()}", [decision.summary()])
+            reasons = [decision.summary(), *_image_reasons(decision)]
+            raise errors.PolicyRefused(f"no host may take {req.name}: " + "; ".join(reasons), reasons)
         return names[decision.host]
 
     def admit_migration(
@@ -258,7 +285,7 @@ class Compliance:
         if not self.active:
             return
         placement = self.repo.current_placement(vm.id)
-        facts = _vm_facts(vm, placement.host if placement else None)
+        facts = self._facts_of(vm, placement.host if placement else None)
         in_flight = self._in_flight(excluding=vm.id)
         with self._lock:
             index = self._in_force.index
@@ -285,7 +312,7 @@ class Compliance:
             return allowed[0] if allowed else None
         placement = self.repo.current_placement(vm.id)
         exclude = [h for h in self._index_hosts() if h not in allowed]
-        facts = _vm_facts(vm, placement.host if placement else None)
+        facts = self._facts_of(vm, placement.host if placement else None)
         in_flight = {**self._in_flight(excluding=vm.id), **(planned or {})}
         with self._lock:
             index = self._in_force.index
@@ -304,9 +331,22 @@ class Compliance:
             if r.vm_id != excluding and r.phase != "rolling_back"
         }
 
-    def place(self, tenant: str, profile: dict[str, str], memory_mb: int, name: str = "(new)") -> Any:
-        """Where a new VM ``name`` of ``tenant`` with ``profile`` would go now, with every rejected host's reasons."""
-        vm = VMFacts(id="new:placement", name=name, tenant=tenant, profile=profile, memory_mb=memory_mb, host=None)
+    def place(
+        self, tenant: str, profile: dict[str, str], memory_mb: int, name: str = "(new)", image: str | None = None
+    ) -> Any:
+        """Where a new VM ``name`` of ``tenant`` with ``profile``, booting ``image`` (None: the lab guest image), would
+        go now, with every rejected host's reasons."""
+        image = image or LAB_GUEST_IMAGE
+        vm = VMFacts(
+            id="new:placement",
+            name=name,
+            tenant=tenant,
+            profile=profile,
+            memory_mb=memory_mb,
+            host=None,
+            image=image,
+            **_image_facts(self._image(image)),
+        )
         with self._lock:
             return self.index().place(vm)
 
@@ -342,15 +382,19 @@ class Compliance:
     # -- continuous compliance --------------------------------------------------------------------------------------
 
     def on_change(self, change: Change) -> None:
-        """Update the index for one CMDB change and re-check only the VMs it affects. The change is numbered and
-        kept, for indexes being built meanwhile."""
+        """Update the index for one CMDB change and re-check only the VMs it affects (without policies in force, the
+        VMs whose image findings it may change). The change is numbered and kept, for indexes being built
+        meanwhile."""
         with self._lock:
             self._last_change += 1
             self._changes.append((self._last_change, change))
             index = self._in_force.index
             if index is None:
-                return
-            affected = self._apply_change(index, change)
+                affected = self._registry_scope(change)
+            else:
+                affected = self._apply_change(index, change)
+                if change.vm_id is not None:
+                    affected.add(change.vm_id)  # its findings resolve when it is gone, even if the index never saw it
             if not affected:
                 return
             opened, resolved = self._store_violations(affected)
@@ -369,14 +413,36 @@ class Compliance:
                 try:
                     index.vm(vm.id)
                 except errors.NotFound:
-                    affected |= set(index.add_vm(_vm_facts(vm, placement.host)))
+                    affected |= set(index.add_vm(self._facts_of(vm, placement.host)))
                 else:
                     affected |= set(index.move_vm(vm.id, placement.host))
         if change.host is not None:
             host = self.repo.get_host(change.host)
             level = {s.name: s.security_level for s in self.repo.list_sites()}.get(host.site, 0)
             affected |= set(index.update_host(_host_facts(host, level)))
+        if change.image is not None:
+            record = self._image(change.image)
+            for vm_id in index.vm_ids():
+                facts = index.vm(vm_id)
+                if facts.image != change.image:
+                    continue
+                affected.add(vm_id)
+                fresh = dataclasses.replace(facts, **_image_facts(record))
+                if fresh != facts:
+                    affected |= set(index.update_vm(fresh))
         return affected
+
+    def _registry_scope(self, change: Change) -> set[str]:
+        """Without an index in force: the VMs whose image registry findings ``change`` may open or resolve (none
+        while no image is revoked)."""
+        if change.vm_id is None and change.image is None:
+            return set()
+        if not any(image.revoked for image in self.repo.list_images()):
+            return set()
+        scope = {change.vm_id} if change.vm_id is not None else set()
+        if change.image is not None:
+            scope |= {vm.id for vm in self.repo.list_vms() if vm.image == change.image}
+        return scope
 
     def check(self, scope: set[str] | None = None) -> tuple[list[Any], list[Any]]:
         """Store the violations of ``scope`` (None: every VM) as found now; record an event per change."""
@@ -386,10 +452,44 @@ class Compliance:
         return opened, resolved
 
     def _store_violations(self, scope: set[str] | None) -> tuple[list[Any], list[Any]]:
-        """Find the violations of ``scope`` in the index in force and store them, in one go under the lock."""
+        """Find the violations of ``scope`` (the index in force's and the image registry's) and store them, in one
+        go under the lock."""
         index = self._in_force.index
         findings = [] if index is None else [_finding(v) for v in index.violations(scope)]
+        findings += self._revoked_images(index, scope)
         return self.repo.sync_violations(findings, self.fleet.clock.now(), scope=scope)
+
+    def _revoked_images(self, index: FleetIndex | None, scope: set[str] | None) -> list[Finding]:
+        """A finding for each VM of ``scope`` (None: every VM) placed on a host and running from a revoked image. The
+        index in force knows where each VM is; without one, the CMDB is read."""
+        revoked = {image.name: image for image in self.repo.list_images() if image.revoked}
+        if not revoked:
+            return []
+        placed: list[tuple[str, str, str, str]] = []  # (vm id, VM name, host, image)
+        if index is not None:
+            for vm_id in index.vm_ids() if scope is None else sorted(scope):
+                try:
+                    facts = index.vm(vm_id)
+                except errors.NotFound:
+                    continue
+                if facts.host is not None and facts.image in revoked:
+                    placed.append((facts.id, facts.name, facts.host, facts.image))
+        else:
+            for vm in self.repo.list_vms() if scope is None else self._vms(scope):
+                placement = self.repo.current_placement(vm.id) if vm.image in revoked else None
+                if placement is not None:
+                    placed.append((vm.id, vm.name, placement.host, vm.image))
+        return [_revoked_finding(vm_id, name, host, revoked[image]) for vm_id, name, host, image in placed]
+
+    def _vms(self, ids: Iterable[str]) -> Iterator[VM]:
+        """The VMs of ``ids`` that exist and are not deleted."""
+        for vm_id in sorted(ids):
+            try:
+                vm = self.repo.get_vm(vm_id)
+            except errors.NotFound:
+                continue
+            if vm.state is not VMState.DELETED:
+                yield vm
 
     def _announce(self, opened: list[Any], resolved: list[Any]) -> None:
         for v in opened:
@@ -459,7 +559,8 @@ class Compliance:
         shared = index is self._in_force.index  # a candidate is its request's own until it is installed
         with self._lock if shared else contextlib.nullcontext():
             after = {f.key: f for f in (_finding(v) for v in index.violations(None))}
-        before = {v.key: v for v in self.repo.list_violations()}
+        registry = (IMAGE_REGISTRY, IMAGE_REVOKED)  # policies neither open nor resolve these
+        before = {v.key: v for v in self.repo.list_violations() if (v.policy, v.rule) != registry}
         return Preview(
             would_violate=[f for k, f in after.items() if k not in before],
             would_resolve=[
@@ -564,6 +665,15 @@ def _arrived(index: FleetIndex, moves: Mapping[str, str]) -> Iterator[None]:
             index.remove_vm(stand_in_id)
 
 
+def _image_reasons(decision: PlacementDecision) -> list[str]:
+    """The image rules that refuse every host, spelled out: they read the VM alone, so a summary counting the hosts
+    would hide the image and the minimum at fault."""
+    first = next(iter(decision.rejections), None)
+    if first is None:
+        return []
+    return [r.message for r in decision.rejections[first] if r.rule == IMAGE_RULE]
+
+
 def _joint_conflicts(policy_set: PolicySet, index: FleetIndex, vms: list[VMFacts]) -> list[PolicyError]:
     """Policies that each leave some host but together leave none for a VM of the fleet they all select."""
     found: list[PolicyError] = []
@@ -605,7 +715,28 @@ def _host_facts(host: Host, site_level: int) -> HostFacts:
     )
 
 
-def _vm_facts(vm: VM, host: str | None) -> VMFacts:
+def _vm_facts(vm: VM, host: str | None, image: ImageRecord | None) -> VMFacts:
+    """``image``: the registry's record of the VM's image (None: the registry does not know it)."""
     return VMFacts(
-        id=vm.id, name=vm.name, tenant=vm.tenant, profile=dict(vm.profile), memory_mb=vm.memory_mb, host=host
+        id=vm.id,
+        name=vm.name,
+        tenant=vm.tenant,
+        profile=dict(vm.profile),
+        memory_mb=vm.memory_mb,
+        host=host,
+        image=vm.image,
+        **_image_facts(image),
     )
+
+
+def _image_facts(image: ImageRecord | None) -> dict[str, Any]:
+    """The image fields of :class:`VMFacts` for a VM booting ``image`` (None: not in the registry)."""
+    if image is None:
+        return {"image_os": None, "image_version": None, "image_revoked": False}
+    return {"image_os": image.os, "image_version": image.version, "image_revoked": image.revoked}
+
+
+def _revoked_finding(vm_id: str, vm_name: str, host: str, image: ImageRecord) -> Finding:
+    reason = image.revoked_reason or "no reason given"
+    message = f"{vm_name} runs from image {image.name}, revoked by {image.revoked_by}: {reason}"
+    return Finding(vm_id=vm_id, policy=IMAGE_REGISTRY, rule=IMAGE_REVOKED, host=host, message=message)

@@ -32,6 +32,7 @@ from ferryman.core.models import (
     Event,
     Host,
     HostState,
+    ImageRef,
     Placement,
     Severity,
     Site,
@@ -59,6 +60,10 @@ def certificate_revoked(repo: Repository, serial: int) -> bool:
     return cert is None or cert.revoked_at is not None
 
 
+LAB_GUEST_IMAGE = "ferryman-lab-guest"
+"""The image of a VM whose request names none: the lab's built-in guest, not an image of the registry."""
+
+
 @dataclass(frozen=True)
 class VMRequest:
     name: str
@@ -74,14 +79,31 @@ class VMRequest:
     force: bool = False  # break glass: place against hard policy rules (role permitting; audited)
     role: str = "admin"  # the requesting principal's role
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys (crypto-erase when a copy is discarded)
+    image: str | None = None  # the registry image to boot (None: LAB_GUEST_IMAGE)
+    image_copy: bool = False  # the first disk is a full copy of the image rather than an overlay on it
 
 
 @dataclass(frozen=True)
 class Change:
-    """What changed in the CMDB: a VM (created, moved, deleted) or a host's attributes."""
+    """What changed in the CMDB: a VM (created, moved, deleted), a host's attributes, or an image of the registry
+    (imported or revoked: the VMs booted from it are re-checked)."""
 
     vm_id: str | None = None
     host: str | None = None
+    image: str | None = None
+
+
+class ImageRegistry(Protocol):
+    """The registry images VMs boot from (:class:`ferryman.controller.images.ImageService`)."""
+
+    def ref(self, name: str, *, full_copy: bool = False) -> ImageRef:
+        """What a host needs to boot ``name``; an image that may not be used now (revoked, untrusted, altered) is
+        one clear error, audited (blocks: it hashes the stored files)."""
+        ...
+
+    async def ensure_on(self, host: Host, ref: ImageRef) -> int:
+        """Send ``host`` the files of ``ref`` it lacks; the bytes sent."""
+        ...
 
 
 class Admission(Protocol):
@@ -134,6 +156,8 @@ class Fleet:
         self._enrol_ttl = dt.timedelta(seconds=enrol_token_ttl_s)
         self.keys = keys
         self.admission: Admission | None = None
+        self.images: ImageRegistry | None = None
+        self.default_image: str | None = None  # the registry image of a VM whose request names none
         self._watchers: list[Callable[[Change], None]] = []
         # held while a creation chooses its host or a migration is admitted (worker threads): two requests racing for
         # one host's memory or one of the governor's slots are judged one after the other
@@ -381,7 +405,7 @@ class Fleet:
         """Choose a host, record the VM there (CMDB work in a worker thread), then ask its agent to boot it."""
         vm_id = str(uuid.uuid4())
         self.reconciler.note_change(vm_id)  # before the CMDB holds it: a report of it is not an unknown QEMU
-        vm, host, key = await blocking(self._register, vm_id, req, principal)
+        vm, host, key, image = await blocking(self._register, vm_id, req, principal)
         spec = VMSpec(
             vm_id=vm.id,
             name=vm.name,
@@ -394,8 +418,11 @@ class Fleet:
             record_interval_ms=req.record_interval_ms,
             encrypted=vm.encrypted,
             resident_mib=req.resident_mib,
+            image=image,
         )
         try:
+            if image is not None and self.images is not None:
+                await self.images.ensure_on(host, image)
             await self.agents.create_vm(host, spec, self.lease(vm, host.name), key)
         except errors.AgentUnreachable as err:
             await blocking(self._creation_failed, vm, host, principal, err, keep=True)
@@ -408,10 +435,16 @@ class Fleet:
         self.reconciler.note_change(vm.id)
         return vm
 
-    def _register(self, vm_id: str, req: VMRequest, principal: str) -> tuple[VM, Host, bytes | None]:
-        """Validate, choose the host and record the VM on it with its disk key (stored, wrapped, before any agent
-        sees it)."""
+    def _register(
+        self, vm_id: str, req: VMRequest, principal: str
+    ) -> tuple[VM, Host, bytes | None, ImageRef | None]:
+        """Validate, check the image, choose the host and record the VM on it with its disk key (stored, wrapped,
+        before any agent sees it)."""
         self._validate(req)
+        image = self._requested_image(req)
+        if image is not None:  # the first disk holds at least the whole image
+            req = replace(req, disk_bytes=max(req.disk_bytes, self.repo.get_image(image.name).virtual_size))
+        req = replace(req, image=image.name if image is not None else LAB_GUEST_IMAGE)  # as admission judges it
         with self.placing:
             host = self._choose_host(req, principal)
             self.repo.ensure_tenant(req.tenant)
@@ -422,12 +455,13 @@ class Fleet:
                 memory_mb=req.memory_mb,
                 vcpus=req.vcpus,
                 disk_bytes=req.disk_bytes,
-                image="ferryman-lab-guest",
+                image=image.name if image is not None else LAB_GUEST_IMAGE,
                 canary=f"FMCANARY-{secrets.token_hex(8)}",
                 profile=dict(req.profile),
                 state=VMState.CREATING,
                 created_at=self.clock.now(),
                 encrypted=req.encrypted,
+                image_copy=req.image_copy if image is not None else False,
             )
             vm = self.repo.add_vm(vm, host.name, self.clock.now())
         try:
@@ -441,9 +475,36 @@ class Fleet:
             raise
         self.changed(Change(vm_id=vm.id))
         self.audit(
-            "vm.create_requested", f"{vm.name} for {vm.tenant} on {host.name}", principal, vm=vm.id, host=host.name
+            "vm.create_requested",
+            f"{vm.name} for {vm.tenant} on {host.name}" + (f" from image {image.name}" if image else ""),
+            principal,
+            vm=vm.id,
+            host=host.name,
+            image=vm.image,
         )
-        return vm, host, key
+        return vm, host, key, image
+
+    def _requested_image(self, req: VMRequest) -> ImageRef | None:
+        """The registry image a new VM boots from (None: the hosts' own boot image); refused if it may not be used."""
+        name = req.image or self.default_image
+        if name is None or name == LAB_GUEST_IMAGE:
+            if req.image_copy:
+                raise errors.InvalidInput("a full copy of the image needs an image of the registry (--image)")
+            return None
+        if self.images is None:
+            raise errors.InvalidInput("this controller has no image registry: it cannot boot VMs from images")
+        return self.images.ref(name, full_copy=req.image_copy)
+
+    def image_ref(self, vm: VM) -> ImageRef | None:
+        """What a host needs to boot ``vm``'s registry image, checked now; None for a VM that boots from its host's
+        own boot image (an image name the registry does not hold)."""
+        if self.images is None:
+            return None
+        try:
+            self.repo.get_image(vm.image)
+        except errors.NotFound:
+            return None
+        return self.images.ref(vm.image, full_copy=vm.image_copy)
 
     def _creation_failed(self, vm: VM, host: Host, principal: str, err: errors.FerrymanError, *, keep: bool) -> None:
         """``keep``: the agent did not answer, so the VM may exist there: it stays, marked failed."""
@@ -520,8 +581,11 @@ class Fleet:
         else:
             needs_lease = action in {VMAction.START, VMAction.RESUME}
             lease = self.lease(vm, host.name) if needs_lease else None
-            # a boot opens the images
+            # a boot opens the images: the registry's (checked now, sent if the host lacks it) and the VM's own disks
             key = await blocking(self.disk_key, vm, host.name) if action is VMAction.START else None
+            image = await blocking(self.image_ref, vm) if action is VMAction.START else None
+            if image is not None and self.images is not None:
+                await self.images.ensure_on(host, image)
             try:
                 await self.agents.vm_action(host, vm.id, action.value, lease, key)
             except errors.Forbidden as err:

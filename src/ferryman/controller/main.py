@@ -19,6 +19,7 @@ from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, certificate_revoked
+from ferryman.controller.images import ImageService
 from ferryman.controller.keys import DiskKeys
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reconcile import Reconciler
@@ -26,6 +27,7 @@ from ferryman.controller.settings import ControllerSettings
 from ferryman.controller.stale import StaleCopies
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import FerrymanError
+from ferryman.images.store import BlobStore
 from ferryman.logs import configure_logging
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.pki.csr import write_private_key
@@ -107,7 +109,12 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
                 log.error("reconciliation pass failed", error=str(err))
 
     migrations = MigrationService(fleet, agents, settings.governor, settings.scrub_mode)
-    app = create_app(fleet, migrations=migrations, background=reconcile_forever, compliance=compliance)
+    images = ImageService(fleet, BlobStore(settings.images_dir))
+    fleet.images = images
+    fleet.default_image = settings.default_image
+    app = create_app(
+        fleet, migrations=migrations, background=reconcile_forever, compliance=compliance, images=images
+    )
     return app, fleet, files
 
 

@@ -28,7 +28,7 @@ from ferryman.controller.offload import blocking
 from ferryman.controller.settings import PlainScrubMode
 from ferryman.core import errors
 from ferryman.core.clock import Clock
-from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, VMState
+from ferryman.core.models import VM, Event, Host, HostState, ImageRef, Placement, Severity, VMState
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner, RunnerSettings
 from ferryman.migration.states import Phase
@@ -61,6 +61,7 @@ class MigrationService:
             governor=self.governor,
             settings=RunnerSettings(scrub_mode=scrub_mode),
             pause=failpoints.maybe_pause,
+            images=FleetImages(fleet),
         )
 
     @property
@@ -98,6 +99,7 @@ class MigrationService:
         usage = {u.host.name: u for u in self.fleet.host_usage()}[to]
         if usage.host.memory_mb - usage.memory_used_mb < vm.memory_mb:
             raise errors.CapacityError(f"host {to} is full: {usage.host.memory_mb - usage.memory_used_mb} MiB free")
+        self.fleet.image_ref(vm)  # a VM whose image may not be used now (revoked, untrusted, altered) stays put
         return source, destination
 
     async def request(
@@ -458,6 +460,22 @@ class FleetInventory:
 
     async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
         return await blocking(self._fleet.store_scrub_receipts, host, receipts, migration_id)
+
+
+class FleetImages:
+    """The runner's :class:`~ferryman.migration.ports.Images` port: the fleet's image registry (none: every VM boots
+    from its host's own boot image)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    async def ref(self, vm: VM) -> ImageRef | None:
+        return await blocking(self._fleet.image_ref, vm)
+
+    async def ensure_on(self, host: str, ref: ImageRef) -> None:
+        registry = self._fleet.images
+        if registry is not None:
+            await registry.ensure_on(await blocking(self._fleet.repo.get_host, host), ref)
 
 
 class LoopClock:

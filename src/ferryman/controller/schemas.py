@@ -118,6 +118,8 @@ class VMIn(_In):
     resident_mib: int = Field(default=0, ge=0, le=1 << 20)  # lab guest: RAM it fills with data at boot
     force: bool = False  # break glass: against hard placement rules (role permitting; audited)
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys the controller holds
+    image: str | None = None  # the registry image to boot (None: the hosts' own boot image)
+    full_copy: bool = False  # the first disk is a full copy of the image, not an overlay on it
 
 
 class PlacementOut(BaseModel):
@@ -146,6 +148,8 @@ class VMOut(BaseModel):
     since: dt.datetime | None
     created_at: dt.datetime | None
     encrypted: bool = False
+    image: str | None = None
+    full_copy: bool = False
 
     @classmethod
     def of(cls, vm: VM, placement: Placement | None) -> VMOut:
@@ -163,6 +167,8 @@ class VMOut(BaseModel):
             since=placement.valid_from if placement else None,
             created_at=vm.created_at,
             encrypted=vm.encrypted,
+            image=vm.image,
+            full_copy=vm.image_copy,
         )
 
 

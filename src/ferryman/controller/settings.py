@@ -60,10 +60,16 @@ class ControllerSettings:
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     governor: GovernorSettings = field(default_factory=GovernorSettings)
     scrub_mode: PlainScrubMode = "zero"  # how migrations scrub plain VMs' losing copies: zero or random
+    default_image: str | None = None  # the registry image of a VM created without --image (None: hosts' own)
 
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def images_dir(self) -> Path:
+        """The image store: every imported artefact under its SHA-256 digest."""
+        return self.data_dir / "images"
 
     @property
     def keys_dir(self) -> Path:
@@ -82,7 +88,8 @@ class ControllerSettings:
     def load(
         cls, data_dir: Path | None = None, bind: str | None = None, db_url: str | None = None
     ) -> ControllerSettings:
-        """Arguments win over the environment (FERRYMAN_DATA_DIR, FERRYMAN_BIND, FERRYMAN_DB_URL) over defaults."""
+        """Arguments win over the environment (FERRYMAN_DATA_DIR, FERRYMAN_BIND, FERRYMAN_DB_URL) over defaults;
+        FERRYMAN_DEFAULT_IMAGE names the registry image of a VM created without one."""
         env = os.environ
         data = Path(data_dir or env.get("FERRYMAN_DATA_DIR") or Path.home() / ".local/share/ferryman/controller")
         host, _, port = (bind or env.get("FERRYMAN_BIND") or "127.0.0.1:8443").rpartition(":")
@@ -96,6 +103,7 @@ class ControllerSettings:
                 f"FERRYMAN_SCRUB_MODE={chosen!r}: use zero or random (encrypted VMs are always crypto-erased)"
             )
         return cls(
+            default_image=env.get("FERRYMAN_DEFAULT_IMAGE") or None,
             scrub_mode=scrub_mode,
             data_dir=data,
             db_url=url,

@@ -72,6 +72,10 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
     vm, host = await run_in_threadpool(_restorable, fleet, name, tag, principal)
     fleet.reconciler.note_change(vm.id)
     try:
+        # the restored disk is an overlay on the VM's image: the image must still be usable, and is checked again
+        image = await run_in_threadpool(fleet.image_ref, vm)
+        if image is not None and fleet.images is not None:
+            await fleet.images.ensure_on(host, image)
         out = await fleet.agents.restore(host, vm.id, fleet.lease(vm, host.name), tag, fleet.disk_key(vm, host.name))
     except errors.FerrymanError as err:
         await run_in_threadpool(

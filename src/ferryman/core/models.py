@@ -138,6 +138,7 @@ class VM:
     state: VMState = VMState.CREATING
     created_at: dt.datetime | None = None
     encrypted: bool = False  # disks are LUKS-encrypted qcow2 under per-copy keys the controller holds
+    image_copy: bool = False  # booted from a registry image: its first disk is a full copy, not an overlay on it
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,32 @@ def check_resident(resident_mib: int, memory_mb: int) -> None:
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """The registry image a VM boots from, as its host needs it: the digests (``sha256:<hex>``) and sizes of the
+    files to fetch into its cache and check, how to boot them, and the publisher's signature with the key that must
+    verify it (the controller sends only an image that is not revoked and whose publisher it trusts)."""
+
+    name: str
+    digest: str  # the disk: the VM's first disk is a copy-on-write overlay on it (or a full copy)
+    size: int
+    format: str  # raw | qcow2
+    signature: str  # base64 of the Ed25519 signature over the artefacts' statement
+    publisher_key: str  # PEM
+    boot: str = "firmware"  # firmware: BIOS/UEFI and the bootloader on the disk | kernel: direct kernel boot
+    firmware: str = "bios"
+    kernel: str | None = None
+    kernel_size: int | None = None
+    initrd: str | None = None
+    initrd_size: int | None = None
+    cmdline: str | None = None  # a template over the VM's boot parameters, like the agent's own boot image's
+    guest_agent: bool = False
+    full_copy: bool = False  # the first disk is a full, independent copy of the image rather than an overlay
+
+
+@dataclass(frozen=True)
 class VMSpec:
-    """What an agent needs to run a VM. The guest workload knobs travel on the kernel command line."""
+    """What an agent needs to run a VM. The guest workload knobs travel on the kernel command line (and, for a VM
+    booted from an image through its firmware, in its SMBIOS serial number)."""
 
     vm_id: str
     name: str
@@ -213,6 +238,7 @@ class VMSpec:
     record_interval_ms: int = 1000
     encrypted: bool = False  # the disks open only with the copy's key, which the controller gives per launch
     resident_mib: int = 0  # guest RAM the workload fills with non-zero data at boot (what a migration must carry)
+    image: ImageRef | None = None  # None: the host's own boot image (direct kernel boot, empty disks)
 
 
 class RunState(enum.StrEnum):

@@ -30,3 +30,13 @@ def parse_mib(text: str | int) -> int:
     if size % (1 << 20):
         raise InvalidInput(f"bad size {text!r}: must be a whole number of MiB")
     return size >> 20
+
+
+def format_bytes(size: int) -> str:
+    """A size for people: ``1.5 GiB``, ``64.0 MiB``, ``512 B``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -4,13 +4,18 @@
 # It gives a migration something real to carry and something to check afterwards:
 #   * memory that is dirtied continuously with non-zero data (zero pages would be nearly free to migrate),
 #     plus the VM's canary string held in RAM;
-#   * numbered records on the raw virtio disk /dev/vda (no filesystem): record N is sector N, sector 0 is a header
-#     holding the last number written, so a restarted guest continues at last+1 with no gap;
+#   * numbered records in a raw records area of the virtio disk (no filesystem): record N is sector N of the area,
+#     sector 0 of it is a header holding the last number written, so a restarted guest continues at last+1 with no
+#     gap. The area is the first MBR partition of type 0xda when the disk has one (the bootable disk image,
+#     ferryman.lab.disk_image), else the whole of /dev/vda (a bare disk, with the kernel booted directly);
 #   * "FMACK N" on the serial console, printed only after record N has been flushed to the disk.
 #
-# Parameters come from the kernel command line: ferryman.vm=<id> ferryman.canary=<string>
-# ferryman.dirty_kib=<KiB dirtied per second, default 256> ferryman.interval_ms=<record interval, default 1000>
-# ferryman.resident_mib=<MiB of RAM filled with non-zero data at boot, default 0: a working set to migrate>.
+# Parameters: vm=<id> canary=<string> dirty_kib=<KiB dirtied per second, default 256>
+# interval_ms=<record interval, default 1000> resident_mib=<MiB of RAM filled with non-zero data at boot, default 0:
+# a working set to migrate>. They come from the SMBIOS system serial number
+# "ferryman:vm=<id>;canary=<c>;..." (QEMU -smbios type=1,serial=...), which lets every VM boot the same disk image,
+# and from the kernel command line as ferryman.vm=<id> ferryman.canary=<c> ...; the command line wins where both
+# set one. SMBIOS values must be tokens of [A-Za-z0-9._:@+-]; others are ignored.
 # It must stay cheap: several of these guests share two host cores under TCG.
 
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp
@@ -32,14 +37,34 @@ CANARY=none
 DIRTY_KIB=256
 INTERVAL_MS=1000
 RESIDENT_MIB=0
+set_param() {
+    case "$1" in
+        vm=*) VM="${1#*=}" ;;
+        canary=*) CANARY="${1#*=}" ;;
+        dirty_kib=*) DIRTY_KIB="${1#*=}" ;;
+        interval_ms=*) INTERVAL_MS="${1#*=}" ;;
+        resident_mib=*) RESIDENT_MIB="${1#*=}" ;;
+    esac
+}
+# SMBIOS first, then the kernel command line, so the command line wins where both set a parameter.
+SERIAL=
+[ -r /sys/class/dmi/id/product_serial ] && read -r SERIAL < /sys/class/dmi/id/product_serial
+case "$SERIAL" in
+    ferryman:*)
+        set -f
+        IFS=';'
+        for pair in ${SERIAL#ferryman:}; do
+            case "${pair#*=}" in '' | *[!A-Za-z0-9._:@+-]*) continue ;; esac
+            set_param "$pair"
+        done
+        unset IFS
+        set +f
+        ;;
+esac
 read -r CMDLINE < /proc/cmdline
 for word in $CMDLINE; do
     case "$word" in
-        ferryman.vm=*) VM="${word#*=}" ;;
-        ferryman.canary=*) CANARY="${word#*=}" ;;
-        ferryman.dirty_kib=*) DIRTY_KIB="${word#*=}" ;;
-        ferryman.interval_ms=*) INTERVAL_MS="${word#*=}" ;;
-        ferryman.resident_mib=*) RESIDENT_MIB="${word#*=}" ;;
+        ferryman.*) set_param "${word#ferryman.}" ;;
     esac
 done
 case "$DIRTY_KIB" in '' | *[!0-9]*) DIRTY_KIB=256 ;; esac
@@ -117,19 +142,45 @@ dirty_loop() {
     done
 }
 
+# The records area: the first partition of MBR type 0xda if the disk has an MBR naming one, else the whole disk.
+# ferryman.lab.records finds it the same way when it reads the records.
+records_device() {
+    # bytes 446..511: four 16-byte entries (type at +4, first sector at +8, sector count at +12), then 55 aa
+    set -- $(dd if=/dev/vda bs=2 skip=223 count=33 2>/dev/null | od -An -v -tx1)
+    if [ $# -eq 66 ] && [ "${65}" = 55 ] && [ "${66}" = aa ]; then
+        for n in 1 2 3 4; do
+            if [ "$5" = da ] && [ "$9${10}${11}${12}" != 00000000 ] && [ "${13}${14}${15}${16}" != 00000000 ]; then
+                echo "/dev/vda$n"
+                return
+            fi
+            shift 16
+        done
+    fi
+    echo /dev/vda
+}
+
+DISK=/dev/vda
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
     usleep 100000
     i=$((i + 1))
 done
+if [ -b /dev/vda ]; then
+    DISK=$(records_device)
+    # the partition's device node can follow the disk's by a moment
+    while [ ! -b "$DISK" ] && [ $i -lt 100 ]; do
+        usleep 100000
+        i=$((i + 1))
+    done
+fi
 
 # One 512-byte sector, zero padded, flushed to the device before dd returns.
 write_sector() {
-    dd of=/dev/vda bs=512 seek="$1" count=1 iflag=fullblock conv=sync,notrunc,fsync 2>/dev/null
+    dd of="$DISK" bs=512 seek="$1" count=1 iflag=fullblock conv=sync,notrunc,fsync 2>/dev/null
 }
 
 record_loop() {
-    header=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000')
+    header=$(dd if="$DISK" bs=512 count=1 2>/dev/null | tr -d '\000')
     last=0
     case "$header" in
         FMHDR\ last=*) last="${header#FMHDR last=}" && last="${last%% *}" ;;
@@ -151,11 +202,11 @@ record_loop() {
 }
 
 dirty_loop &
-if [ -b /dev/vda ]; then
+if [ -b "$DISK" ]; then
     echo "FERRYMAN-GUEST-READY vm=$VM"
     record_loop
 fi
-echo "FERRYMAN-GUEST-ERROR no /dev/vda"
+echo "FERRYMAN-GUEST-ERROR no $DISK"
 echo "FERRYMAN-GUEST-READY vm=$VM"
 while :; do
     sleep 3600

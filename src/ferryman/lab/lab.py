@@ -1,13 +1,16 @@
 """Bring the local lab up and down.
 
 ``up`` starts a controller on 127.0.0.1 and N agents on 127.0.0.2…, registers two sites of different security levels
-and hosts with distinct labels, enrols every agent through the real PKI path (one-time token + CSR), and boots a few VMs
-of two tenants. It reports progress as it goes. ``down`` stops every agent, every QEMU of the lab and the controller,
+and hosts with distinct labels, enrols every agent through the real PKI path (one-time token + CSR), imports the lab
+guest as a bootable disk image signed by the lab's own publisher key (the controller's default image, so every lab VM
+boots from its own overlay through the firmware and the bootloader on the disk), and boots a few VMs of two tenants.
+It reports progress as it goes. ``down`` stops every agent, every QEMU of the lab and the controller,
 checks that no QEMU is left, and removes the lab's state.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -21,12 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from ferryman.client import Api, CliConfig, CliError
+from ferryman.images.signing import Artefact, new_private_key, sign
+from ferryman.images.store import sha256_file
 from ferryman.lab import processes
+from ferryman.lab.disk_image import ensure_guest_disk
 from ferryman.lab.guest import GuestImage, ensure_guest
 
 Say = Callable[[str], None]
 # the guest probe every agent of the lab is handed: validation also reads the lab guest's disk records
 RECORDS_PROBE = "ferryman.lab.records:DiskRecordsProbe"
+# the lab guest in the image registry: the controller's default image, signed by the lab's publisher key
+LAB_IMAGE = "lab-guest"
+LAB_PUBLISHER = "lab-publisher"
+LAB_IMAGE_OS = "ferryman-lab"
+LAB_IMAGE_VERSION = "1.0"
 
 SITES = [
     {"name": "dc-vault", "security_level": 4, "description": "guarded data centre, biometric access"},
@@ -64,6 +75,7 @@ class LabState:
     host_dirs: dict[str, str] = field(default_factory=dict)  # hosts kept outside the lab directory
     guest_kernel: str = ""  # the guest image every agent is handed (built at ``up``)
     guest_initrd: str = ""
+    guest_disk: str = ""  # the same guest as a bootable disk, imported as LAB_IMAGE
 
 
 class Lab:
@@ -150,8 +162,9 @@ class Lab:
         self.dir.mkdir(parents=True, mode=0o700)
         from ferryman.agent.hypervisor.accel import detect_accel
 
-        self.say("[1/5] building the guest image (kernel + initramfs from Debian packages)")
+        self.say("[1/5] building the guest image (kernel + initramfs from Debian packages, and a bootable disk)")
         guest = ensure_guest()
+        disk = ensure_guest_disk()
         self.say("[2/5] checking whether KVM can boot a guest here")
         accel = detect_accel(guest, guest.kernel.parent)
         self.say(f"      accelerator: {accel}")
@@ -162,9 +175,11 @@ class Lab:
             started_at=dt.datetime.now(dt.UTC).isoformat(),
             guest_kernel=str(guest.kernel),
             guest_initrd=str(guest.initrd),
+            guest_disk=str(disk.path),
         )
         try:
             self._start_controller(state)
+            self._publish_guest(disk.path)
             self._start_agents(state, hosts)
             self._boot_vms(vms)
         except BaseException:
@@ -183,6 +198,7 @@ class Lab:
                 "FERRYMAN_RECONCILE_INTERVAL": "3",
                 "FERRYMAN_VM_COOLDOWN_S": "5",
                 "FERRYMAN_PRINCIPAL_RATE": "60",
+                "FERRYMAN_DEFAULT_IMAGE": LAB_IMAGE,
                 **self._controller_env,
             },
         )
@@ -197,6 +213,23 @@ class Lab:
             )
         )
         self._wait("controller API", self._api_ok, 30, state.controller_pid)
+
+    def _publish_guest(self, disk: Path) -> None:
+        """Import the lab guest's disk into the controller's registry, signed by a key made for this lab (kept in
+        the lab directory, owner-only), the way an operator imports a publisher's image."""
+        self.say(f"      importing {LAB_IMAGE} signed by {LAB_PUBLISHER}")
+        api = self.api()
+        private, public = new_private_key()
+        key_file = self.dir / "publisher.key"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(private)
+        api.post("/api/v1/image-keys", {"name": LAB_PUBLISHER, "public_key": public})
+        artefact = Artefact("disk", sha256_file(disk), disk.stat().st_size)
+        api.put_file(f"/api/v1/blobs/{artefact.digest}", disk)
+        signature = base64.b64encode(sign(private, [artefact])).decode()
+        image = {"name": LAB_IMAGE, "disk": artefact.digest, "os": LAB_IMAGE_OS, "version": LAB_IMAGE_VERSION}
+        api.post("/api/v1/images", {**image, "signature": signature, "key": LAB_PUBLISHER})
 
     def restart_controller(self) -> LabState:
         """Stop the controller if it still runs (SIGTERM, then SIGKILL) and start it again on the same data directory

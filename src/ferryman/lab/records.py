@@ -1,9 +1,13 @@
 """Host-side reader of what the lab guest wrote: disk records and serial-console acks.
 
-The guest (``guest_init.sh``) writes record N as the 512-byte sector N of its raw virtio disk, keeps the last number
-written in sector 0, and prints ``FMACK N`` on its console only once record N is flushed. A migration, stop or restart
-is correct for the guest's data when every acknowledged record is on disk and the numbers have no gap:
-:func:`missing_seqs` computes exactly that.
+The guest (``guest_init.sh``) writes record N as the 512-byte sector N of its records area, keeps the last number
+written in sector 0 of the area, and prints ``FMACK N`` on its console only once record N is flushed. A migration,
+stop or restart is correct for the guest's data when every acknowledged record is on disk and the numbers have no
+gap: :func:`missing_seqs` computes exactly that.
+
+The records area is the first MBR partition of type 0xda on a bootable disk image (:mod:`ferryman.lab.disk_image`),
+else the whole raw disk of a guest booted by direct kernel boot. The reader tells them apart by the disk's first
+sector, as the guest does; on a bare disk that sector is the records header, so finding the area costs no extra read.
 
 Disks are read with ``qemu-io -r -U`` (shared, read-only), so reading while the VM runs is safe; only the sectors
 that hold records are read, and they go through a pipe, never a temporary file. An encrypted image is read with its
@@ -26,6 +30,7 @@ from typing import Any
 from ferryman.agent.probes import Guest, Mark, ProbeResult
 from ferryman.agent.storage.images import KEY_OBJECT_ID, open_args_for_encrypted, run_qemu_tool
 from ferryman.core.errors import HypervisorError
+from ferryman.lab.disk_image import records_region
 
 SECTOR = 512
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -50,8 +55,11 @@ class Record:
 
 def read_records(disk: Path, *, qemu_img: str = "qemu-img", key: bytes | None = None) -> list[Record]:
     """The records on ``disk`` (qcow2 or raw) in sector order, stopping at the first sector that holds none."""
-    last = _parse_header(_read_sectors(disk, 0, 1, qemu_img, key))
-    data = _read_sectors(disk, 1, last + _SLACK, qemu_img, key)
+    header, area = _records_area(disk, qemu_img, key)
+    count = _parse_header(header) + _SLACK
+    if area.sectors is not None:
+        count = min(count, area.sectors - 1)
+    data = _read_sectors(disk, 1, count, qemu_img, key, base=area.offset) if count > 0 else b""
     records = []
     for offset in range(0, len(data), SECTOR):
         record = parse_record(data[offset : offset + SECTOR])
@@ -63,7 +71,7 @@ def read_records(disk: Path, *, qemu_img: str = "qemu-img", key: bytes | None = 
 
 def read_last_seq(disk: Path, *, qemu_img: str = "qemu-img", key: bytes | None = None) -> int:
     """The last sequence number the guest's header claims (0 for a fresh disk)."""
-    return _parse_header(_read_sectors(disk, 0, 1, qemu_img, key))
+    return _parse_header(_records_area(disk, qemu_img, key)[0])
 
 
 def parse_record(sector: bytes) -> Record | None:
@@ -120,17 +128,39 @@ class DiskRecordsProbe:
         return ProbeResult(after > before, f"disk records {before} -> {after}", last_seq=after)
 
 
+@dataclass(frozen=True)
+class _Area:
+    """Where the records lie on a disk: from ``offset`` bytes, for ``sectors`` sectors (None: to the disk's end)."""
+
+    offset: int
+    sectors: int | None
+
+
+def _records_area(disk: Path, qemu_img: str, key: bytes | None) -> tuple[bytes, _Area]:
+    """The records header sector and the area it heads: a 0xda partition if sector 0 is an MBR naming one."""
+    first = _read_sectors(disk, 0, 1, qemu_img, key)
+    region = records_region(first)
+    if region is None:
+        return first, _Area(0, None)
+    area = _Area(region[0], region[1] // SECTOR)
+    return _read_sectors(disk, 0, 1, qemu_img, key, base=area.offset), area
+
+
 def _parse_header(sector: bytes) -> int:
     match = _HEADER_RE.match(sector)
     return int(match.group(1)) if match else 0
 
 
-def _read_sectors(disk: Path, first: int, count: int, qemu_img: str, key: bytes | None = None) -> bytes:
+def _read_sectors(
+    disk: Path, first: int, count: int, qemu_img: str, key: bytes | None = None, *, base: int = 0
+) -> bytes:
+    """``count`` sectors from sector ``first`` of the area that starts ``base`` bytes into the disk."""
+    start = base + first * SECTOR
     try:
         with disk.open("rb") as fh:
             is_qcow2 = fh.read(4) == _QCOW2_MAGIC
             if not is_qcow2:
-                fh.seek(first * SECTOR)
+                fh.seek(start)
                 return fh.read(count * SECTOR)
     except OSError as err:
         raise HypervisorError(f"cannot read disk {disk}: {err}") from err
@@ -138,7 +168,7 @@ def _read_sectors(disk: Path, first: int, count: int, qemu_img: str, key: bytes 
     qemu_io = str(Path(qemu_img).with_name("qemu-io")) if "/" in qemu_img else "qemu-io"
     argv = [qemu_io, "-r", "-U"]
     argv += open_args_for_encrypted(disk, KEY_OBJECT_ID) if key is not None else ["-f", "qcow2", str(disk)]
-    argv += ["-c", f"read -v {first * SECTOR} {count * SECTOR}"]
+    argv += ["-c", f"read -v {start} {count * SECTOR}"]
     out = run_qemu_tool(argv, key=key, timeout=_TIMEOUT)
     data = bytearray()
     for line in out.splitlines():

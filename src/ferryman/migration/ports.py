@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from ferryman.cmdb.journal import MigrationRecord
-from ferryman.core.models import VM, Event, Placement, Severity
+from ferryman.core.models import VM, Event, ImageRef, Placement, Severity
 from ferryman.wire.base import AgentCall, Reply
 from ferryman.wire.vms import Receipt
 
@@ -96,6 +96,19 @@ class Credentials(Protocol):
 
     async def destroy_keys(self, vm: VM, reason: str, *, host: str, generation: int) -> list[str]:
         """Destroy the keys of one losing copy first (crypto-erase that holds if its host never answers)."""
+        ...
+
+
+class Images(Protocol):
+    """The registry images VMs boot from."""
+
+    async def ref(self, vm: VM) -> ImageRef | None:
+        """What a host needs to boot ``vm``'s image, checked now (revoked, untrusted or altered: an error); None for
+        a VM that boots from its host's own boot image."""
+        ...
+
+    async def ensure_on(self, host: str, ref: ImageRef) -> None:
+        """``host`` holds the image's files (sent now if it lacks them; it checks each digest on arrival)."""
         ...
 
 

@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.core import errors
-from ferryman.core.models import VM, DiskSpec, Event, Severity, VMSpec
+from ferryman.core.models import VM, DiskSpec, Event, ImageRef, Severity, VMSpec
 from ferryman.migration import machine as m
-from ferryman.migration.ports import Agents, Audit, Clock, Credentials, Inventory, Journal, Pause
+from ferryman.migration.ports import Agents, Audit, Clock, Credentials, Images, Inventory, Journal, Pause
 from ferryman.migration.states import Phase, Step, is_terminal
 from ferryman.pki.identity import qemu_dn_of_host
 from ferryman.scheduler.governor import Governor
@@ -70,6 +70,7 @@ class MigrationRunner:
         governor: Governor,
         settings: RunnerSettings | None = None,
         pause: Pause | None = None,
+        images: Images | None = None,
     ) -> None:
         self.journal = journal
         self.agents = agents
@@ -80,6 +81,7 @@ class MigrationRunner:
         self.governor = governor
         self.settings = settings or RunnerSettings()
         self.pause = pause
+        self.images = images
         self.progress: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
@@ -89,6 +91,7 @@ class MigrationRunner:
         # and its VM row: only the commit moves it while the migration runs (the commit's result replaces it); the
         # one decision that must see a concurrent change (resuming the source) reads the journal afresh
         self._vms: dict[str, VM] = {}
+        self._images: dict[str, ImageRef | None] = {}  # checked at the first step that needs it, once per run
         self._handlers: dict[Step, Handler] = {
             Step.ADMIT: self._admit,
             Step.SNAPSHOT: self._snapshot,
@@ -194,6 +197,7 @@ class MigrationRunner:
             self.progress.pop(mid, None)
             self._records.pop(mid, None)
             self._vms.pop(mid, None)
+            self._images.pop(mid, None)
 
     async def _apply(
         self, mid: str, state: m.MigrationState, event: m.Event
@@ -356,6 +360,13 @@ class MigrationRunner:
             vm = self._vms[state.migration_id] = await self.journal.get_vm(state.vm_id)
         return vm
 
+    async def _image(self, mid: str, state: m.MigrationState) -> ImageRef | None:
+        """The VM's registry image, checked by the registry (an unusable image fails the step that needs it)."""
+        if mid not in self._images:
+            vm = await self._vm(state)
+            self._images[mid] = await self.images.ref(vm) if self.images is not None else None
+        return self._images[mid]
+
     async def _generation(self, mid: str) -> int:
         """The VM's generation when the migration was requested (the source copy's)."""
         return (await self._record(mid)).generation
@@ -386,6 +397,7 @@ class MigrationRunner:
             record_interval_ms=int(f.get("record_interval_ms") or 1000),
             encrypted=vm.encrypted,
             resident_mib=int(f.get("resident_mib") or 0),
+            image=await self._image(mid, state),
         )
 
     async def _hooks(self, mid: str, host: str, point: w.HookPointName, **context: w.JSONValue) -> str:
@@ -420,7 +432,12 @@ class MigrationRunner:
         }
 
     async def _prepare_destination(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
+        """The destination gets the VM's image first (verified on arrival, again when its QEMU starts), then starts
+        paused, waiting for the mirror and the RAM stream."""
         shared = str(state.facts.get("disk_paths") or "").split(",") if state.shared_storage else []
+        image = await self._image(mid, state)
+        if image is not None and self.images is not None:
+            await self.images.ensure_on(state.destination, image)
         request = w.Prepare(
             ticket=await self._ticket(mid),
             spec=await self._spec(mid, state),

@@ -4,8 +4,9 @@ Modules:
 
 * :mod:`.facts`: what policies read of hosts and VMs (built by the controller from the CMDB);
 * :mod:`.schema`: the YAML policy language, its parser and errors (file, line, field, allowed);
-* :mod:`.versions`: hypervisor versions as ordered values (upstream and Debian style);
+* :mod:`.versions`: hypervisor and image versions as ordered values (upstream and Debian style);
 * :mod:`.hostrules`: rules on host labels alone, and :func:`unsatisfiable` (apply-time check against a fleet);
+* :mod:`.imagerules`: rules on the VM's image alone (``min_image_version``);
 * :mod:`.compiled`: a policy set compiled into matchers and rule records, VMs grouped into classes;
 * :mod:`.engine`: :class:`FleetIndex`: placement, admission, violations, incremental updates
   (:mod:`.state` keeps its counters, :mod:`.bitsets` the containers, :mod:`.results` the values it returns).

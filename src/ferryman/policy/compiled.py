@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ferryman.policy.facts import VMFacts, profile_security_level
 from ferryman.policy.hostrules import HostPredicate, host_predicates
+from ferryman.policy.imagerules import ImageBaseline, image_baseline
 from ferryman.policy.schema import NeighbourSelector, Policy, PolicySet, Rules, VMSelector
 
 _ProfileMatch = tuple[tuple[str, frozenset[str]], ...]
@@ -87,7 +88,8 @@ class Selector:
 
 @dataclass(frozen=True)
 class CompiledRules:
-    """One rule set (a policy's ``require``, or one ``prefer`` entry with its ``weight``)."""
+    """One rule set (a policy's ``require``, or one ``prefer`` entry with its ``weight``). ``image``: its
+    ``min_image_version`` (``require`` only), which reads the VM alone."""
 
     policy: str
     label: str  # "require" or "prefer[i]"
@@ -97,6 +99,7 @@ class CompiledRules:
     dedicated: bool
     min_neighbour_level: int | None
     weight: int = 0
+    image: ImageBaseline | None = None
 
     @property
     def has_neighbour_rules(self) -> bool:
@@ -264,6 +267,7 @@ def _rules(
         dedicated=rules.dedicated_host,
         min_neighbour_level=rules.min_neighbour_security_level,
         weight=weight,
+        image=image_baseline(rules),
     )
 
 

@@ -12,7 +12,10 @@ Semantics (what the reference evaluator of the tests spells out pair by pair). F
 level L on host h, the *own* hard rules of every policy selecting v must hold, where "neighbours" are the other VMs on
 h: host rules on h's labels; ``max_vms_per_host`` m: neighbours + 1 ≤ m; ``forbidden_neighbours``: no neighbour
 matches a selector (``other_tenant``: and has a tenant ≠ T); ``dedicated_host``: every neighbour has tenant T;
-``min_neighbour_security_level`` n: every neighbour has level ≥ n. Placing v on h (:meth:`FleetIndex.place`,
+``min_neighbour_security_level`` n: every neighbour has level ≥ n; ``min_image_version``: v's image (OS and version
+as the image registry records them) is at least the minimum of its OS, if the rule names that OS, and an image the
+registry does not know breaks it whatever its OS (it reads v alone, so it fails on every host or on none; the
+reference evaluator, which compares hosts, leaves it out). Placing v on h (:meth:`FleetIndex.place`,
 :meth:`FleetIndex.admit`) also requires the rules of every VM already on h to keep holding with v added (symmetric
 rules), enough free memory, a schedulable host, and, for a VM already placed elsewhere, a host among its policies'
 ``migration.allowed_targets``. :meth:`FleetIndex.violations` reports the own rules only: a symmetric breach shows up as
@@ -164,9 +167,19 @@ class FleetIndex(FleetState):
             checks += self._target_checks(cls)
         for rules in cls.requires:
             checks += self._host_checks(rules)
+            checks += self._image_checks(rules, vm)
             checks += self._own_checks(rules, arriving)
         checks += self._symmetric_checks(arriving)
         return [c for c in checks if c.failing]
+
+    def _image_checks(self, rules: CompiledRules, vm: VMFacts) -> list[Check]:
+        """The image rule of ``rules``: every host when ``vm``'s image breaks it, none otherwise."""
+        if rules.image is None:
+            return []
+        why = rules.image.failure(vm, rules.policy)
+        if why is None:
+            return []
+        return [Check(rules.policy, rules.image.rule, self._present, partial(_everywhere, why))]
 
     def _target_checks(self, cls: VMClass) -> list[Check]:
         found: list[Check] = []
@@ -323,6 +336,8 @@ class FleetIndex(FleetState):
         suspects = 0
         counts = self._counts
         for rules in cls.requires:
+            if rules.image is not None:  # read per VM: every host of the class is suspect
+                return hosts
             suspects |= hosts & self._host_rules_failing(rules)
             if rules.max_vms is not None:
                 suspects |= hosts & counts.at_least(rules.max_vms + 1)
@@ -352,6 +367,10 @@ class FleetIndex(FleetState):
                 if not predicate.test(host, version):
                     message = predicate.explain(host, rules.policy)
                     found.append(self._violation(record, rules.policy, predicate.rule, message))
+            if rules.image is not None:
+                why = rules.image.failure(record.facts, rules.policy)
+                if why is not None:
+                    found.append(self._violation(record, rules.policy, rules.image.rule, why))
             found += self._neighbour_violations(record, rules)
         return found
 
@@ -470,6 +489,10 @@ class FleetIndex(FleetState):
             if u.facts.id != vm.id and policy in u.traits.cls.policies
         ]
         return f"host {self._names[h]} runs {_listing(holders)}, {what}"
+
+
+def _everywhere(why: str, h: int) -> str:
+    return why
 
 
 def _runs_here(h: int) -> str:

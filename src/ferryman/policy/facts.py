@@ -46,7 +46,12 @@ class HostFacts:
 
 @dataclass(frozen=True)
 class VMFacts:
-    """A VM as policies see it; ``host`` None: not placed yet (a VM being created)."""
+    """A VM as policies see it; ``host`` None: not placed yet (a VM being created).
+
+    ``image`` is the name of the image the VM boots from; ``image_os`` and ``image_version`` are the baseline the
+    image registry records for it, both None when the registry does not know the image (older VMs name images such as
+    "lab" that were never imported) or the VM names none. ``image_revoked``: the registry revoked the image.
+    """
 
     id: str
     name: str
@@ -54,6 +59,10 @@ class VMFacts:
     profile: Mapping[str, str] = field(hash=False)
     memory_mb: int
     host: str | None = None
+    image: str | None = None
+    image_os: str | None = None
+    image_version: str | None = None
+    image_revoked: bool = False
 
 
 def profile_security_level(profile: Mapping[str, str]) -> int:

@@ -20,7 +20,9 @@ A document (one file may hold several, separated by ``---``)::
 Rules: ``min_site_security_level``, ``sites``, ``forbidden_sites``, ``max_vms_per_host``, ``forbidden_neighbours``
 (selectors with ``tenants``, ``other_tenant``, ``profile``, ``vms``), ``dedicated_host``,
 ``min_neighbour_security_level``, ``zones``, ``subnets``, ``virt_types``, ``hypervisors``,
-``min_hypervisor_version``, ``min_patch_level``.
+``min_hypervisor_version``, ``min_patch_level``, and ``min_image_version`` (a mapping OS name -> minimum version,
+``{debian: "12.8"}``: a VM whose image is of a listed OS must be at least that version, and a VM whose image the
+registry does not know breaks it too; it reads the VM alone, so it is allowed under ``require`` only).
 
 Errors::
 
@@ -47,11 +49,13 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from ferryman.core.errors import InvalidInput
+from ferryman.core.models import NAME_RE
 from ferryman.policy.versions import Version, VersionError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
@@ -133,6 +137,21 @@ def _profile_values(value: object) -> tuple[str, ...]:
     return tuple(_label(v) for v in values)
 
 
+def _os_name(value: object) -> str:
+    if isinstance(value, str) and NAME_RE.fullmatch(value):  # the image registry checks an image's OS so
+        return value
+    hint = " (quote it if it is one)" if not isinstance(value, str) else ""
+    raise _fail(f"{value!r} is not an OS name as the image registry spells them{hint}")
+
+
+def _image_floors(value: object) -> object:
+    if not isinstance(value, dict):
+        raise _fail(f"{value!r} is not a mapping of OS name to minimum version")
+    if not value:
+        raise _fail("empty mapping: name at least one OS and its minimum version")
+    return value
+
+
 def _version_text(value: object) -> str:
     if not isinstance(value, str):
         raise _fail(
@@ -169,6 +188,8 @@ ProfileMatch = Annotated[dict[Label, ProfileValues], Field(min_length=1)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Level = Annotated[StrictInt, Field(ge=0)]
 VersionText = Annotated[str, BeforeValidator(_version_text)]
+OSName = Annotated[str, BeforeValidator(_os_name)]
+ImageFloors = Annotated[dict[OSName, VersionText], BeforeValidator(_image_floors)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 _MODEL = ConfigDict(extra="forbid", frozen=True)
@@ -206,6 +227,10 @@ class NeighbourSelector(VMSelector):
         return self
 
 
+VM_RULE_FIELDS: tuple[str, ...] = ("min_image_version",)
+"""Rules that depend on the VM alone (its image), never on the host: allowed under ``require`` only."""
+
+
 class Rules(BaseModel):
     """The rule vocabulary of ``require`` and of each ``prefer`` entry."""
 
@@ -224,6 +249,7 @@ class Rules(BaseModel):
     hypervisors: Labels | None = None
     min_hypervisor_version: VersionText | None = None
     min_patch_level: Level | None = None
+    min_image_version: ImageFloors | None = None
 
     def is_empty(self) -> bool:
         """Whether no rule is set (``dedicated_host: false`` sets nothing)."""
@@ -234,6 +260,12 @@ class Preference(Rules):
     """A soft rule: hosts satisfying every rule of the entry score ``weight``."""
 
     weight: PositiveInt
+
+    @field_validator(*VM_RULE_FIELDS, mode="before")
+    @classmethod
+    def _hard_only(cls, value: object) -> object:
+        # These rules read the VM alone: every host would score the entry's weight, or none would.
+        raise _fail("a rule on the VM alone, which cannot rank hosts: give it under require")
 
     @model_validator(mode="after")
     def _has_rules(self) -> Preference:
@@ -324,9 +356,11 @@ ALLOWED: dict[str, str] = {
     "hypervisors": _NAMES.format("hypervisor"),
     "min_hypervisor_version": 'a quoted version string such as "7.2.0" or "1:7.2+dfsg-7+deb12u6"',
     "min_patch_level": "an integer ≥ 0",
+    "min_image_version": 'a non-empty mapping of OS name to quoted minimum version, such as {debian: "12.8"}',
     "weight": "an integer ≥ 1",
     "require": "a mapping of rules: " + ", ".join(RULE_FIELDS),
-    "prefer": "a list of mappings, each with a weight and rules: " + ", ".join(RULE_FIELDS),
+    "prefer": "a list of mappings, each with a weight and rules: "
+    + ", ".join(f for f in RULE_FIELDS if f not in VM_RULE_FIELDS),
     "migration": "a mapping with " + ", ".join(MigrationSpec.model_fields),
     "allowed_targets": _NAMES.format("host"),
     "cooldown": "a duration: whole seconds, or a number with an s, m or h suffix (90s, 10m, 2h)",
@@ -559,9 +593,12 @@ def _validate(file: str, data: dict[str, Any], lines: Mapping[Loc, int], errors:
 
 def _error_of(file: str, item: Any, loc: Loc, lines: Mapping[Loc, int]) -> PolicyError:
     kind = item["type"]
+    if len(loc) >= 2 and loc[-1] == "[key]":  # a mapping key is wrong: point at the key (as YAML spells it)
+        loc = (*loc[:-2], str(loc[-2]))
     line = _line_of(loc, lines)
     if kind == "extra_forbidden":
-        allowed_fields = list(_model_at(loc[:-1]).model_fields)
+        model = _model_at(loc[:-1])
+        allowed_fields = [f for f in model.model_fields if not (model is Preference and f in VM_RULE_FIELDS)]
         close = difflib.get_close_matches(str(loc[-1]), allowed_fields, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return PolicyError(file, line, _dotted(loc), f"unknown field{hint}", ", ".join(allowed_fields))
@@ -592,6 +629,10 @@ def _allowed_at(loc: Loc) -> str:
     keys = [part for part in loc if isinstance(part, str)]
     if len(keys) >= 2 and keys[-2] == "profile":
         return "a profile value (a string) or a non-empty list of them"
+    if len(keys) >= 2 and keys[-2] == "min_image_version":
+        return 'an OS name (lowercase letters, digits and "-") and a quoted version such as "12.8"'
+    if keys and keys[-1] in VM_RULE_FIELDS and "prefer" in keys:
+        return "rules that depend on the host: " + ", ".join(f for f in RULE_FIELDS if f not in VM_RULE_FIELDS)
     if keys and keys[-1] in ALLOWED:
         return ALLOWED[keys[-1]]
     if not keys:

@@ -265,7 +265,7 @@ class FleetState:
         return frozenset(affected)
 
     def update_vm(self, vm: VMFacts) -> frozenset[str]:
-        """Replace a VM's facts (profile, tenant, memory, host). Returns the VMs to re-check."""
+        """Replace a VM's facts (profile, tenant, memory, host, image). Returns the VMs to re-check."""
         affected = set(self.remove_vm(vm.id))
         affected.update(self.add_vm(vm))
         return frozenset(affected)

@@ -1,13 +1,14 @@
-"""Hypervisor versions as ordered values, so a floor of "7.2.0" admits "7.10.0" (string order would not).
+"""Hypervisor and image versions as ordered values, so a floor of "7.2.0" admits "7.10.0" (string order would not).
 
-Why it exists: policies set minimum hypervisor versions, and hosts report versions in two shapes, upstream
+Why it exists: policies set minimum hypervisor versions and minimum image versions (an image's registry version,
+such as "12.8", is read the same way), and hosts report versions in two shapes, upstream
 ("7.10.0") and Debian packages ("1:7.2+dfsg-7+deb12u6": epoch, upstream version, revision). Both are ordered with
 the dpkg algorithm: the epoch numerically, then the upstream version, then the revision, each compared as
 alternating runs of non-digits (lexically, ``~`` before anything, even the end of the string, letters before other
 characters) and digits (numerically). A plain "7.2.0" is epoch 0 with no revision.
 
 What it must not do: guess. A string that is not a version raises :class:`VersionError` (an
-:class:`~ferryman.core.errors.InvalidInput`); callers that read host facts decide what an unparseable host version
+:class:`~ferryman.core.errors.InvalidInput`); callers that read host or image facts decide what an unparseable version
 means (the engine treats it as below every floor).
 """
 

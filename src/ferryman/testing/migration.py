@@ -22,7 +22,7 @@ from typing import Any
 
 from ferryman.cmdb.journal import COMMITTED, SWITCHED_OVER, MigrationRecord
 from ferryman.core import errors
-from ferryman.core.models import VM, Event, Placement, Severity
+from ferryman.core.models import VM, Event, ImageRef, Placement, Severity
 from ferryman.testing.clock import FakeClock
 from ferryman.wire import migration as w
 from ferryman.wire.base import AgentCall, Empty, Message, R
@@ -272,6 +272,24 @@ class FakeInventory:
     async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
         self.receipts += [(host, migration_id, r) for r in receipts]
         return [r.model_dump(include={"path", "bytes"}) for r in receipts]
+
+
+@dataclass
+class FakeImages:
+    """Registry images by VM image name; ``revoked`` names fail as the registry would; ``sent`` records which host
+    was given which image, in order."""
+
+    refs: dict[str, ImageRef] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+    sent: list[tuple[str, str]] = field(default_factory=list)
+
+    async def ref(self, vm: VM) -> ImageRef | None:
+        if vm.image in self.revoked:
+            raise errors.Forbidden(f"image {vm.image} was revoked")
+        return self.refs.get(vm.image)
+
+    async def ensure_on(self, host: str, ref: ImageRef) -> None:
+        self.sent.append((host, ref.name))
 
 
 @dataclass(frozen=True)

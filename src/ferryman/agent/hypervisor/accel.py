@@ -94,13 +94,12 @@ def probe_kvm(image: BootImage, qemu_binary: str, timeout: float) -> bool:
             fh.truncate(_PROBE_VM.disks[0].size_bytes)
         argv = [qemu_binary, "-uuid", _PROBE_VM.vm_id]
         argv += machine_args(
-            image,
             "kvm",
             memory_mb=_PROBE_VM.memory_mb,
             vcpus=_PROBE_VM.vcpus,
-            cmdline=image.render_cmdline(_PROBE_VM),
             console=console,
             disks=[disk],
+            boot=image.kernel_boot(_PROBE_VM),
         )
         try:
             proc = subprocess.Popen(

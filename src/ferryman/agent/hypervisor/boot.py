@@ -1,7 +1,10 @@
 """How this host boots a guest: the boot image it is handed, and the QEMU options of the machine that boots it.
 
-The agent neither builds nor chooses guest images. Whoever deploys it (an operator, or the lab) hands it a
-:class:`BootImage` through its settings: a kernel, an initrd and a kernel command line. The command line is a template
+A VM booted from a registry image (its spec names an :class:`~ferryman.core.models.ImageRef`) starts through its
+firmware and the bootloader on its disk, or directly into the image's kernel (:class:`ImageBoot`); its boot
+parameters reach it in its SMBIOS serial number. For a VM without an image the host uses the boot image whoever
+deployed it (an operator, or the lab) handed it through its settings (:class:`BootImage`): a kernel, an initrd and a
+kernel command line. The command line is a template
 in which the agent replaces each VM's boot parameters (:data:`BOOT_PARAMETERS`: ``${vm_id}``, ``${canary}``,
 ``${dirty_kib_per_s}``, ...) with values from the VM's spec. It passes them through without knowing what the guest
 does with them; it only refuses a value the command line cannot carry.
@@ -12,21 +15,18 @@ peer and accelerator probe; :func:`qemu_argv` into the whole command line of one
 
 from __future__ import annotations
 
-import re
 import resource
-import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferryman.core.bootparams import check_template, render, smbios_serial
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import VMSpec
 
 MACHINE = "q35"
 DEFAULT_CMDLINE = "console=ttyS0"  # the serial console is the VM's console.log
-# The spec fields a command-line template may name, e.g. ``hostname=${name}``.
-BOOT_PARAMETERS = ("vm_id", "name", "canary", "dirty_kib_per_s", "record_interval_ms", "resident_mib")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+OVMF = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/OVMF/OVMF.fd"))
 
 
 @dataclass(frozen=True)
@@ -41,45 +41,60 @@ class BootImage:
     ready_marker: str | None = None
 
     def __post_init__(self) -> None:
-        template = string.Template(self.cmdline)
-        unknown = sorted(set(template.get_identifiers()) - set(BOOT_PARAMETERS))
-        if not template.is_valid() or unknown:
-            raise InvalidInput(
-                f"bad kernel command line template {self.cmdline!r}: it may name ${{...}} of"
-                f" {', '.join(BOOT_PARAMETERS)}" + (f", not {', '.join(unknown)}" if unknown else "")
-            )
+        check_template(self.cmdline)
         if self.ready_marker is not None and not self.ready_marker.strip():
             raise InvalidInput("the guest's ready marker must not be empty")
 
     def render_cmdline(self, spec: VMSpec) -> str:
         """The kernel command line of the VM ``spec`` describes (InvalidInput: a value it cannot carry)."""
-        return string.Template(self.cmdline).substitute(boot_parameters(spec))
+        return render(self.cmdline, spec)
+
+    def kernel_boot(self, spec: VMSpec) -> KernelBoot:
+        return KernelBoot(self.kernel, self.initrd, self.render_cmdline(spec))
 
 
-def boot_parameters(spec: VMSpec) -> Mapping[str, str]:
-    """The values a command-line template may name, checked: each is one token of letters, digits and ``._:@+-``,
-    and the workload numbers are non-negative (the record interval positive)."""
-    if spec.dirty_kib_per_s < 0 or spec.record_interval_ms < 1 or spec.resident_mib < 0:
-        raise InvalidInput(
-            f"bad guest workload: dirty_kib={spec.dirty_kib_per_s} interval_ms={spec.record_interval_ms}"
-            f" resident_mib={spec.resident_mib}"
-        )
-    values = {name: str(getattr(spec, name)) for name in BOOT_PARAMETERS}
-    for name, value in values.items():
-        if not _TOKEN_RE.match(value):
-            raise InvalidInput(f"bad {name.replace('_', ' ')} {value!r}: use 1-128 of letters, digits and ._:@+-")
-    return values
+@dataclass(frozen=True)
+class KernelBoot:
+    """A direct kernel boot: QEMU's ``-kernel``, ``-initrd`` and ``-append``."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    """How a VM booted from a registry image starts: through its firmware and the bootloader on its disk
+    (``kernel`` None), or directly into the image's kernel; ``serial`` carries the VM's boot parameters (SMBIOS)."""
+
+    firmware: str = "bios"
+    kernel: KernelBoot | None = None
+    serial: str | None = None
+
+
+def image_boot(spec: VMSpec, kernel: Path | None, initrd: Path | None) -> ImageBoot:
+    """The boot of ``spec``'s image, from the verified paths of its kernel and initrd (direct-kernel images)."""
+    image = spec.image
+    if image is None:
+        raise InvalidInput(f"VM {spec.name} does not boot from an image")
+    direct = None
+    if image.boot == "kernel":
+        if kernel is None or initrd is None:
+            raise InvalidInput(f"image {image.name} boots a kernel, but its kernel and initrd are not here")
+        direct = KernelBoot(kernel, initrd, render(image.cmdline or DEFAULT_CMDLINE, spec))
+    elif image.boot != "firmware":
+        raise InvalidInput(f"image {image.name}: unknown boot {image.boot!r}")
+    return ImageBoot(image.firmware, direct, smbios_serial(spec))
 
 
 def machine_args(
-    image: BootImage,
     accel: str,
     *,
     memory_mb: int,
     vcpus: int,
-    cmdline: str,
     console: Path,
     disks: Sequence[Path],
+    boot: KernelBoot | ImageBoot,
     key_secret: str | None = None,
 ) -> list[str]:
     """The QEMU options that define the guest machine; identical for every boot, probe and migration peer.
@@ -88,7 +103,13 @@ def machine_args(
     args = ["-nodefaults", "-no-user-config", "-display", "none"]
     args += ["-machine", f"{MACHINE},accel={accel},dump-guest-core=off", "-m", str(memory_mb), "-smp", str(vcpus)]
     args += ["-chardev", f"file,id=serial0,path={qemu_opt(console)},append=on", "-serial", "chardev:serial0"]
-    args += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+    kernel = boot if isinstance(boot, KernelBoot) else boot.kernel
+    if isinstance(boot, ImageBoot):
+        args += firmware_args(boot.firmware)
+        if boot.serial is not None:
+            args += ["-smbios", f"type=1,serial={qemu_opt(boot.serial)}"]
+    if kernel is not None:
+        args += ["-kernel", str(kernel.kernel), "-initrd", str(kernel.initrd), "-append", kernel.cmdline]
     for index, disk in enumerate(disks):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
         crypt = f",encrypt.format=luks,encrypt.key-secret={key_secret}" if key_secret and fmt == "qcow2" else ""
@@ -96,8 +117,21 @@ def machine_args(
             "-blockdev",
             f"driver={fmt},node-name=disk{index},file.driver=file,file.filename={qemu_opt(disk)}{crypt}",
         ]
-        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}"]
+        boot_index = ",bootindex=0" if index == 0 and isinstance(boot, ImageBoot) and kernel is None else ""
+        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=virtio-disk{index}{boot_index}"]
     return args
+
+
+def firmware_args(firmware: str) -> list[str]:
+    """SeaBIOS is QEMU's default; UEFI needs OVMF installed on this host."""
+    if firmware == "bios":
+        return []
+    if firmware == "uefi":
+        for path in OVMF:
+            if path.is_file():
+                return ["-bios", str(path)]
+        raise InvalidInput("this image boots through UEFI, but OVMF is not installed on this host (Debian: ovmf)")
+    raise InvalidInput(f"unknown firmware {firmware!r}: bios or uefi")
 
 
 def qemu_argv(
@@ -112,19 +146,19 @@ def qemu_argv(
     pidfile: Path,
     incoming: bool = False,
     key: tuple[str, int] | None = None,
+    boot: ImageBoot | None = None,
 ) -> list[str]:
-    """QEMU's command line for the VM ``spec`` describes, booted from ``image`` and run daemonized, with its QMP
-    socket and pidfile. ``key``: the secret object id and the inherited descriptor of a pipe holding the LUKS
-    passphrase, for an encrypted VM."""
+    """QEMU's command line for the VM ``spec`` describes, run daemonized, with its QMP socket and pidfile: booted
+    from ``boot`` (its registry image) or else from the host's ``image``. ``key``: the secret object id and the
+    inherited descriptor of a pipe holding the LUKS passphrase, for an encrypted VM."""
     argv = [qemu_binary, "-name", f"{spec.name},debug-threads=on", "-uuid", spec.vm_id]
     argv += machine_args(
-        image,
         accel,
         memory_mb=spec.memory_mb,
         vcpus=spec.vcpus,
-        cmdline=image.render_cmdline(spec),
         console=console,
         disks=disks,
+        boot=boot if boot is not None else image.kernel_boot(spec),
         key_secret=key[0] if key is not None else None,
     )
     if key is not None:
@@ -144,6 +178,6 @@ def disable_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def qemu_opt(path: Path) -> str:
+def qemu_opt(path: Path | str) -> str:
     """A path inside a QEMU option string, where ',' must be doubled."""
     return str(path).replace(",", ",,")

@@ -9,10 +9,11 @@ until :func:`activate_incoming` (``cont``), which the migration runner calls onl
 
 Source. Client credentials (``verify-peer=on``) plus ``tls-hostname`` set to the destination host's name, so the
 destination's certificate must name the host the controller assigned, not merely come from our CA.
-:func:`start_mirror` copies the disks over NBD-over-TLS (``blockdev-mirror`` sync=full; write-blocking by default, so
-once the mirror is ready every guest write reaches both disks before the guest sees it complete), then
-:func:`start_transfer` sends RAM with ``migrate``, with a return path so that the source reports completion only once
-the destination has loaded the whole stream. After completion the source is paused (``postmigrate``),
+:func:`start_mirror` copies the disks over NBD-over-TLS (``blockdev-mirror`` sync=full; sync=top for an overlay on a
+registry image, whose base the destination holds verified; write-blocking by default, so once the mirror is ready
+every guest write reaches both disks before the guest sees it complete), then :func:`start_transfer` sends RAM with
+``migrate``, with a return path so that the source reports completion only once the destination has loaded the whole
+stream. After completion the source is paused (``postmigrate``),
 :func:`finish_outgoing` completes the mirror without pivoting (``block-job-cancel`` on a ready job, as libvirt does) and
 detaches the NBD node; :func:`cancel_outgoing` undoes everything and leaves the source running.
 
@@ -307,6 +308,13 @@ def _paths_below(directory: Path) -> list[Path]:
 # -- source --------------------------------------------------------------------------------------------------------
 
 
+def mirror_sync(spec: VMSpec, index: int) -> str:
+    """``top`` for an overlay on a registry image (the destination holds the same verified image under its own
+    overlay, so only what the guest wrote travels), ``full`` for every other disk (the whole chain)."""
+    overlay = index == 0 and spec.image is not None and not spec.image.full_copy
+    return "top" if overlay else "full"
+
+
 async def start_mirror(
     driver: QemuDriver,
     vm_id: str,
@@ -328,13 +336,15 @@ async def start_mirror(
     _check_port(nbd_port)
     check_dns_name(dst_name, "destination host name")
     check_tls_dir(tls_dir, "client")
-    count = len(driver.load_spec(vm_id).disks)
+    spec = driver.load_spec(vm_id)
+    count = len(spec.disks)
     await _add_object(driver, vm_id, "tls-creds-x509", NBD_CREDS, dir=str(tls_dir), endpoint="client")
     try:
         for index in range(count):
             await driver.execute(vm_id, "blockdev-add", _nbd_target(index, dst_address, nbd_port, dst_name))
             job: dict[str, Any] = {"job-id": _mirror_job(index), "device": _disk_node(index)}
-            job |= {"target": _nbd_node(index), "sync": "full", "copy-mode": copy_mode, "auto-dismiss": False}
+            job |= {"target": _nbd_node(index), "sync": mirror_sync(spec, index), "copy-mode": copy_mode}
+            job["auto-dismiss"] = False
             await driver.execute(vm_id, "blockdev-mirror", job)
         ready = await _wait_mirrors_ready(driver, vm_id, count, within, on_progress)
     except BaseException:

@@ -50,13 +50,15 @@ import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from ferryman.agent.hypervisor import procscan
-from ferryman.agent.hypervisor.boot import BootImage, boot_parameters, disable_core_dumps, qemu_argv
+from ferryman.agent.hypervisor.boot import BootImage, ImageBoot, disable_core_dumps, image_boot, qemu_argv
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
-from ferryman.agent.storage.images import KEY_OBJECT_ID, create_encrypted_qcow2, luks_passphrase
+from ferryman.agent.storage.image_cache import ImageCache
+from ferryman.agent.storage.images import KEY_OBJECT_ID, copy_image, create_encrypted_qcow2, luks_passphrase
+from ferryman.core.bootparams import boot_parameters
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound, StorageError
-from ferryman.core.models import DiskSpec, RunState, VMRuntime, VMSpec, check_name, check_resident
+from ferryman.core.models import DiskSpec, ImageRef, RunState, VMRuntime, VMSpec, check_name, check_resident
 from ferryman.durable import write_atomic
 
 GONE = "GONE"
@@ -152,6 +154,7 @@ class QemuDriver:
         self.accel = accel
         self.qemu_binary = qemu_binary
         self.qemu_img = qemu_img
+        self.images = ImageCache(self.state_dir / "images")
         self._log = log if log is not None else structlog.get_logger("ferryman.agent.qemu")
         self._clock = clock or SystemClock()
         self._sessions: dict[str, _Session] = {}
@@ -199,7 +202,8 @@ class QemuDriver:
         path = self._vm_dir(vm_id) / "spec.json"
         try:
             raw = json.loads(path.read_text())
-            return VMSpec(**{**raw, "disks": tuple(DiskSpec(**disk) for disk in raw["disks"])})
+            image = ImageRef(**raw["image"]) if raw.get("image") else None
+            return VMSpec(**{**raw, "disks": tuple(DiskSpec(**disk) for disk in raw["disks"]), "image": image})
         except FileNotFoundError:
             raise NotFound(f"VM {vm_id} does not exist on this host") from None
         except (OSError, ValueError, TypeError, KeyError) as err:
@@ -238,15 +242,43 @@ class QemuDriver:
             raise InvalidInput(f"VM {spec.vm_id} is encrypted: this needs its disk key from the controller")
         return key
 
-    async def _make_disk(self, spec: VMSpec, path: Path, size: int) -> None:
+    async def _make_disk(self, spec: VMSpec, path: Path, size: int, index: int = 0, *, incoming: bool = False) -> None:
+        """Disk ``index`` of the VM, empty; the first disk of a VM booted from an image is an overlay on the verified
+        image in this host's cache, or a full copy of it (``full_copy``; a migration destination's stays empty: the
+        mirror carries the whole disk)."""
         key = self._key_for(spec)
+        base: tuple[Path, str] | None = None
+        if index == 0 and spec.image is not None and not (incoming and spec.image.full_copy):
+            files = await asyncio.to_thread(self.images.verified, spec.image)
+            base = (files.disk, spec.image.format)
+            if spec.image.full_copy:
+                await asyncio.to_thread(
+                    copy_image, *base, path, size, key=key, iter_time_ms=LUKS_ITER_TIME_MS, qemu_img=self.qemu_img
+                )
+                await asyncio.to_thread(path.chmod, 0o600)
+                return
         if key is None:
-            await self._qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+            chain = ["-F", base[1], "-b", str(base[0])] if base is not None else []
+            await self._qemu_img("create", "-q", "-f", "qcow2", *chain, str(path), size)
             return
         await asyncio.to_thread(
-            create_encrypted_qcow2, path, size, key, iter_time_ms=LUKS_ITER_TIME_MS, qemu_img=self.qemu_img
+            create_encrypted_qcow2,
+            path,
+            size,
+            key,
+            iter_time_ms=LUKS_ITER_TIME_MS,
+            qemu_img=self.qemu_img,
+            backing=base,
         )
         await asyncio.to_thread(path.chmod, 0o600)
+
+    async def _boot_of(self, spec: VMSpec) -> ImageBoot | None:
+        """How ``spec`` boots: from its image, verified again now (ImageUnverified: it must not boot), or (None)
+        from this host's boot image."""
+        if spec.image is None:
+            return None
+        files = await asyncio.to_thread(self.images.verified, spec.image)
+        return image_boot(spec, files.kernel, files.initrd)
 
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
@@ -267,7 +299,7 @@ class QemuDriver:
             try:
                 self._save_spec(spec)
                 for index, disk in enumerate(spec.disks):
-                    await self._make_disk(spec, vm_dir / f"disk{index}.qcow2", disk.size_bytes)
+                    await self._make_disk(spec, vm_dir / f"disk{index}.qcow2", disk.size_bytes, index)
                 runtime = await self._launch(spec)
             except BaseException:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -305,7 +337,8 @@ class QemuDriver:
                     (vm_dir / SHARED_DISKS).write_text(json.dumps([str(p) for p in shared_disks]))
                 else:
                     for index, disk in enumerate(spec.disks):
-                        await self._make_disk(spec, vm_dir / f"disk{index}.qcow2", disk.size_bytes)
+                        path = vm_dir / f"disk{index}.qcow2"
+                        await self._make_disk(spec, path, disk.size_bytes, index, incoming=True)
                 runtime = await self._launch(spec, incoming=True)
             except BaseException:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -477,7 +510,9 @@ class QemuDriver:
 
     # -- processes ------------------------------------------------------------------------------------------------
 
-    def _argv(self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None) -> builtins.list[str]:
+    def _argv(
+        self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None, boot: ImageBoot | None = None
+    ) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
         return qemu_argv(
             self.boot,
@@ -490,11 +525,12 @@ class QemuDriver:
             pidfile=vm_dir / "qemu.pid",
             incoming=incoming,
             key=(KEY_OBJECT_ID, key_fd) if key_fd is not None else None,
+            boot=boot,
         )
 
     async def _launch(self, spec: VMSpec, incoming: bool = False) -> VMRuntime:
         """Start QEMU and attach to it; if attaching fails the fresh process is killed, never left unmanaged."""
-        pid = await self._spawn(spec, incoming)
+        pid = await self._spawn(spec, incoming, await self._boot_of(spec))
         try:
             # the monitor's tasks outlive this request: they start in an empty context, without its disk keys
             await asyncio.create_task(self._attach(spec.vm_id, pid), context=contextvars.Context())
@@ -505,7 +541,7 @@ class QemuDriver:
             await self._detach(spec.vm_id)
             raise
 
-    async def _spawn(self, spec: VMSpec, incoming: bool) -> int:
+    async def _spawn(self, spec: VMSpec, incoming: bool, boot: ImageBoot | None) -> int:
         """Run QEMU with -daemonize and return the daemon's pid (it is not our child: it outlives the agent)."""
         vm_dir = self._vm_dir(spec.vm_id)
         for stale in ("qmp.sock", "qemu.pid"):
@@ -514,7 +550,7 @@ class QemuDriver:
         dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         key_fd = _key_pipe(key) if key is not None else None
         try:
-            argv = self._argv(spec, dir_fd, incoming, key_fd)
+            argv = self._argv(spec, dir_fd, incoming, key_fd, boot)
             self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -132,9 +132,16 @@ def open_args_for_encrypted(path: Path, key_secret_id: str) -> list[str]:
 
 
 def create_encrypted_qcow2(
-    path: Path, size: int, key: bytes, *, iter_time_ms: int = 2000, qemu_img: str = "qemu-img"
+    path: Path,
+    size: int,
+    key: bytes,
+    *,
+    iter_time_ms: int = 2000,
+    qemu_img: str = "qemu-img",
+    backing: tuple[Path, str] | None = None,
 ) -> None:
-    """Create a LUKS-encrypted qcow2 image of ``size`` bytes whose passphrase derives from ``key``.
+    """Create a LUKS-encrypted qcow2 image of ``size`` bytes whose passphrase derives from ``key``; with ``backing``
+    (path, format) an overlay on that read-only image (only what the guest writes is encrypted: the base is public).
 
     ``iter_time_ms`` is LUKS's PBKDF2 time budget; lower it only where opening speed matters more than brute-force
     resistance of the passphrase (tests). Raises :class:`HypervisorError` if qemu-img refuses.
@@ -142,7 +149,30 @@ def create_encrypted_qcow2(
     if size < _LUKS_SECTOR:
         raise InvalidInput(f"an image needs at least {_LUKS_SECTOR} bytes, got {size}")
     opts = encrypt_options(iter_time_ms)
-    run_qemu_tool([qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(size)], key=key)
+    chain = ["-F", backing[1], "-b", str(backing[0])] if backing is not None else []
+    run_qemu_tool([qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, *chain, str(path), str(size)], key=key)
+
+
+def copy_image(
+    source: Path,
+    source_format: str,
+    path: Path,
+    size: int,
+    *,
+    key: bytes | None = None,
+    iter_time_ms: int = 2000,
+    qemu_img: str = "qemu-img",
+) -> None:
+    """A full, independent qcow2 copy of ``source`` at ``path``, grown to ``size`` bytes (LUKS-encrypted with
+    ``key``). Raises :class:`HypervisorError` if qemu-img refuses."""
+    opts = ["-o", encrypt_options(iter_time_ms)] if key is not None else []
+    convert = [qemu_img, "convert", "-q", "-f", source_format, "-O", "qcow2", *opts, str(source), str(path)]
+    run_qemu_tool(convert, key=key)
+    if key is None:
+        run_qemu_tool([qemu_img, "resize", "-q", "-f", "qcow2", str(path), str(size)])
+        return
+    target = f"driver=qcow2,file.filename={path},encrypt.key-secret={KEY_OBJECT_ID}"
+    run_qemu_tool([qemu_img, "resize", "-q", "--image-opts", target, str(size)], key=key)
 
 
 def encrypt_options(iter_time_ms: int) -> str:
