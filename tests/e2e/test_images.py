@@ -62,6 +62,13 @@ def test_import_list_show_verify_a_signed_image(lab, publisher: Path, tmp_path: 
     error = one_line_error(lab.cli("image", "import", "e2e-img", str(image), "--os", "debian", "--version", "12.8",
                                    "--signature", str(sig), check=False))
     assert "exists already" in error
+    # sent ahead of use: the host checks it on arrival and keeps it; a second push sends nothing
+    pushed = lab.cli_json("image", "push", "e2e-img", "--host", "host-c")
+    assert pushed["sent_bytes"] == {"host-c": image.stat().st_size}
+    cached = lab.lab.host_dir("host-c") / "images" / "sha256" / row["digest"].removeprefix("sha256:")
+    assert cached.read_bytes() == image.read_bytes()
+    assert lab.cli_json("image", "push", "e2e-img", "--host", "host-c")["sent_bytes"] == {"host-c": 0}
+    assert any("host-c" in e["message"] for e in lab.cli_json("events", "--kind", "image.distributed"))
 
 
 def test_a_signature_of_other_bytes_an_unknown_key_or_a_bad_file_is_one_clear_error(lab, publisher, tmp_path):

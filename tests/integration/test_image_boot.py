@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ferryman.agent.hypervisor.qmp import QemuDriver
+from ferryman.agent.probes import GUEST_AGENT_SOCKET, guest_ping
 from ferryman.agent.storage.image_cache import ImageUnverified
 from ferryman.core.models import DiskSpec, ImageRef, VMSpec
 from ferryman.images.signing import Artefact, new_private_key, sign
@@ -136,7 +137,7 @@ async def test_a_signature_by_another_key_or_a_missing_file_refuses_the_create(
         await driver.create(spec_of(dataclasses.replace(image, digest=absent)))
 
 
-async def test_the_lab_disk_boots_through_the_firmware_with_its_parameters_from_smbios(
+async def test_the_lab_disk_boots_through_the_firmware_with_its_parameters_from_smbios_and_its_agent_answers(
     driver: QemuDriver, tmp_path: Path, publisher: tuple[bytes, str]
 ) -> None:
     """SeaBIOS, the MBR and syslinux on the image boot the guest; its records go to its own overlay's records
@@ -147,10 +148,12 @@ async def test_the_lab_disk_boots_through_the_firmware_with_its_parameters_from_
     blob = driver.images.store.put_file(layout.path)
     private, public = publisher
     signature = base64.b64encode(sign(private, [Artefact("disk", blob.digest, blob.size)])).decode()
-    image = ImageRef("lab-guest", blob.digest, blob.size, "raw", signature, public)
+    image = ImageRef("lab-guest", blob.digest, blob.size, "raw", signature, public, guest_agent=True)
     spec = dataclasses.replace(spec_of(image), disks=(DiskSpec(layout.size_bytes),))
     await driver.create(spec)
     acks = await wait_acks(driver, spec.vm_id, 3)
+    # the guest's own agent answers on its virtio-serial port
+    await asyncio.wait_for(guest_ping(driver.vm_dir(spec.vm_id) / GUEST_AGENT_SOCKET), 30)
     found = await asyncio.to_thread(read_records, driver.disk_paths(spec.vm_id)[0])
     assert missing_seqs(found, acks) == [] and {r.canary for r in found} == {spec.canary}
     assert {r.vm for r in found} == {spec.vm_id}

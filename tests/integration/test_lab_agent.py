@@ -3,6 +3,7 @@ reconciliation catching a copy started behind the controller's back."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -42,7 +43,8 @@ def last_seq(disk: Path) -> int:
 
 def test_agents_boot_the_guest_the_lab_hands_them(lab):
     """Each agent is handed the lab guest (kernel, initrd, command-line template, ready marker) and the records probe
-    on its command line, and boots its VMs from exactly that image with each VM's workload filled in."""
+    on its command line; the lab's VMs boot from the same guest as the signed registry image ``lab-guest``, through
+    the firmware, from an overlay on the host's verified copy, with each VM's workload in its SMBIOS serial."""
     state = lab.state
     guest = GuestImage(Path(state.guest_kernel), Path(state.guest_initrd))
     assert guest == ensure_guest()
@@ -54,13 +56,20 @@ def test_agents_boot_the_guest_the_lab_hands_them(lab):
         assert procscan.option_value(argv, "--boot-ready-marker") == guest.ready_marker
         assert procscan.option_value(argv, "--guest-probe") == RECORDS_PROBE
     vm = lab.api().get("/api/v1/vms/web-1")
+    image = lab.api().get("/api/v1/images/lab-guest")
+    assert vm["image"] == "lab-guest" and image["signature"] == "valid" and image["guest_agent"]
     running = procscan.qemu_at(lab.lab.host_dir(vm["host"]) / "vms" / vm["id"] / "qemu.pid")
     assert running is not None
     qemu = list(running.argv)
-    assert procscan.option_value(qemu, "-kernel") == str(guest.kernel)
-    assert procscan.option_value(qemu, "-initrd") == str(guest.initrd)
-    append = procscan.option_value(qemu, "-append") or ""
-    assert f"ferryman.vm={vm['id']} " in append and "ferryman.interval_ms=1000" in append
+    assert "-kernel" not in qemu and "-append" not in qemu
+    serial = procscan.option_value(qemu, "-smbios") or ""
+    assert serial.startswith(f"type=1,serial=ferryman:vm={vm['id']};") and "interval_ms=1000" in serial
+    disk = lab.lab.host_dir(vm["host"]) / "vms" / vm["id"] / "disk0.qcow2"
+    info = json.loads(
+        subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True, text=True).stdout
+    )
+    cached = lab.lab.host_dir(vm["host"]) / "images" / "sha256" / image["digest"].removeprefix("sha256:")
+    assert info["backing-filename"] == str(cached) and cached.is_file()
 
 
 def test_agent_sigkill_and_restart_keeps_vm_running(lab):

@@ -29,7 +29,8 @@ def follow(api, mid: str) -> dict:
 def test_no_canary_on_the_losing_side(tmp_path):
     """After a rolled-back migration the destination's raw storage, and after a successful one the source's, hold no
     copy of the VM's canary (while a control scan finds it on the side that runs the VM)."""
-    with loop_mount(tmp_path / "a.img", size_mib=192) as a, loop_mount(tmp_path / "b.img", size_mib=192) as b:
+    # room for the cached lab image (81 MiB), the VM's overlay and its pre-migration snapshot (the whole chain)
+    with loop_mount(tmp_path / "a.img", size_mib=448) as a, loop_mount(tmp_path / "b.img", size_mib=448) as b:
         lab = Lab(
             tmp_path / "lab",
             say=lambda msg: print(msg, file=sys.stderr),

@@ -4,6 +4,8 @@ probes, and the lab's disk-records probe, with fakes instead of QEMU."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import threading
 import uuid
@@ -16,6 +18,7 @@ from ferryman.agent import probes as probes_mod
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.probes import (
     Guest,
+    GuestAgentProbe,
     GuestChecks,
     GuestProbe,
     Mark,
@@ -169,7 +172,8 @@ def test_probe_names_must_be_distinct() -> None:
     """Marks are kept by probe name, so two probes of one name are refused."""
     with pytest.raises(InvalidInput, match="distinct"):
         GuestChecks([FakeProbe("records"), FakeProbe("records")], RunStateProbe())
-    assert [p.name for p in GuestChecks.standard([FakeProbe("records")]).probes] == ["runstate", "vcpus", "records"]
+    names = [p.name for p in GuestChecks.standard([FakeProbe("records")]).probes]
+    assert names == ["runstate", "vcpus", "guest-agent", "records"]
 
 
 def test_probes_are_loaded_by_import_path() -> None:
@@ -423,3 +427,55 @@ async def test_validation_without_extra_probes_is_run_state_and_vcpu_progress(de
         "detail": "no QEMU of the VM runs here",
         "last_seq": None,
     }
+
+
+async def fake_guest_agent(socket: Path, answers: dict[str, object]) -> asyncio.AbstractServer:
+    """A qemu-guest-agent stand-in: a line of stale output first, then JSON answers per command."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"return": "stale"}\n')
+        while line := await reader.readline():
+            request = json.loads(line)
+            if request["execute"] == "guest-sync":
+                writer.write(json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n")
+            elif request["execute"] in answers:
+                writer.write(json.dumps(answers[request["execute"]]).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    fd = os.open(socket.parent, os.O_PATH | os.O_DIRECTORY)
+    try:  # bound through the directory's descriptor: the path is longer than a socket path may be
+        return await asyncio.start_unix_server(serve, path=f"/proc/self/fd/{fd}/{socket.name}")
+    finally:
+        os.close(fd)
+
+
+async def test_the_guest_agent_probe_pings_the_agent_of_an_image_that_declares_one(tmp_path: Path) -> None:
+    """guest-sync discards stale output; guest-ping must answer {}; a VM without a declared agent is not asked."""
+    socket = tmp_path / ("deep-" * 20) / "qga.sock"  # deeper than a UNIX socket path may be
+    socket.parent.mkdir(parents=True)
+    probe = GuestAgentProbe()
+    assert await probe.check(dataclasses.replace(guest(), agent_socket=None), None, 1) == ProbeResult(True, "")
+    silent = await probe.check(dataclasses.replace(guest(), agent_socket=socket), None, 0.3)
+    assert not silent.ok and "guest agent silent" in silent.detail
+    server = await fake_guest_agent(socket, {"guest-ping": {"return": {}}})
+    try:
+        answered = await probe.check(dataclasses.replace(guest(), agent_socket=socket), None, 1)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert answered == ProbeResult(True, "guest agent answered")
+    socket.unlink(missing_ok=True)
+    server = await fake_guest_agent(socket, {"guest-ping": {"error": {"class": "CommandDisabled"}}})
+    try:
+        refused = await probe.check(dataclasses.replace(guest(), agent_socket=socket), None, 0.3)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not refused.ok and "CommandDisabled" in refused.detail
+
+
+async def test_a_probe_with_nothing_to_say_is_not_in_the_detail() -> None:
+    checks = GuestChecks([FakeProbe("records"), GuestAgentProbe()], FakeRunState("runstate"))
+    verdict = await checks.check(guest(), {}, wait_s=1)
+    assert verdict.ok and verdict.detail == "running=True, records ok"

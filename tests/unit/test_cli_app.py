@@ -27,7 +27,7 @@ COMMANDS = {
         "snapshots",
         "restore",
     ],
-    "image": ["import", "list", "show", "verify", "revoke", "keygen", "sign", "trust"],
+    "image": ["import", "list", "show", "verify", "revoke", "push", "keygen", "sign", "trust"],
     "site": ["list", "add"],
     "lab": ["up", "status", "down"],
     "migration": ["list", "show", "cancel"],

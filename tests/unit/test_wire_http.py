@@ -7,6 +7,7 @@ controller's certificate, as the agent's HTTPS server sets it (:mod:`ferryman.se
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from ferryman.agent.app import create_agent_app
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
+from ferryman.agent.storage.image_cache import ImageCache
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
@@ -85,6 +87,7 @@ class Wire:
     recorder: Recorder
     ca: CertificateAuthority
     host: Host
+    images: ImageCache
 
 
 def make_wire(tmp_path: Path, *, real_steps: bool = False) -> Wire:
@@ -103,7 +106,8 @@ def make_wire(tmp_path: Path, *, real_steps: bool = False) -> Wire:
     settings.ca.write_bytes(ca.cert_pem)
     recorder = Recorder()
     steps = MigrationAgent(settings, cast(Any, recorder), SystemClock()) if real_steps else recorder
-    app = create_agent_app(settings, cast(Any, recorder), cast(MigrationAgent, steps))
+    images = ImageCache(tmp_path / "images")
+    app = create_agent_app(settings, cast(Any, recorder), cast(MigrationAgent, steps), images)
     _, issued = ca.issue_controller_certificate("ferryman-controller", ["127.0.0.1"])
     der = x509.load_pem_x509_certificate(issued.pem).public_bytes(serialization.Encoding.DER)
 
@@ -119,7 +123,7 @@ def make_wire(tmp_path: Path, *, real_steps: bool = False) -> Wire:
     client._check_agent_identity = lambda host, response: None  # type: ignore[method-assign]
     raw = httpx.AsyncClient(transport=transport, base_url="https://127.0.0.3:8444", timeout=10)
     host = Host("host-b", "127.0.0.3", 8444, "s1", "z1", "10.0.0.0/24", "kvm", "qemu", "7.2", 1)
-    return Wire(client, raw, recorder, ca, host)
+    return Wire(client, raw, recorder, ca, host, images)
 
 
 @pytest.fixture
@@ -191,3 +195,21 @@ async def test_without_the_controllers_certificate_nothing_is_served(wire: Wire)
     """A request over a connection with no client certificate is refused before any route runs."""
     response = await wire.raw.get("/anon")
     assert response.status_code == 401 and response.json()["error"] == "Unauthenticated"
+
+
+async def test_an_image_file_is_streamed_into_the_hosts_cache_and_checked_on_arrival(wire: Wire, tmp_path: Path):
+    """What the controller streams lands under its digest; bytes that do not hash to it are refused, none kept."""
+    source = tmp_path / "image.raw"
+    source.write_bytes(b"\x01" * (5 << 20) + b"end")
+    digest = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    assert not (await wire.client.holds_image(wire.host, digest)).present
+    held = await wire.client.put_image(wire.host, digest, source, source.stat().st_size)
+    assert (held.digest, held.present, held.size) == (digest, True, source.stat().st_size)
+    assert (await wire.client.holds_image(wire.host, digest)).present
+    assert wire.images.store.verify(digest).path.read_bytes() == source.read_bytes()
+    other = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(errors.InvalidInput, match="nothing was stored"):
+        await wire.client.put_image(wire.host, other, source, source.stat().st_size)
+    assert wire.images.store.digests() == [digest]
+    with pytest.raises(errors.InvalidInput, match="bad digest"):
+        await wire.client.holds_image(wire.host, "sha256:../../etc")

@@ -1,8 +1,9 @@
 """Evidence that a guest runs on this host: the checks behind a migration's validation after the switch-over.
 
 A :class:`GuestProbe` looks at one VM from the host side and says whether, by its own evidence, the guest runs here.
-Two are always used (:meth:`GuestChecks.standard`): :class:`RunStateProbe` (QEMU's ``query-status`` says
-``running``) and :class:`VcpuProgressProbe` (the CPU time of QEMU's vCPU threads advances). Whoever deploys the
+These are always used (:meth:`GuestChecks.standard`): :class:`RunStateProbe` (QEMU's ``query-status`` says
+``running``), :class:`VcpuProgressProbe` (the CPU time of QEMU's vCPU threads advances) and, for an image that
+declares a guest agent, :class:`GuestAgentProbe` (``qemu-guest-agent`` answers ``guest-ping``). Whoever deploys the
 agent may hand it more, which know the guest's workload (the lab hands it the reader of its guest's disk records);
 the agent names them by import path only (``--guest-probe module:factory``, :func:`load_probe`) and knows none of
 them.
@@ -17,13 +18,18 @@ guest's QEMU is gone (the controller then boots the committed copy again).
     GuestProbe          the protocol: name, mark(), check()
       RunStateProbe     QMP query-status
       VcpuProgressProbe query-cpus-fast + /proc/<pid>/task/<tid>/schedstat
+      GuestAgentProbe   qemu-guest-agent's guest-ping, for an image that declares a guest agent
     GuestChecks         a run-state probe and progress probes, run together: the validation
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import json
+import os
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +45,7 @@ log = structlog.get_logger(__name__)
 
 Qmp = Callable[[str], Awaitable[Any]]
 PROC = Path("/proc")
+GUEST_AGENT_SOCKET = "qga.sock"  # in the VM's directory
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Guest:
     key: bytes | None = field(repr=False)  # never in a repr, so never in a log line
     pid: int | None
     qmp: Qmp
+    agent_socket: Path | None = None  # the guest agent's socket, for an image that declares one
 
     @property
     def vm_id(self) -> str:
@@ -100,6 +108,7 @@ class HostView(Protocol):
     def disk_paths(self, vm_id: str) -> list[Path]: ...
     def key_of(self, vm_id: str) -> bytes | None: ...
     def pid_of(self, vm_id: str) -> int | None: ...
+    def vm_dir(self, vm_id: str) -> Path: ...
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
 
 
@@ -111,7 +120,15 @@ def guest_view(driver: HostView, vm_id: str) -> Guest:
     async def qmp(command: str) -> Any:
         return await driver.execute(vm_id, command)
 
-    return Guest(spec=spec, disks=tuple(driver.disk_paths(vm_id)), key=key, pid=driver.pid_of(vm_id), qmp=qmp)
+    agent = spec.image is not None and spec.image.guest_agent
+    return Guest(
+        spec=spec,
+        disks=tuple(driver.disk_paths(vm_id)),
+        key=key,
+        pid=driver.pid_of(vm_id),
+        qmp=qmp,
+        agent_socket=driver.vm_dir(vm_id) / GUEST_AGENT_SOCKET if agent else None,
+    )
 
 
 class RunStateProbe:
@@ -129,6 +146,59 @@ class RunStateProbe:
             return ProbeResult(False, f"running=False (QMP: {err})")
         running = status == "running"
         return ProbeResult(running, "running=True" if running else f"running=False ({status})")
+
+
+class GuestAgentProbe:
+    """The guest's own userland answers: ``qemu-guest-agent`` replies to ``guest-ping`` on its virtio-serial port.
+    Only for a VM whose image declares a guest agent; for the others it has nothing to say (and says nothing)."""
+
+    name = "guest-agent"
+    ATTEMPT_S = 2.0
+    RETRY_S = 0.25
+
+    async def mark(self, guest: Guest) -> Mark | None:
+        return None
+
+    async def check(self, guest: Guest, since: Any, wait_s: float) -> ProbeResult:
+        if guest.agent_socket is None:
+            return ProbeResult(True, "")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait_s, self.ATTEMPT_S)
+        problem = "no answer"
+        while True:
+            try:
+                await asyncio.wait_for(guest_ping(guest.agent_socket), self.ATTEMPT_S)
+                return ProbeResult(True, "guest agent answered")
+            except (OSError, TimeoutError, ValueError, HypervisorError) as err:
+                problem = str(err) or type(err).__name__
+            if loop.time() + self.RETRY_S >= deadline:
+                return ProbeResult(False, f"guest agent silent ({problem})")
+            await asyncio.sleep(self.RETRY_S)
+
+
+async def guest_ping(socket: Path) -> None:
+    """``guest-sync`` (which discards whatever an earlier client left unread) then ``guest-ping`` on the guest agent's
+    socket, reached through its directory's descriptor (a socket path has at most 107 bytes)."""
+    fd = os.open(socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        reader, writer = await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{socket.name}")
+    finally:
+        os.close(fd)
+    try:
+        token = secrets.randbelow(1 << 31)
+        writer.write(json.dumps({"execute": "guest-sync", "arguments": {"id": token}}).encode() + b"\n")
+        await writer.drain()
+        while json.loads(await reader.readline() or b"null") != {"return": token}:
+            pass
+        writer.write(b'{"execute": "guest-ping"}\n')
+        await writer.drain()
+        answer = json.loads(await reader.readline() or b"null")
+        if answer != {"return": {}}:
+            raise HypervisorError(f"guest-ping answered {answer!r}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 @dataclass(frozen=True)
@@ -242,7 +312,7 @@ class GuestChecks:
     @classmethod
     def standard(cls, extra: Sequence[GuestProbe] = ()) -> GuestChecks:
         """Run state and vCPU progress, then ``extra`` (which know the guest's workload)."""
-        return cls((VcpuProgressProbe(), *extra), RunStateProbe())
+        return cls((VcpuProgressProbe(), GuestAgentProbe(), *extra), RunStateProbe())
 
     @property
     def probes(self) -> tuple[GuestProbe, ...]:
@@ -271,7 +341,8 @@ class GuestChecks:
                 task.cancel()
         state = await self.runstate.check(guest, since.get(self.runstate.name), wait_s)
         passing = [result for result in progress if result.ok]
-        shown = [state, *(r for r in progress if not r.ok or (passing and r is passing[-1]))]
+        telling = [result for result in passing if result.detail]  # a probe with nothing to say is not shown
+        shown = [state, *(r for r in progress if not r.ok or (telling and r is telling[-1]))]
         seqs = [r.last_seq for r in (state, *progress) if r.last_seq is not None]
         return Verdict(
             ok=state.ok and len(passing) == len(progress),

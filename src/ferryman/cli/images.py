@@ -226,6 +226,21 @@ def image_revoke(
     print(f"revoked {name}: {image['revoked_reason']}")
 
 
+@image_app.command("push")
+def image_push(
+    name: str,
+    host: Annotated[list[str] | None, typer.Option("--host", help="a host (repeatable; default: all)")] = None,
+    json_: Json = False,
+) -> None:
+    """Verify the image and send it to hosts ahead of use; each host checks every file on arrival."""
+    out = _api().post(f"/api/v1/images/{name}/push", {"hosts": host or []})
+    if json_:
+        emit_json(out)
+        return
+    for target, sent in sorted(out["sent_bytes"].items()):
+        print(f"{target}: " + (f"sent {format_bytes(sent)}" if sent else "holds it already"))
+
+
 @image_app.command("keygen")
 def image_keygen(
     name: Annotated[str, typer.Argument(help="the publisher key's name: writes NAME.key and NAME.pub")],

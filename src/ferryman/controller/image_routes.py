@@ -8,8 +8,10 @@ registry or its trust store needs a role in :data:`IMAGE_ROLES`; reading it need
 
 
 import base64
+import time
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,8 +19,11 @@ from ferryman.cmdb.images import ImageRecord, SigningKeyRecord
 from ferryman.controller.images import ImageImport, ImageService
 from ferryman.controller.offload import blocking
 from ferryman.core import errors
+from ferryman.core.models import Host, HostState
 from ferryman.images.signing import check_digest, parse_public_key, verify
 from ferryman.images.store import Blob
+
+log = structlog.get_logger(__name__)
 
 IMAGE_ROLES = frozenset({"admin"})
 """Roles whose tokens may import or revoke images and change the trusted signing keys."""
@@ -46,6 +51,12 @@ class RevokeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str
+
+
+class PushIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[str] = Field(default_factory=list, description="hosts to send it to (none: every enrolled host)")
 
 
 class KeyIn(BaseModel):
@@ -172,6 +183,19 @@ def image_routes(app: FastAPI, images: ImageService, Person: Any) -> None:
         _may_change(who.role)
         return image_out(images.revoke(name, body.reason, who.name), keys())
 
+    @app.post("/api/v1/images/{name}/push")
+    async def push_image(name: str, body: PushIn, who: Person) -> dict[str, Any]:
+        """Verify the image now and send it to hosts ahead of use (a drain or a boot then finds it there)."""
+        _may_change(who.role)
+        ref = await blocking(images.ref, name)
+        hosts = await blocking(_push_targets, images, body.hosts)
+        sent: dict[str, int] = {}
+        for host in hosts:
+            started = time.monotonic()
+            sent[host.name] = await images.ensure_on(host, ref)
+            log.info("image pushed", image=name, host=host.name, seconds=round(time.monotonic() - started, 3))
+        return {"name": name, "digest": ref.digest, "sent_bytes": sent}
+
     @app.get("/api/v1/image-keys")
     def list_keys(_: Person, all: bool = False) -> list[dict[str, Any]]:
         return [key_out(k) for k in repo.list_signing_keys(trusted_only=not all)]
@@ -185,6 +209,12 @@ def image_routes(app: FastAPI, images: ImageService, Person: Any) -> None:
     def remove_key(name: str, who: Person) -> dict[str, Any]:
         _may_change(who.role)
         return key_out(images.distrust(name, who.name))
+
+
+def _push_targets(images: ImageService, names: list[str]) -> list[Host]:
+    if names:
+        return [images.repo.get_host(n) for n in names]
+    return [h for h in images.repo.list_hosts() if h.state is HostState.ENROLLED]
 
 
 async def _receive(images: ImageService, digest: str, request: Request) -> Blob:

@@ -36,9 +36,19 @@ from ferryman.core.errors import PermanentError
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Dependency order; guest_init.sh loads them in this order with insmod.
-MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",  # the guest agent's virtio-serial port
+)
+GUEST_AGENT_PACKAGE = "qemu-guest-agent"
+GUEST_AGENT = "usr/sbin/qemu-ga"
 BUSYBOX = Path("/bin/busybox")
-_BUILDER_VERSION = "1"
+_BUILDER_VERSION = "2"
 _PT_INTERP = 3
 _COMMAND_TIMEOUT = 300.0
 READY_MARKER = "FERRYMAN-GUEST-READY"  # guest_init.sh prints it on the serial console once it runs
@@ -114,11 +124,37 @@ def _build(script: bytes, debs: Path, work: Path) -> None:
     vmlinuz = _single(sorted((tree / "boot").glob("vmlinuz-*")), "vmlinuz", deb)
     modules = {name: _module_bytes(tree, name) for name in MODULES}
     busybox = _static_busybox(BUSYBOX)
+    agent_deb = fetch_deb(GUEST_AGENT_PACKAGE, debs)
+    _run(["dpkg-deb", "-x", str(agent_deb), str(tree)])
+    extra = guest_agent_files(tree / GUEST_AGENT)
     shutil.copyfile(vmlinuz, work / "vmlinuz")
-    (work / "initrd.img").write_bytes(build_initramfs(script, busybox, modules))
+    (work / "initrd.img").write_bytes(build_initramfs(script, busybox, modules, extra))
     shutil.rmtree(tree)
-    manifest = {"package": package, "deb": deb.name, "kernel": vmlinuz.name, "modules": list(MODULES)}
+    manifest = {
+        "package": package,
+        "deb": deb.name,
+        "kernel": vmlinuz.name,
+        "modules": list(MODULES),
+        "guest_agent": agent_deb.name,
+        "files": sorted(extra),
+    }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def guest_agent_files(binary: Path) -> dict[str, bytes]:
+    """``qemu-ga`` and the shared libraries it needs (with the loader), by their path in the guest: the guest runs
+    Debian's own agent, linked against this Debian's libraries."""
+    files = {GUEST_AGENT: binary.read_bytes()}
+    out = _run(["ldd", str(binary)])
+    for line in out.splitlines():
+        if "not found" in line:
+            raise GuestBuildError(f"qemu-ga needs a library this host lacks: {line.strip()}")
+        match = re.search(r"(/\S+) \(0x", line)
+        if match is None:
+            continue  # linux-vdso: the kernel's
+        library = Path(match.group(1))
+        files[str(library).lstrip("/")] = library.resolve().read_bytes()
+    return files
 
 
 def resolve_kernel_package(meta: str = KERNEL_META_PACKAGE) -> str:
@@ -188,19 +224,28 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def build_initramfs(init: bytes, busybox: bytes, modules: dict[str, bytes]) -> bytes:
-    """A gzip-compressed cpio (newc) archive: /init, /bin/busybox, /dev/console and ``/lib/modules/<name>.ko``.
+def build_initramfs(
+    init: bytes, busybox: bytes, modules: dict[str, bytes], extra: dict[str, bytes] | None = None
+) -> bytes:
+    """A gzip-compressed cpio (newc) archive: /init, /bin/busybox, /dev/console, ``/lib/modules/<name>.ko`` and the
+    ``extra`` files (path in the guest -> bytes, executable), with every directory they need.
 
     /dev/console is in the archive because the kernel opens it for PID 1's stdio before /init can mount devtmpfs.
     """
     archive = _Cpio()
-    for directory in ("bin", "dev", "proc", "sys", "run", "tmp", "lib", "lib/modules"):
+    directories = {"bin", "dev", "proc", "sys", "run", "tmp", "lib", "lib/modules"}
+    for path in extra or {}:
+        parts = path.split("/")[:-1]
+        directories.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    for directory in sorted(directories, key=lambda d: (d.count("/"), d)):
         archive.add(directory, _S_IFDIR | 0o755)
     archive.add("dev/console", _S_IFCHR | 0o600, rdev=(5, 1))
     archive.add("init", _S_IFREG | 0o755, init)
     archive.add("bin/busybox", _S_IFREG | 0o755, busybox)
     for name, data in modules.items():
         archive.add(f"lib/modules/{name}.ko", _S_IFREG | 0o644, data)
+    for path, data in sorted((extra or {}).items()):
+        archive.add(path, _S_IFREG | 0o755, data)
     return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
 
 

@@ -28,9 +28,30 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=0755 tmpfs /run
 
 # Dependency order: virtio needs symbols from virtio_ring.
-for module in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+for module in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console; do
     insmod "/lib/modules/$module.ko" || echo "FERRYMAN-GUEST-ERROR insmod $module"
 done
+
+# qemu-guest-agent on its virtio-serial port, when the VM has one (an image that declares a guest agent): the host
+# pings it to see the guest's own userland answer after a migration.
+start_guest_agent() {
+    [ -x /usr/sbin/qemu-ga ] || return 0
+    grep -qsx 0x0003 /sys/bus/virtio/devices/*/device || return 0 # no virtio console device: no agent port
+    i=0
+    while [ $i -lt 30 ]; do
+        for port in /sys/class/virtio-ports/*; do
+            [ -r "$port/name" ] || continue
+            if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+                mkdir -p /run/qga
+                LD_LIBRARY_PATH=/lib/x86_64-linux-gnu /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${port##*/}" \
+                    -t /run/qga -f /run/qga/qga.pid -d && echo "FERRYMAN-GUEST-AGENT ${port##*/}"
+                return 0
+            fi
+        done
+        usleep 100000
+        i=$((i + 1))
+    done
+}
 
 VM=unknown
 CANARY=none
@@ -202,6 +223,7 @@ record_loop() {
 }
 
 dirty_loop &
+start_guest_agent
 if [ -b "$DISK" ]; then
     echo "FERRYMAN-GUEST-READY vm=$VM"
     record_loop

@@ -229,6 +229,7 @@ class Lab:
         api.put_file(f"/api/v1/blobs/{artefact.digest}", disk)
         signature = base64.b64encode(sign(private, [artefact])).decode()
         image = {"name": LAB_IMAGE, "disk": artefact.digest, "os": LAB_IMAGE_OS, "version": LAB_IMAGE_VERSION}
+        image["guest_agent"] = True  # the lab guest runs qemu-guest-agent: validation pings it
         api.post("/api/v1/images", {**image, "signature": signature, "key": LAB_PUBLISHER})
 
     def restart_controller(self) -> LabState:

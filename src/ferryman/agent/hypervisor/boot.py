@@ -70,6 +70,7 @@ class ImageBoot:
     firmware: str = "bios"
     kernel: KernelBoot | None = None
     serial: str | None = None
+    agent_socket: str | None = None  # the guest agent's virtio-serial port, as a UNIX socket QEMU listens on
 
 
 def image_boot(spec: VMSpec, kernel: Path | None, initrd: Path | None) -> ImageBoot:
@@ -108,6 +109,10 @@ def machine_args(
         args += firmware_args(boot.firmware)
         if boot.serial is not None:
             args += ["-smbios", f"type=1,serial={qemu_opt(boot.serial)}"]
+        if boot.agent_socket is not None:
+            args += ["-chardev", f"socket,id=qga0,path={qemu_opt(boot.agent_socket)},server=on,wait=off"]
+            args += ["-device", "virtio-serial-pci,id=vserial0"]
+            args += ["-device", "virtserialport,bus=vserial0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
     if kernel is not None:
         args += ["-kernel", str(kernel.kernel), "-initrd", str(kernel.initrd), "-append", kernel.cmdline]
     for index, disk in enumerate(disks):

@@ -7,6 +7,7 @@ Each VM owns a directory, ``<state_dir>/vms/<vm_id>/``::
     disks.json     only for a VM on shared storage: the image paths it uses instead (never created or deleted here)
     incoming       present while the VM is a migration destination that has not been activated
     qmp.sock       the QMP monitor socket
+    qga.sock       the guest agent's port, for an image that declares one
     qemu.pid       written by QEMU (-pidfile)
     console.log    the guest's serial console, appended to across boots
 
@@ -53,6 +54,7 @@ from ferryman.agent.hypervisor import procscan
 from ferryman.agent.hypervisor.boot import BootImage, ImageBoot, disable_core_dumps, image_boot, qemu_argv
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
+from ferryman.agent.probes import GUEST_AGENT_SOCKET
 from ferryman.agent.storage.image_cache import ImageCache
 from ferryman.agent.storage.images import KEY_OBJECT_ID, copy_image, create_encrypted_qcow2, luks_passphrase
 from ferryman.core.bootparams import boot_parameters
@@ -514,6 +516,8 @@ class QemuDriver:
         self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None, boot: ImageBoot | None = None
     ) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
+        if boot is not None and spec.image is not None and spec.image.guest_agent:
+            boot = dataclasses.replace(boot, agent_socket=_via_fd(dir_fd, GUEST_AGENT_SOCKET))
         return qemu_argv(
             self.boot,
             spec,
