@@ -228,8 +228,8 @@ class Lab:
         artefact = Artefact("disk", sha256_file(disk), disk.stat().st_size)
         api.put_file(f"/api/v1/blobs/{artefact.digest}", disk)
         signature = base64.b64encode(sign(private, [artefact])).decode()
-        image = {"name": LAB_IMAGE, "disk": artefact.digest, "os": LAB_IMAGE_OS, "version": LAB_IMAGE_VERSION}
-        image["guest_agent"] = True  # the lab guest runs qemu-guest-agent: validation pings it
+        image: dict[str, object] = {"name": LAB_IMAGE, "disk": artefact.digest, "os": LAB_IMAGE_OS}
+        image |= {"version": LAB_IMAGE_VERSION, "guest_agent": True}  # validation pings the guest's agent
         api.post("/api/v1/images", {**image, "signature": signature, "key": LAB_PUBLISHER})
 
     def restart_controller(self) -> LabState:
