@@ -88,13 +88,7 @@ def parse_signature(data: bytes) -> bytes:
     """The 64 signature bytes from a signature file: raw, or base64 text."""
     if len(data) == 64:
         return data
-    try:
-        raw = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 64:
-        raise InvalidInput("a signature must be 64 raw Ed25519 bytes or their base64")
-    return raw
+    return _base64_of(data, 64, "a signature must be 64 raw Ed25519 bytes or their base64")
 
 
 def parse_public_key(data: bytes | str) -> Ed25519PublicKey:
@@ -108,13 +102,19 @@ def parse_public_key(data: bytes | str) -> Ed25519PublicKey:
         if not isinstance(key, Ed25519PublicKey):
             raise InvalidInput(f"image signing keys are Ed25519, not {type(key).__name__.removesuffix('PublicKey')}")
         return key
+    raw = _base64_of(text, 32, "a public key must be PEM or the base64 of 32 raw Ed25519 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _base64_of(text: bytes, length: int, problem: str) -> bytes:
+    """The ``length`` bytes ``text`` holds in base64 (InvalidInput saying ``problem`` otherwise)."""
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raw = b""
-    if len(raw) != 32:
-        raise InvalidInput("a public key must be PEM or the base64 of 32 raw Ed25519 bytes")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    if len(raw) != length:
+        raise InvalidInput(problem)
+    return raw
 
 
 def public_pem(key: Ed25519PublicKey) -> str:

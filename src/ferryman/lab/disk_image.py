@@ -19,19 +19,16 @@ starts a VM.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferryman.lab.guest import GuestBuildError, default_cache_dir, ensure_guest, init_script
+from ferryman.lab.guest import GuestBuildError, default_cache_dir, ensure_guest, init_script, locked
 
 SECTOR = 512
 MIB = 1024 * 1024
@@ -101,7 +98,7 @@ def ensure_guest_disk(cache_dir: Path | None = None) -> DiskLayout:
     if out.exists():
         return read_layout(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         if out.exists():
             return read_layout(out)
         return build_boot_disk(guest.kernel, guest.initrd, out, cmdline=DISK_CMDLINE)
@@ -260,12 +257,3 @@ def _run(argv: list[str]) -> str:
         raise GuestBuildError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
     return done.stdout
 
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -93,7 +93,7 @@ def ensure_guest(cache_dir: Path | None = None) -> GuestImage:
     image = GuestImage(kernel=out / "vmlinuz", initrd=out / "initrd.img")
     if (out / "manifest.json").exists():
         return image
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         if (out / "manifest.json").exists():
             return image
         work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
@@ -107,7 +107,8 @@ def ensure_guest(cache_dir: Path | None = None) -> GuestImage:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if needed) for the block: one build of a cache entry at a time."""
     with path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
