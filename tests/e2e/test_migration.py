@@ -458,13 +458,14 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
 
         second = wait_for(start, 30, "the governor to admit the second migration", interval_s=2)
         incoming = lab.lab.host_dir("host-b") / "vms" / vm["id"] / "incoming"
-        wait_for(incoming.exists, 30, "the second migration's destination")
+        prepared = incoming.parent / "disk0.qcow2"  # made once the image the VM boots from is verified there
+        wait_for(lambda: incoming.exists() and prepared.exists(), 30, "the second migration's destination")
         ctx = controller_ctx(lab)
         base = f"https://{lab.state.addresses['host-b']}:{lab.state.agent_port}/v1/migrations/{first['id']}"
         for step, body in (("kill-destination", {}), ("scrub", {"side": "destination", "mode": "zero"})):
             response = httpx.post(f"{base}/{step}", json={"ticket": old_ticket, **body}, verify=ctx, timeout=60)
             assert response.status_code == 200, response.text
-        assert incoming.exists() and (incoming.parent / "disk0.qcow2").exists()
+        assert incoming.exists() and prepared.exists()
     finally:
         hold.unlink()
     done = wait_for(
