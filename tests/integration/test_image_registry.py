@@ -81,6 +81,17 @@ def test_a_signed_qcow2_image_is_imported_with_its_facts(world: World) -> None:
     assert world.events("image.imported") and not world.events("image.refused")
 
 
+def test_a_kernel_command_line_may_name_only_the_boot_parameters(world: World) -> None:
+    disk = world.upload(world.file("disk.raw", b"\0" * 4096))
+    kernel = world.upload(world.file("vmlinuz", b"kernel bytes"))
+    initrd = world.upload(world.file("initrd", b"initrd bytes"))
+    parts = (disk, Artefact("kernel", kernel.digest, kernel.size), Artefact("initrd", initrd.digest, initrd.size))
+    req = ImageImport("tiny", disk.digest, "busybox", "1.35", world.signed(*parts), kernel=kernel.digest,
+                      initrd=initrd.digest, cmdline="console=ttyS0 root=${rootdev}")
+    with pytest.raises(errors.InvalidInput, match="rootdev"):
+        world.service.import_image(req, ADMIN)
+
+
 def test_a_direct_kernel_image_is_signed_over_all_three_files(world: World) -> None:
     disk = world.upload(world.file("disk.raw", b"\0" * 4096))
     kernel = world.upload(world.file("vmlinuz", b"kernel bytes"))
@@ -131,6 +142,7 @@ def test_a_qcow2_naming_a_host_file_as_backing_or_data_is_refused(world: World) 
         ({"disk": "sha256:" + "0" * 64}, "no image file"),
         ({"cmdline": "console=ttyS0"}, "needs a direct-kernel image"),
     ],
+    ids=["name", "version", "firmware", "missing-disk", "cmdline-without-kernel"],
 )
 def test_bad_import_requests_are_one_clear_error(world: World, change: dict[str, str], problem: str) -> None:
     disk = world.upload(world.file("disk.raw", b"\3" * 4096))

@@ -24,6 +24,7 @@ from ferryman.cmdb.repository import Repository
 from ferryman.controller.fleet import Change, Fleet
 from ferryman.controller.offload import blocking
 from ferryman.core import errors
+from ferryman.core.bootparams import check_template
 from ferryman.core.models import NAME_RE, Host, ImageRef, Severity
 from ferryman.images import inspect
 from ferryman.images.signing import (
@@ -164,6 +165,8 @@ class ImageService:
             raise errors.InvalidInput("a direct-kernel image needs both --kernel and --initrd")
         if req.cmdline is not None and req.kernel is None:
             raise errors.InvalidInput("a kernel command line needs a direct-kernel image (--kernel and --initrd)")
+        if req.cmdline is not None:
+            check_template(req.cmdline)
         try:
             self.repo.get_image(req.name)
         except errors.NotFound:
