@@ -190,3 +190,19 @@ def test_a_key_is_trusted_once_under_one_name(world: World) -> None:
         world.service.trust("Bad_Name", new_private_key()[1], ADMIN)
     assert [k.name for k in world.service.repo.list_signing_keys()] == ["debian"]
     assert world.events("image.key_trusted")
+
+
+def test_a_revocation_holds_for_the_bytes_under_any_name(world: World) -> None:
+    """Re-importing a revoked image's file under another name is refused; an alias imported before is unusable."""
+    disk = world.upload(world.file("disk.raw", b"\6" * 4096))
+    for name in ("orig", "alias"):
+        world.service.import_image(ImageImport(name, disk.digest, "debian", "12", world.signed(disk)), ADMIN)
+    world.service.revoke("orig", "CVE-2026-0002", ADMIN)
+    with pytest.raises(errors.Forbidden, match="which was revoked: CVE-2026-0002"):
+        world.service.import_image(ImageImport("again", disk.digest, "debian", "12", world.signed(disk)), ADMIN)
+    with pytest.raises(errors.Forbidden, match="a file of image orig"):
+        world.service.verified("alias")
+    with pytest.raises(errors.InvalidInput, match="reserved"):
+        world.service.import_image(
+            ImageImport("ferryman-lab-guest", disk.digest, "debian", "12", world.signed(disk)), ADMIN
+        )

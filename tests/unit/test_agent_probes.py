@@ -479,3 +479,38 @@ async def test_a_probe_with_nothing_to_say_is_not_in_the_detail() -> None:
     checks = GuestChecks([FakeProbe("records"), GuestAgentProbe()], FakeRunState("runstate"))
     verdict = await checks.check(guest(), {}, wait_s=1)
     assert verdict.ok and verdict.detail == "running=True, records ok"
+
+
+async def test_a_guest_agent_that_hangs_up_or_babbles_fails_the_probe_without_stalling(tmp_path: Path) -> None:
+    """The guest controls its agent's bytes: a closed port or garbage is a failed check within its time, while the
+    event loop keeps running (a ticker advances meanwhile)."""
+    socket = tmp_path / "qga.sock"
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    for reply in (b"", b"[" * 70000 + b"\n", b"{not json}\n"):
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes = reply) -> None:
+            writer.write(reply)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, path=str(socket))
+        running = asyncio.create_task(ticker())
+        try:
+            before = ticks
+            result = await asyncio.wait_for(
+                GuestAgentProbe().check(dataclasses.replace(guest(), agent_socket=socket), None, 0.3), 10
+            )
+        finally:
+            running.cancel()
+            server.close()
+            await server.wait_closed()
+            socket.unlink(missing_ok=True)
+        assert not result.ok and "guest agent silent" in result.detail, reply[:20]
+        assert ticks > before

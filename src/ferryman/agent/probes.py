@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 Qmp = Callable[[str], Awaitable[Any]]
 PROC = Path("/proc")
 GUEST_AGENT_SOCKET = "qga.sock"  # in the VM's directory
+_AGENT_MAX_LINES = 64
+_AGENT_MAX_LINE = 4096
 
 
 @dataclass(frozen=True)
@@ -188,17 +190,34 @@ async def guest_ping(socket: Path) -> None:
         token = secrets.randbelow(1 << 31)
         writer.write(json.dumps({"execute": "guest-sync", "arguments": {"id": token}}).encode() + b"\n")
         await writer.drain()
-        while json.loads(await reader.readline() or b"null") != {"return": token}:
-            pass
+        for _ in range(_AGENT_MAX_LINES):  # what an earlier client left unread, then the sync's answer
+            if await _agent_line(reader) == {"return": token}:
+                break
+        else:
+            raise HypervisorError("the guest agent never answered guest-sync")
         writer.write(b'{"execute": "guest-ping"}\n')
         await writer.drain()
-        answer = json.loads(await reader.readline() or b"null")
+        answer = await _agent_line(reader)
         if answer != {"return": {}}:
-            raise HypervisorError(f"guest-ping answered {answer!r}")
+            raise HypervisorError(f"guest-ping answered {str(answer)[:200]!r}")
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def _agent_line(reader: asyncio.StreamReader) -> Any:
+    """One JSON line from the guest agent: the guest controls these bytes, so anything but a short, well-formed line
+    is a failure (HypervisorError), never a crash or a loop that does not yield."""
+    line = await reader.readline()
+    if not line:
+        raise HypervisorError("the guest agent closed its port")
+    if len(line) > _AGENT_MAX_LINE:
+        raise HypervisorError("the guest agent sent an overlong line")
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as err:
+        raise HypervisorError(f"the guest agent sent malformed JSON: {type(err).__name__}") from None
 
 
 @dataclass(frozen=True)

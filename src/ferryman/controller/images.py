@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ferryman.cmdb.images import ImageRecord, SigningKeyRecord
 from ferryman.cmdb.repository import Repository
-from ferryman.controller.fleet import Change, Fleet
+from ferryman.controller.fleet import LAB_GUEST_IMAGE, Change, Fleet
 from ferryman.controller.offload import blocking
 from ferryman.core import errors
 from ferryman.core.bootparams import check_template
-from ferryman.core.models import NAME_RE, Host, ImageRef, Severity
+from ferryman.core.models import Host, ImageRef, Severity, check_name
 from ferryman.images import inspect
 from ferryman.images.signing import (
     Artefact,
@@ -44,6 +44,7 @@ from ferryman.policy.versions import VersionError, parse_version
 log = structlog.get_logger(__name__)
 
 FIRMWARE = ("bios", "uefi")
+RESERVED_NAMES = frozenset({LAB_GUEST_IMAGE})
 DEFAULT_KERNEL_CMDLINE = "console=ttyS0"
 
 
@@ -77,7 +78,7 @@ class ImageService:
     # -- the trust store ---------------------------------------------------------------------------------------------
 
     def trust(self, name: str, public_key: str, principal: str) -> SigningKeyRecord:
-        _check_name(name, "key")
+        check_name("key", name)
         key = parse_public_key(public_key)
         record = SigningKeyRecord(
             name=name,
@@ -153,8 +154,8 @@ class ImageService:
         return stored
 
     def _checked(self, req: ImageImport, principal: str) -> ImageRecord:
-        _check_name(req.name, "image")
-        _check_name(req.os, "OS")
+        check_name("image", req.name)
+        check_name("OS", req.os)
         try:
             parse_version(req.version)
         except VersionError as err:
@@ -167,6 +168,8 @@ class ImageService:
             raise errors.InvalidInput("a kernel command line needs a direct-kernel image (--kernel and --initrd)")
         if req.cmdline is not None:
             check_template(req.cmdline)
+        if req.name in RESERVED_NAMES:
+            raise errors.InvalidInput(f"the image name {req.name!r} is reserved: VMs so named boot from their hosts")
         try:
             self.repo.get_image(req.name)
         except errors.NotFound:
@@ -180,6 +183,7 @@ class ImageService:
         if req.kernel is not None and req.initrd is not None:
             kernel, initrd = self.store.verify(req.kernel), self.store.verify(req.initrd)
             artefacts += [Artefact(role, f.digest, f.size) for role, f in (("kernel", kernel), ("initrd", initrd))]
+        self._refuse_revoked_bytes([a.digest for a in artefacts], req.name)
         signature = parse_signature(req.signature.encode())
         publisher = signer(self._trusted_keys(req.key), signature, artefacts)
         return ImageRecord(
@@ -203,6 +207,17 @@ class ImageService:
             firmware=req.firmware,
             guest_agent=req.guest_agent,
         )
+
+    def _refuse_revoked_bytes(self, digests: list[str], name: str) -> None:
+        """A revocation holds for the bytes, not just the name: no image may use a file a revoked image has."""
+        for other in self.repo.list_images():
+            if other.revoked and other.name != name:
+                shared = {a.digest for a in other.artefacts()} & set(digests)
+                if shared:
+                    raise errors.Forbidden(
+                        f"image {name} uses {sorted(shared)[0]}, a file of image {other.name}, which was revoked:"
+                        f" {other.revoked_reason}"
+                    )
 
     def revoke(self, name: str, reason: str, principal: str) -> ImageRecord:
         if not reason.strip():
@@ -231,6 +246,7 @@ class ImageService:
             key = self.repo.get_signing_key(image.publisher)
             if not key.trusted:
                 raise SignatureInvalid(f"image {name} was signed by {image.publisher}, whose key is no longer trusted")
+            self._refuse_revoked_bytes([a.digest for a in image.artefacts()], name)
             for artefact in image.artefacts():
                 self.store.verify(artefact.digest)
             verify(parse_public_key(key.public_key), base64.b64decode(image.signature), image.artefacts())
@@ -287,6 +303,3 @@ class ImageService:
         return sent
 
 
-def _check_name(name: str, what: str) -> None:
-    if not NAME_RE.match(name):
-        raise errors.InvalidInput(f"bad {what} name {name!r}: use 1-63 of a-z, 0-9 and '-', starting and ending alnum")

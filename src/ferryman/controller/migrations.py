@@ -99,7 +99,6 @@ class MigrationService:
         usage = {u.host.name: u for u in self.fleet.host_usage()}[to]
         if usage.host.memory_mb - usage.memory_used_mb < vm.memory_mb:
             raise errors.CapacityError(f"host {to} is full: {usage.host.memory_mb - usage.memory_used_mb} MiB free")
-        self.fleet.image_ref(vm)  # a VM whose image may not be used now (revoked, untrusted, altered) stays put
         return source, destination
 
     async def request(
@@ -145,6 +144,9 @@ class MigrationService:
         """The admission, in a worker thread: one request at a time is judged against the fleet, the policies and
         the governor and recorded, like creations choosing hosts (:attr:`Fleet.placing`), so two requests racing
         for one host or one slot are judged one after the other."""
+        # a VM whose image may not be used now (revoked, untrusted, altered) stays put; checked before the placement
+        # lock, since it hashes the image's files
+        self.fleet.image_ref(self.fleet.get_vm(vm_name)[0])
         with self.fleet.placing:
             vm, _ = self.fleet.get_vm(vm_name)
             source, destination = self._check_request(vm, to)

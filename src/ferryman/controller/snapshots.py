@@ -72,7 +72,7 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
     vm, host = await run_in_threadpool(_restorable, fleet, name, tag, principal)
     fleet.reconciler.note_change(vm.id)
     try:
-        # the restored disk is an overlay on the VM's image: the image must still be usable, and is checked again
+        # a VM booted from an image boots from it again (its disk may be an overlay on it): it must still be usable
         image = await run_in_threadpool(fleet.image_ref, vm)
         if image is not None and fleet.images is not None:
             await fleet.images.ensure_on(host, image)

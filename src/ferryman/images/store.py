@@ -87,7 +87,10 @@ class BlobStore:
     def verify(self, digest: str) -> Blob:
         """The stored file, hashed again now (DigestMismatch if it changed since it was stored)."""
         blob = self.get(digest)
-        actual = sha256_file(blob.path)
+        try:
+            actual = sha256_file(blob.path)
+        except OSError as err:
+            raise StoreError(f"cannot read stored image file {digest}: {err}") from err
         if actual != digest:
             raise DigestMismatch(f"stored image file {digest} now hashes to {actual}: it was altered on disk")
         return blob
@@ -171,10 +174,14 @@ class Upload:
     def finish(self) -> Blob:
         """Store the file under its digest (DigestMismatch, nothing stored, if it is not the one expected)."""
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as err:
+                raise StoreError(f"cannot write to the image store: {err}") from err
+            finally:
+                self._fh.close()
+                self._fh = None
         digest = "sha256:" + self._hash.hexdigest()
         if self._expected is not None and digest != self._expected:
             raise DigestMismatch(f"received bytes hash to {digest}, not {self._expected}: nothing was stored")

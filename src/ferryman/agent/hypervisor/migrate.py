@@ -308,11 +308,19 @@ def _paths_below(directory: Path) -> list[Path]:
 # -- source --------------------------------------------------------------------------------------------------------
 
 
-def mirror_sync(spec: VMSpec, index: int) -> str:
-    """``top`` for an overlay on a registry image (the destination holds the same verified image under its own
-    overlay, so only what the guest wrote travels), ``full`` for every other disk (the whole chain)."""
+def mirror_sync(spec: VMSpec, index: int, backed: bool) -> str:
+    """``top`` for an overlay on a registry image that still has the image beneath it (the destination holds the same
+    verified image under its own overlay, so only what the guest wrote travels); ``full`` for every other disk (the
+    whole chain), also for an overlay a snapshot restore flattened: its unallocated clusters read as zeros here, and
+    only ``full`` writes those zeros over the destination's image."""
     overlay = index == 0 and spec.image is not None and not spec.image.full_copy
-    return "top" if overlay else "full"
+    return "top" if overlay and backed else "full"
+
+
+async def _backed_nodes(driver: QemuDriver, vm_id: str) -> set[str]:
+    """The names of the VM's block nodes that have a backing image open beneath them."""
+    nodes = await driver.execute(vm_id, "query-named-block-nodes", {"flat": True})
+    return {str(n.get("node-name")) for n in nodes or [] if int(n.get("backing_file_depth") or 0) > 0}
 
 
 async def start_mirror(
@@ -338,12 +346,14 @@ async def start_mirror(
     check_tls_dir(tls_dir, "client")
     spec = driver.load_spec(vm_id)
     count = len(spec.disks)
+    backed = await _backed_nodes(driver, vm_id)
     await _add_object(driver, vm_id, "tls-creds-x509", NBD_CREDS, dir=str(tls_dir), endpoint="client")
     try:
         for index in range(count):
             await driver.execute(vm_id, "blockdev-add", _nbd_target(index, dst_address, nbd_port, dst_name))
+            sync = mirror_sync(spec, index, _disk_node(index) in backed)
             job: dict[str, Any] = {"job-id": _mirror_job(index), "device": _disk_node(index)}
-            job |= {"target": _nbd_node(index), "sync": mirror_sync(spec, index), "copy-mode": copy_mode}
+            job |= {"target": _nbd_node(index), "sync": sync, "copy-mode": copy_mode}
             job["auto-dismiss"] = False
             await driver.execute(vm_id, "blockdev-mirror", job)
         ready = await _wait_mirrors_ready(driver, vm_id, count, within, on_progress)

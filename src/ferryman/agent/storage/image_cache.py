@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferryman.core.errors import Forbidden, InvalidInput, NotFound
+from ferryman.core.errors import Conflict, InvalidInput, NotFound
 from ferryman.core.models import ImageRef
 from ferryman.images.signing import parse_public_key, ref_artefacts, verify
 from ferryman.images.store import BlobStore, DigestMismatch, Upload
 
 
-class ImageUnverified(Forbidden):
-    """A cached image file that is missing, altered, or not covered by the publisher's signature: it must not boot."""
+class ImageUnverified(Conflict):
+    """A cached image file that is missing, altered, or not covered by the publisher's signature: it must not boot
+    (the host's copy conflicts with what the controller vouches for; not a fencing refusal)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ class ImageCache:
                 missing = f"image {ref.name}: its {artefact.role} {artefact.digest} is not on this host"
                 raise ImageUnverified(missing) from None
             except DigestMismatch as err:
-                raise ImageUnverified(f"image {ref.name}: {err}") from None
+                # dropped, so that the controller sends it again before the next use; it boots nothing meanwhile
+                with contextlib.suppress(OSError):
+                    self.store.path(artefact.digest).unlink()
+                raise ImageUnverified(f"image {ref.name}: {err}; the cached copy was dropped") from None
             if blob.size != artefact.size:
                 wrong = f"image {ref.name}: its {artefact.role} has {blob.size} bytes, not {artefact.size}"
                 raise ImageUnverified(wrong)
