@@ -18,6 +18,7 @@ from ferryman.core import errors
 from ferryman.core.clock import SystemClock
 from ferryman.httperrors import install_error_handlers
 from ferryman.images.signing import check_digest
+from ferryman.images.store import receive
 from ferryman.pki.identity import check_peer
 from ferryman.pki.tickets import verify_lease
 from ferryman.security.asgi_tls import peer_certificate
@@ -37,8 +38,6 @@ from ferryman.wire.vms import (
     VMActionRequest,
     VMList,
 )
-
-_FLUSH_BYTES = 4 << 20
 
 
 def create_agent_app(
@@ -140,20 +139,7 @@ def _image_routes(app: FastAPI, images: ImageCache, Controller: Any) -> None:
     @app.put("/v1/images/{digest}")
     async def receive_image(digest: str, request: Request, _: Controller) -> ImageHeld:
         upload = await asyncio.to_thread(images.receive, check_digest(digest))
-        try:
-            pending: list[bytes] = []
-            buffered = 0
-            async for chunk in request.stream():
-                pending.append(chunk)
-                buffered += len(chunk)
-                if buffered >= _FLUSH_BYTES:
-                    await asyncio.to_thread(upload.write, b"".join(pending))
-                    pending, buffered = [], 0
-            if pending:
-                await asyncio.to_thread(upload.write, b"".join(pending))
-            blob = await asyncio.to_thread(upload.finish)
-        finally:
-            await asyncio.to_thread(upload.discard)
+        blob = await receive(upload, request.stream())
         return ImageHeld(digest=blob.digest, present=True, size=blob.size)
 
 

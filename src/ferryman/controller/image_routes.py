@@ -21,14 +21,13 @@ from ferryman.controller.offload import blocking
 from ferryman.core import errors
 from ferryman.core.models import Host, HostState
 from ferryman.images.signing import check_digest, parse_public_key, verify
-from ferryman.images.store import Blob
+from ferryman.images.store import receive
 
 log = structlog.get_logger(__name__)
 
 IMAGE_ROLES = frozenset({"admin"})
 """Roles whose tokens may import or revoke images and change the trusted signing keys."""
 MAX_UPLOAD_BYTES = 256 << 30
-_FLUSH_BYTES = 4 << 20
 
 
 class ImageIn(BaseModel):
@@ -147,7 +146,8 @@ def image_routes(app: FastAPI, images: ImageService, Person: Any) -> None:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
             raise errors.InvalidInput(f"an image file may hold at most {MAX_UPLOAD_BYTES >> 30} GiB")
-        stored = await _receive(images, digest, request)
+        upload = await blocking(images.store.upload, digest)
+        stored = await receive(upload, request.stream(), limit=MAX_UPLOAD_BYTES)
         return {"digest": stored.digest, "size": stored.size}
 
     @app.post("/api/v1/images", status_code=201)
@@ -215,25 +215,3 @@ def _push_targets(images: ImageService, names: list[str]) -> list[Host]:
     if names:
         return [images.repo.get_host(n) for n in names]
     return [h for h in images.repo.list_hosts() if h.state is HostState.ENROLLED]
-
-
-async def _receive(images: ImageService, digest: str, request: Request) -> Blob:
-    """The request body into the store, written in worker threads a few MiB at a time."""
-    upload = await blocking(images.store.upload, digest)
-    try:
-        pending: list[bytes] = []
-        buffered = received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > MAX_UPLOAD_BYTES:
-                raise errors.InvalidInput(f"an image file may hold at most {MAX_UPLOAD_BYTES >> 30} GiB")
-            pending.append(chunk)
-            buffered += len(chunk)
-            if buffered >= _FLUSH_BYTES:
-                await blocking(upload.write, b"".join(pending))
-                pending, buffered = [], 0
-        if pending:
-            await blocking(upload.write, b"".join(pending))
-        return await blocking(upload.finish)
-    finally:
-        await blocking(upload.discard)

@@ -12,12 +12,13 @@ registry's) or delete a file some VM still backs onto (callers decide what is un
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,7 @@ from ferryman.durable import fsync_directory
 from ferryman.images.signing import check_digest
 
 CHUNK = 1 << 20
+FLUSH_BYTES = 4 << 20  # what a streamed upload buffers before one write
 _TMP_RE = re.compile(r"^\.upload-[0-9a-f]{16}$")
 
 
@@ -143,6 +145,29 @@ class BlobStore:
 
     def digests(self) -> list[str]:
         return sorted("sha256:" + p.name for p in self._blobs.iterdir() if p.is_file())
+
+
+async def receive(upload: Upload, chunks: AsyncIterator[bytes], *, limit: int | None = None) -> Blob:
+    """Feed an HTTP body (or any stream) into ``upload`` and finish it: written in worker threads a few MiB at a
+    time, never on the caller's event loop; more than ``limit`` bytes is InvalidInput. The upload is discarded
+    whatever happens (a stored file is a link of its own)."""
+    try:
+        pending: list[bytes] = []
+        buffered = received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if limit is not None and received > limit:
+                raise InvalidInput(f"an image file may hold at most {limit >> 30} GiB")
+            pending.append(chunk)
+            buffered += len(chunk)
+            if buffered >= FLUSH_BYTES:
+                await asyncio.to_thread(upload.write, b"".join(pending))
+                pending, buffered = [], 0
+        if pending:
+            await asyncio.to_thread(upload.write, b"".join(pending))
+        return await asyncio.to_thread(upload.finish)
+    finally:
+        await asyncio.to_thread(upload.discard)
 
 
 class Upload:
