@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,9 +24,15 @@ IMAGE = "e2e-boot"
 
 
 @pytest.fixture(scope="module")
-def image(lab) -> str:
-    """The lab guest's disk, imported under another name and another trusted key."""
-    disk = ensure_guest_disk().path
+def image(lab, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The lab guest's disk with its last sector marked (bytes of its own: revoking it must not revoke the lab's
+    default image, whose files a revocation would otherwise cover), under another name and another trusted key."""
+    disk = tmp_path_factory.mktemp("e2e-boot") / "disk.raw"
+    shutil.copyfile(ensure_guest_disk().path, disk)
+    disk.chmod(0o644)
+    with disk.open("r+b") as fh:  # the end of the records partition: the guest reaches it after hours
+        fh.seek(-512, 2)
+        fh.write(b"e2e-boot".ljust(512, b"\0"))
     private, public = new_private_key()
     api = lab.api()
     api.post("/api/v1/image-keys", {"name": "e2e-boot-pub", "public_key": public})

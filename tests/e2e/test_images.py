@@ -99,7 +99,7 @@ def test_revoke_then_the_image_is_listed_revoked_and_unusable(lab, publisher, tm
 
 
 def test_the_image_store_survives_a_controller_restart(lab, publisher, tmp_path):
-    image = disk(tmp_path / "keep.qcow2", "8M")
+    image = disk(tmp_path / "keep.qcow2", "12M")  # its own bytes: "e2e-old" (8M) is revoked, and with it its file
     lab.cli("image", "import", "e2e-keep", str(image), "--os", "debian", "--version", "12.1", "--signature",
             str(signed(lab, publisher, image)))
     lab.lab.restart_controller()
