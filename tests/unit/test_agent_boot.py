@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ferryman.agent.hypervisor.boot import DEFAULT_CMDLINE, BootImage, qemu_argv
+from ferryman.agent.hypervisor.boot import BootImage, qemu_argv
+from ferryman.core.bootparams import DEFAULT_CMDLINE
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import DiskSpec, VMSpec
 from ferryman.lab.guest import GuestImage

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ferryman.agent.hypervisor.boot import DEFAULT_CMDLINE, BootImage
+from ferryman.agent.hypervisor.boot import BootImage
 from ferryman.agent.main import load_boot_and_probes, parse_args
+from ferryman.core.bootparams import DEFAULT_CMDLINE
 from ferryman.core.errors import FerrymanError, InvalidInput
 from ferryman.lab.lab import RECORDS_PROBE
 

@@ -14,13 +14,13 @@ import structlog
 from ferryman.agent.app import create_agent_app
 from ferryman.agent.enrol import enrol, is_enrolled
 from ferryman.agent.hypervisor.accel import detect_accel
-from ferryman.agent.hypervisor.boot import DEFAULT_CMDLINE, BootImage
+from ferryman.agent.hypervisor.boot import BootImage
 from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.probes import GuestProbe, load_probe
 from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
-from ferryman.core.bootparams import BOOT_PARAMETERS
+from ferryman.core.bootparams import BOOT_PARAMETERS, DEFAULT_CMDLINE
 from ferryman.core.clock import SystemClock
 from ferryman.core.errors import FerrymanError, InvalidInput
 from ferryman.logs import configure_logging

@@ -24,7 +24,7 @@ from ferryman.cmdb.repository import Repository
 from ferryman.controller.fleet import LAB_GUEST_IMAGE, Change, Fleet
 from ferryman.controller.offload import blocking
 from ferryman.core import errors
-from ferryman.core.bootparams import check_template
+from ferryman.core.bootparams import DEFAULT_CMDLINE, check_template
 from ferryman.core.models import Host, ImageRef, Severity, check_name
 from ferryman.images import inspect
 from ferryman.images.signing import (
@@ -45,7 +45,6 @@ log = structlog.get_logger(__name__)
 
 FIRMWARE = ("bios", "uefi")
 RESERVED_NAMES = frozenset({LAB_GUEST_IMAGE})
-DEFAULT_KERNEL_CMDLINE = "console=ttyS0"
 
 
 @dataclass(frozen=True)
@@ -203,7 +202,7 @@ class ImageService:
             kernel_size=kernel.size if kernel else None,
             initrd_digest=initrd.digest if initrd else None,
             initrd_size=initrd.size if initrd else None,
-            cmdline=(req.cmdline or DEFAULT_KERNEL_CMDLINE) if kernel is not None else None,
+            cmdline=(req.cmdline or DEFAULT_CMDLINE) if kernel is not None else None,
             firmware=req.firmware,
             guest_agent=req.guest_agent,
         )

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import VMSpec
 
+DEFAULT_CMDLINE = "console=ttyS0"  # the serial console is the VM's console.log
 BOOT_PARAMETERS = ("vm_id", "name", "canary", "dirty_kib_per_s", "record_interval_ms", "resident_mib")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 # SMBIOS serial words, as the guest reads them: ferryman:vm=...;canary=...;...

@@ -20,12 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferryman.core.bootparams import check_template, render, smbios_serial
+from ferryman.core.bootparams import DEFAULT_CMDLINE, check_template, render, smbios_serial
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import VMSpec
 
 MACHINE = "q35"
-DEFAULT_CMDLINE = "console=ttyS0"  # the serial console is the VM's console.log
 OVMF = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/OVMF/OVMF.fd"))
 
 

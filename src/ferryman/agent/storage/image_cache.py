@@ -43,10 +43,6 @@ class ImageCache:
     def __init__(self, root: Path) -> None:
         self.store = BlobStore(root)
 
-    def missing(self, ref: ImageRef) -> list[str]:
-        """The digests of ``ref``'s files this host does not hold yet."""
-        return [a.digest for a in ref_artefacts(ref) if not self.store.has(a.digest)]
-
     def receive(self, digest: str) -> Upload:
         """An upload of the file ``digest`` (checked against it when it ends)."""
         return self.store.upload(digest)
