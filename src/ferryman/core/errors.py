@@ -94,6 +94,10 @@ class HypervisorError(PermanentError):
     """QEMU or qemu-img refused an operation or died."""
 
 
+class NetworkError(PermanentError):
+    """A host could not plumb a VM's NIC (namespace, bridge, tap) or install and verify its nftables rules."""
+
+
 class AgentUnreachable(TransientError):
     """The host agent did not answer."""
 

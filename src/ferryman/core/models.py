@@ -55,6 +55,7 @@ class Host:
     hypervisor_version: str
     patch_level: int
     role: str = "compute"
+    underlay: str = ""  # the host's address on the overlay's underlay network (VXLAN endpoint); "" if it has none
     memory_mb: int = 2048
     state: HostState = HostState.PENDING
     created_at: dt.datetime | None = None
@@ -142,6 +143,38 @@ class VM:
 
 
 @dataclass(frozen=True)
+class Network:
+    """A tenant's virtual network: one overlay segment (VNI) and an IPv4 prefix (optionally an IPv6 one)."""
+
+    name: str
+    tenant: str
+    cidr: str
+    vni: int
+    vlan: int | None = None  # as the operator asked; the lab's overlay carries it as the VNI
+    cidr6: str | None = None
+    forensic_port: int = 22  # the one port an isolated NIC keeps open
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A VM's NIC as the CMDB knows it, with where its rules were last installed and their read-back hash."""
+
+    id: str
+    vm_id: str
+    network: str
+    index: int
+    mac: str
+    ipv4: str
+    ipv6: str | None = None
+    isolated: bool = False
+    revision: int = 1
+    host: str | None = None  # the host whose rules were last verified
+    rules_hash: str | None = None  # sha256 of the rules read back there (nft -s list table)
+    applied_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class Placement:
     """The temporal fact "VM ran on host from valid_from until valid_to" (valid_to None: still there).
 
@@ -223,6 +256,27 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """One virtual NIC as its host needs it: the segment it joins, the addresses it may use, and how its
+    anti-spoofing rules are to be rendered (:mod:`ferryman.network.rules`). The host opens the NIC's tap
+    (``fmt-<id>``) in its network namespace, on the bridge of the network's segment, and installs the NIC's own
+    nftables table (``fm_nic_<id>``) on it before QEMU runs."""
+
+    id: str  # 1-11 of [a-z0-9]: the tap's and the table's names derive from it, the same on every host
+    network: str
+    vni: int  # the overlay segment (VXLAN network identifier)
+    mac: str  # 52:54:00:xx:xx:xx, lowercase
+    ipv4: str
+    cidr: str  # the network's IPv4 prefix: traffic to the NIC comes only from inside it
+    ipv6: str | None = None
+    cidr6: str | None = None
+    isolated: bool = False  # only the forensic port is open (incident response)
+    forensic_port: int = 22
+    revision: int = 1  # the NIC's rule revision: bumps on every change of what its rules allow
+    peers: tuple[str, ...] = ()  # underlay addresses of the other hosts (VXLAN head-end replication)
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """What an agent needs to run a VM. The guest workload knobs travel on the kernel command line (and, for a VM
     booted from an image through its firmware, in its SMBIOS serial number)."""
@@ -239,6 +293,7 @@ class VMSpec:
     encrypted: bool = False  # the disks open only with the copy's key, which the controller gives per launch
     resident_mib: int = 0  # guest RAM the workload fills with non-zero data at boot (what a migration must carry)
     image: ImageRef | None = None  # None: the host's own boot image (direct kernel boot, empty disks)
+    nics: tuple[NicSpec, ...] = ()  # virtio-net NICs, each on a tap of its network's segment
 
 
 class RunState(enum.StrEnum):

@@ -60,7 +60,7 @@ from ferryman.agent.storage.images import KEY_OBJECT_ID, copy_image, create_encr
 from ferryman.core.bootparams import boot_parameters
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound, StorageError
-from ferryman.core.models import DiskSpec, ImageRef, RunState, VMRuntime, VMSpec, check_name, check_resident
+from ferryman.core.models import DiskSpec, ImageRef, NicSpec, RunState, VMRuntime, VMSpec, check_name, check_resident
 from ferryman.durable import write_atomic
 
 GONE = "GONE"
@@ -205,7 +205,9 @@ class QemuDriver:
         try:
             raw = json.loads(path.read_text())
             image = ImageRef(**raw["image"]) if raw.get("image") else None
-            return VMSpec(**{**raw, "disks": tuple(DiskSpec(**disk) for disk in raw["disks"]), "image": image})
+            nics = tuple(NicSpec(**{**nic, "peers": tuple(nic.get("peers", ()))}) for nic in raw.get("nics", ()))
+            disks = tuple(DiskSpec(**disk) for disk in raw["disks"])
+            return VMSpec(**{**raw, "disks": disks, "image": image, "nics": nics})
         except FileNotFoundError:
             raise NotFound(f"VM {vm_id} does not exist on this host") from None
         except (OSError, ValueError, TypeError, KeyError) as err:
