@@ -25,6 +25,7 @@ from ferryman.security.asgi_tls import peer_certificate
 from ferryman.wire import migration as w
 from ferryman.wire.base import Empty
 from ferryman.wire.images import ImageHeld
+from ferryman.wire.network import NicsApplied, UpdateNics
 from ferryman.wire.vms import (
     ActionDone,
     CreateVM,
@@ -108,6 +109,14 @@ def create_agent_app(
         if body.action == "pause":
             return ActionDone(runtime=Runtime.of(await driver.pause(vm_id)))
         return ActionDone(runtime=Runtime.of(await driver.resume(vm_id)))
+
+    @app.get("/v1/vms/{vm_id}/nics")
+    async def nic_states(vm_id: str, _: Controller) -> NicsApplied:
+        return NicsApplied(nics=await driver.nic_states(vm_id))
+
+    @app.post("/v1/vms/{vm_id}/nics")
+    async def update_nics(vm_id: str, body: UpdateNics, _: Controller) -> NicsApplied:
+        return NicsApplied(nics=await driver.update_nics(vm_id, body.nics))
 
     if images is not None:
         _image_routes(app, images, Controller)

@@ -17,6 +17,7 @@ from ferryman.agent.hypervisor.accel import detect_accel
 from ferryman.agent.hypervisor.boot import BootImage
 from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.migration import MigrationAgent
+from ferryman.agent.network.host import HostNetwork
 from ferryman.agent.probes import GuestProbe, load_probe
 from ferryman.agent.reporter import Reporter
 from ferryman.agent.settings import AgentSettings
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
         help="one more check that a migrated guest runs here, beside its run state and vCPU progress (repeatable;"
         " default: FERRYMAN_GUEST_PROBES, comma-separated)",
     )
+    p.add_argument("--netns", help="network namespace holding this host's bridges, taps and NIC rules")
+    p.add_argument("--underlay-ip", help="this host's overlay endpoint address (VXLAN); without it VMs get no NICs")
+    p.add_argument("--underlay-dev", default="ul0", help="the device that carries --underlay-ip (default ul0)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.snapshots_keep < 0:
@@ -75,6 +79,9 @@ def parse_args(argv: list[str] | None) -> tuple[AgentSettings, argparse.Namespac
         snapshots_keep=args.snapshots_keep,
         boot=boot,
         guest_probes=tuple(probes),
+        netns=args.netns,
+        underlay_ip=args.underlay_ip,
+        underlay_dev=args.underlay_dev,
     )
     return settings, args
 
@@ -135,7 +142,12 @@ def load_boot_and_probes(settings: AgentSettings) -> tuple[BootImage, list[Guest
 
 async def serve(settings: AgentSettings, boot: BootImage, probes: list[GuestProbe]) -> None:
     accel = settings.accel if settings.accel != "auto" else detect_accel(boot, settings.cache_dir or boot.kernel.parent)
-    driver = QemuDriver(settings.state_dir, boot, accel)
+    network = (
+        HostNetwork(settings.netns, settings.underlay_ip, settings.underlay_dev)
+        if settings.underlay_ip is not None or settings.netns is not None
+        else None
+    )
+    driver = QemuDriver(settings.state_dir, boot, accel, network=network)
     reattached = await driver.reattach()
     log.info("agent starting", host=settings.name, accel=accel, reattached=len(reattached), probes=len(probes))
     migrations = MigrationAgent(settings, driver, SystemClock(), snapshots_keep=settings.snapshots_keep, probes=probes)

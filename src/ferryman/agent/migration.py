@@ -369,6 +369,8 @@ class MigrationAgent:
         ticket = self.check(migration_id, request.ticket, "source", committed=True)
         with contextlib.suppress(errors.NotFound):
             await self._driver.stop(ticket.vm_id)
+            # the stale copy's taps went with its QEMU; its rules go now (the destination has its own)
+            await self._driver.nics.release(self._driver.load_spec(ticket.vm_id))
         return Empty()
 
     async def resume_source(self, migration_id: str, request: w.ResumeSource) -> w.SourceResumed:
@@ -391,6 +393,7 @@ class MigrationAgent:
         self._driver.use_key(ticket.vm_id, request.disk_key)
         if self._driver.is_alive(ticket.vm_id):
             state = await migrate.cancel_outgoing(self._driver, ticket.vm_id)
+            await migrate.announce(self._driver, ticket.vm_id)
             return w.SourceResumed(run_state=str(state))
         log.warning("source QEMU gone; booting the VM again from its disks", migration=migration_id, vm=ticket.vm_id)
         runtime = await self._driver.start(ticket.vm_id)
@@ -425,7 +428,8 @@ class MigrationAgent:
             shared_disks=shared,
             owner=migration_id,
         )
-        return w.Prepared(address=address, **ports)
+        nics = await self._driver.nics.states(spec)  # installed and verified before QEMU started, read back again
+        return w.Prepared(address=address, nics=nics, **ports)
 
     def _ours_incoming(self, vm_id: str, migration_id: str) -> bool:
         """An unactivated destination of ``vm_id`` here that this migration (or no claimed one) prepared."""

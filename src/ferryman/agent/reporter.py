@@ -84,4 +84,12 @@ class Reporter:
         except Exception as err:  # the inventory must keep flowing even if one listing fails
             log.error("inventory listing failed", error=str(err))
             return
-        await self._post("/agent/v1/report", {"vms": [runtime_to_dict(v) for v in vms]})
+        report: dict[str, Any] = {"vms": [runtime_to_dict(v) for v in vms]}
+        try:
+            network = await self._driver.network_report()
+        except Exception as err:  # the inventory flows without it; the controller sees the NIC tables as missing
+            log.error("network report failed", error=str(err))
+        else:
+            if network is not None:
+                report["network"] = network.model_dump(mode="json")
+        await self._post("/agent/v1/report", report)

@@ -23,6 +23,9 @@ class AgentSettings:
     snapshots_keep: int = 1  # pre-migration snapshots kept per disk (older ones are scrubbed); 0 keeps none
     boot: BootImage | None = None  # how this host boots guests, handed over by whoever deploys the agent
     guest_probes: tuple[str, ...] = ()  # extra post-migration guest probes, as ``module:factory`` import paths
+    netns: str | None = None  # the network namespace that holds this host's bridges and taps (None: the agent's own)
+    underlay_ip: str | None = None  # this host's VXLAN endpoint address (None: no NICs on this host)
+    underlay_dev: str = "ul0"
 
     @property
     def pki_dir(self) -> Path:

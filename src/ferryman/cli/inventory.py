@@ -13,6 +13,7 @@ import typer
 
 from ferryman.cli.context import Json, api, parse_profile
 from ferryman.cli.migrate import follow, migrate_vm, summary
+from ferryman.cli.networks import NIC_COLUMNS, nic_rows
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import CliError
 
@@ -123,6 +124,7 @@ def host_add(
     virt_type: Annotated[str, typer.Option("--virt-type")] = "kvm",
     role: str = "compute",
     memory: Annotated[int, typer.Option(help="MiB of guest memory the host offers")] = 2048,
+    underlay: Annotated[str, typer.Option(help="the host's overlay (VXLAN) endpoint address; none: no NICs")] = "",
     json_: Json = False,
 ) -> None:
     """Register a host; prints its one-time enrolment token."""
@@ -138,6 +140,7 @@ def host_add(
         "patch_level": patch_level,
         "role": role,
         "memory_mb": memory,
+        "underlay": underlay,
     }
     created = api().post("/api/v1/hosts", body)
     if json_:
@@ -235,9 +238,18 @@ def vm_create(
     full_copy: Annotated[
         bool, typer.Option("--full-copy", help="copy the whole image to the VM's disk instead of an overlay on it")
     ] = False,
+    network: Annotated[
+        list[str] | None, typer.Option("--network", help="give the VM a NIC on this network (repeatable)")
+    ] = None,
+    ip: Annotated[
+        list[str] | None, typer.Option("--ip", help="IPv4 address of the NIC of the same position (default: next free)")
+    ] = None,
     json_: Json = False,
 ) -> None:
     """Create and boot a VM (on the best host its placement policies allow, unless --host)."""
+    networks, ips = network or [], ip or []
+    if len(ips) > len(networks):
+        raise CliError(f"{len(ips)} --ip for {len(networks)} --network: give one --network per --ip, in order")
     body = {
         "name": name,
         "tenant": tenant,
@@ -253,6 +265,7 @@ def vm_create(
         "encrypted": encrypted,
         "image": image,
         "full_copy": full_copy,
+        "networks": [{"network": n, "ip": ips[i] if i < len(ips) else None} for i, n in enumerate(networks)],
     }
     print(f"creating {name} ...", file=sys.stderr)
     vm = api().post("/api/v1/vms", body)
@@ -312,6 +325,8 @@ def vm_show(name: str, json_: Json = False) -> None:
             ("image", (vm.get("image") or "-") + (" (full copy)" if vm.get("full_copy") else "")),
         ]
     )
+    if vm.get("nics"):
+        table("NICs", NIC_COLUMNS, nic_rows(vm["nics"]))
     if vm["neighbours"]:
         table("neighbours now", ["VM", "TENANT", "HOST", "SINCE", "UNTIL"], _neighbour_rows(vm["neighbours"]))
     else:

@@ -15,6 +15,7 @@ from ferryman.cli.images import image_app
 from ferryman.cli.inventory import host_app, site_app, vm_app
 from ferryman.cli.lab import lab_app
 from ferryman.cli.migrate import migration_app
+from ferryman.cli.networks import network_app, vm_isolate, vm_nics, vm_unisolate
 from ferryman.cli.policy import compliance_app, host_set, place, policy_app
 from ferryman.client import CliError
 
@@ -29,9 +30,13 @@ app.command("alarms")(alarms)
 app.command("place")(place)
 # ``host set`` lives with the policy commands: a changed host has its VMs re-checked against the policies
 host_app.command("set")(host_set)
+vm_app.command("nics")(vm_nics)
+vm_app.command("isolate")(vm_isolate)
+vm_app.command("unisolate")(vm_unisolate)
 app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(image_app, name="image")
+app.add_typer(network_app, name="network")
 app.add_typer(site_app, name="site")
 app.add_typer(lab_app, name="lab")
 app.add_typer(migration_app, name="migration")

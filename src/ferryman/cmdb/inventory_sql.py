@@ -30,7 +30,7 @@ from ferryman.core.errors import Conflict, InvalidInput, NotFound
 from ferryman.core.models import VM, Host, HostState, Placement, Site, Tenant, VMState
 
 HOST_MUTABLE = frozenset(
-    {"zone", "subnet", "virt_type", "hypervisor", "hypervisor_version", "patch_level", "role", "memory_mb"}
+    {"zone", "subnet", "virt_type", "hypervisor", "hypervisor_version", "patch_level", "role", "memory_mb", "underlay"}
 )
 _PLACEMENT_ORDER = (placements.c.valid_from, placements.c.generation, placements.c.vm_id)
 
@@ -386,4 +386,3 @@ class SqlInventoryMixin(SqlBase):
         with self._read() as conn:
             require_host(conn, host)
             return [_placement(r) for r in conn.execute(query)]
-

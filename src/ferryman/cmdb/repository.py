@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ferryman.cmdb.images import ImageRepository
 from ferryman.cmdb.journal import JournalRepository
 from ferryman.cmdb.key_store import KeyRepository
+from ferryman.cmdb.networks import NetworkRepository
 from ferryman.cmdb.policy_store import PolicyRepository
 from ferryman.core.models import VM, Event, Host, HostState, Placement, Severity, Site, Tenant, VMState
 
@@ -158,6 +159,7 @@ class Repository(
     PolicyRepository,
     KeyRepository,
     ImageRepository,
+    NetworkRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

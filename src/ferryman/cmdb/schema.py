@@ -116,6 +116,7 @@ hosts = sa.Table(
     sa.Column("memory_mb", sa.Integer, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("underlay", sa.String(64), nullable=False, server_default=""),
 )
 
 tenants = sa.Table(
@@ -403,4 +404,45 @@ images = sa.Table(
         "(boot = 'kernel') = (kernel_digest IS NOT NULL AND initrd_digest IS NOT NULL)", name="kernel_boot_artefacts"
     ),
     sa.Index("ix_images_disk_digest", "disk_digest"),
+)
+
+
+# -- virtual networks and their NICs (ferryman.cmdb.networks) -----------------------------------------------------
+
+networks = sa.Table(
+    "networks",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("tenant", sa.String(NAME), sa.ForeignKey("tenants.name"), nullable=False),
+    sa.Column("cidr", sa.String(64), nullable=False),
+    sa.Column("cidr6", sa.String(64), nullable=True),
+    sa.Column("vni", sa.Integer, nullable=False),
+    sa.Column("vlan", sa.Integer, nullable=True),
+    sa.Column("forensic_port", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("vni"),
+    sa.CheckConstraint("vni BETWEEN 1 AND 16777215", name="vni_range"),
+)
+
+nics = sa.Table(
+    "nics",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
+    sa.Column("network", sa.String(NAME), sa.ForeignKey("networks.name"), nullable=False),
+    sa.Column("index", sa.Integer, nullable=False),
+    sa.Column("mac", sa.String(17), nullable=False),
+    sa.Column("ipv4", sa.String(64), nullable=False),
+    sa.Column("ipv6", sa.String(64), nullable=True),
+    sa.Column("isolated", sa.Boolean, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(NAME), nullable=True),
+    sa.Column("rules_hash", sa.String(DIGEST), nullable=True),
+    sa.Column("applied_at", UtcDateTime, nullable=True),
+    sa.Column("released_at", UtcDateTime, nullable=True),  # the VM was deleted: its addresses are free again
+    sa.UniqueConstraint("vm_id", "index"),
+    sa.CheckConstraint("revision >= 1", name="revision_positive"),
+    sa.Index("ix_nics_vm_id", "vm_id"),
+    _unique_where("uq_nics_live_mac", "mac", where="released_at IS NULL"),
+    _unique_where("uq_nics_live_ipv4", "network", "ipv4", where="released_at IS NULL"),
 )

@@ -11,7 +11,8 @@ The repository is composed of one mixin per protocol, each over the transactions
 - :class:`~ferryman.cmdb.journal_sql.SqlJournalMixin`: the migration journal and its commit;
 - :class:`~ferryman.cmdb.policy_sql.SqlPolicyMixin` and :class:`~ferryman.cmdb.key_sql.SqlKeyMixin`: policy versions,
   violations and disk keys;
-- :class:`~ferryman.cmdb.image_sql.SqlImageMixin`: the image registry and its trusted signing keys.
+- :class:`~ferryman.cmdb.image_sql.SqlImageMixin`: the image registry and its trusted signing keys;
+- :class:`~ferryman.cmdb.network_sql.SqlNetworkMixin`: tenant networks and the VMs' NICs.
 
 Engines, the schema upgrade and the wrapping of database errors live in :mod:`ferryman.cmdb.engine`. Nothing here
 decides anything (no policy, no scheduling), and nothing creates or alters tables except the Alembic revisions that
@@ -27,6 +28,7 @@ from ferryman.cmdb.image_sql import SqlImageMixin
 from ferryman.cmdb.inventory_sql import SqlInventoryMixin
 from ferryman.cmdb.journal_sql import SqlJournalMixin
 from ferryman.cmdb.key_sql import SqlKeyMixin
+from ferryman.cmdb.network_sql import SqlNetworkMixin
 from ferryman.cmdb.policy_sql import SqlPolicyMixin
 from ferryman.core.clock import Clock
 
@@ -35,7 +37,14 @@ __all__ = ["SqlRepository", "open_repository"]
 
 
 class SqlRepository(
-    SqlInventoryMixin, SqlEventMixin, SqlCredentialMixin, SqlJournalMixin, SqlPolicyMixin, SqlKeyMixin, SqlImageMixin
+    SqlInventoryMixin,
+    SqlEventMixin,
+    SqlCredentialMixin,
+    SqlJournalMixin,
+    SqlPolicyMixin,
+    SqlKeyMixin,
+    SqlImageMixin,
+    SqlNetworkMixin,
 ):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included. Each public method is one
     transaction."""

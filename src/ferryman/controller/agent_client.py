@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,12 +19,13 @@ from pydantic import ValidationError
 
 from ferryman.core import errors
 from ferryman.core.clock import Clock
-from ferryman.core.models import Host, VMRuntime, VMSpec
+from ferryman.core.models import Host, NicSpec, VMRuntime, VMSpec
 from ferryman.pki.identity import check_peer
 from ferryman.pki.tls import client_context
 from ferryman.wire.base import AgentCall, R
 from ferryman.wire.errors import ErrorBody, decode_error
 from ferryman.wire.images import UPLOAD_PATH, HoldsImage, ImageHeld
+from ferryman.wire.network import NicState, ReadNics, UpdateNics
 from ferryman.wire.vms import (
     CreateVM,
     DestroyVM,
@@ -55,6 +56,8 @@ class AgentClient(Protocol):
     async def put_image(
         self, host: Host, digest: str, source: Path, size: int, *, limit_s: float = 3600
     ) -> ImageHeld: ...
+    async def nic_states(self, host: Host, vm_id: str) -> list[NicState]: ...
+    async def update_nics(self, host: Host, vm_id: str, nics: Sequence[NicSpec]) -> list[NicState]: ...
     async def aclose(self) -> None: ...
 
 
@@ -111,12 +114,16 @@ class HttpAgentClient:
                 raise errors.HypervisorError(f"{host.name}: HTTP {response.status_code}: {response.text}") from None
             raise decode_error(problem, prefix=f"{host.name}: ")
 
+    async def nic_states(self, host: Host, vm_id: str) -> list[NicState]:
+        return (await self.call(host, vm_id, ReadNics())).nics
+
+    async def update_nics(self, host: Host, vm_id: str, nics: Sequence[NicSpec]) -> list[NicState]:
+        return (await self.call(host, vm_id, UpdateNics(nics=list(nics)))).nics
+
     async def holds_image(self, host: Host, digest: str) -> ImageHeld:
         return await self.call(host, digest, HoldsImage())
 
-    async def put_image(
-        self, host: Host, digest: str, source: Path, size: int, *, limit_s: float = 3600
-    ) -> ImageHeld:
+    async def put_image(self, host: Host, digest: str, source: Path, size: int, *, limit_s: float = 3600) -> ImageHeld:
         """Stream the file ``source`` (``size`` bytes) into ``host``'s image cache as ``digest`` (the agent checks it
         on arrival)."""
 

@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ferryman.cmdb.journal import MigrationRecord
+from ferryman.cmdb.networks import NicRequest
 from ferryman.controller import schemas as s
 from ferryman.controller import snapshots
 from ferryman.controller.compliance import Compliance
@@ -30,6 +31,8 @@ from ferryman.controller.fleet import Fleet, VMRequest
 from ferryman.controller.image_routes import image_routes
 from ferryman.controller.images import ImageService
 from ferryman.controller.migrations import MigrationService
+from ferryman.controller.network_routes import network_routes
+from ferryman.controller.networks import NetworkService
 from ferryman.controller.policy_routes import policy_routes
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
@@ -57,6 +60,7 @@ def create_app(
     background: Callable[[], Any] | None = None,
     compliance: Compliance | None = None,
     images: ImageService | None = None,
+    networks: NetworkService | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -110,8 +114,7 @@ def create_app(
         _migrations(app, fleet, migrations, Person)
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
-    if images is not None:
-        image_routes(app, images, Person)
+    _registry_routes(app, fleet, images, networks, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
@@ -130,13 +133,22 @@ def create_app(
     return app
 
 
+def _registry_routes(
+    app: FastAPI, fleet: Fleet, images: ImageService | None, networks: NetworkService | None, Person: Any
+) -> None:
+    if images is not None:
+        image_routes(app, images, Person)
+    if networks is not None:  # before the VM routes: /vms/{name}/isolate must win over /vms/{name}/{action}
+        network_routes(app, fleet, networks, Person)
+
+
 def _agent_reports(app: FastAPI, fleet: Fleet, AgentHost: Any) -> None:
     """What agents push: inventory (reconciled at once) and QEMU events. The host is the certificate's."""
 
     @app.post("/agent/v1/report", response_model=s.ReportAck)
     async def report(body: s.ReportIn, host: AgentHost) -> s.ReportAck:
         vms = [runtime_from_dict(r.model_dump()) for r in body.vms]
-        fleet.reconciler.accept(host.name, vms)
+        fleet.reconciler.accept(host.name, vms, body.network)
         fleet.reconciler.run()
         return s.ReportAck(host=host.name, accepted=len(vms))
 
@@ -240,6 +252,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             encrypted=body.encrypted,
             image=body.image,
             image_copy=body.full_copy,
+            networks=tuple(NicRequest(n.network, n.ip) for n in body.networks),
         )
         vm = await fleet.create_vm(req, who.name)
         return s.VMOut.of(vm, await run_in_threadpool(fleet.repo.current_placement, vm.id))
@@ -261,7 +274,8 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         vm, placement = fleet.get_vm(name)
         neighbours = fleet.repo.neighbours_of_vm(vm.id, fleet.clock.now()) if placement else []
         base = s.VMOut.of(vm, placement).model_dump()
-        return s.VMDetail(**base, canary=vm.canary, neighbours=[s.NeighbourOut.of(n) for n in neighbours])
+        nics = [s.NicOut.of(n) for n in fleet.repo.nics_of(vm.id)]
+        return s.VMDetail(**base, canary=vm.canary, neighbours=[s.NeighbourOut.of(n) for n in neighbours], nics=nics)
 
     @app.get("/api/v1/vms/{name}/history", response_model=list[s.PlacementOut])
     def vm_history(name: str, _: Person) -> list[s.PlacementOut]:

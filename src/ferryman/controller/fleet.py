@@ -19,9 +19,11 @@ from typing import Any, Protocol
 import structlog
 
 from ferryman.cmdb.journal import ScrubReceiptRecord
+from ferryman.cmdb.networks import NicRequest
 from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
 from ferryman.controller.agent_client import AgentClient
 from ferryman.controller.keys import Copy, DiskKeys
+from ferryman.controller.networks import NetworkService
 from ferryman.controller.offload import blocking
 from ferryman.controller.reconcile import Reconciler
 from ferryman.core import errors
@@ -33,6 +35,7 @@ from ferryman.core.models import (
     Host,
     HostState,
     ImageRef,
+    NicSpec,
     Placement,
     Severity,
     Site,
@@ -81,6 +84,7 @@ class VMRequest:
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys (crypto-erase when a copy is discarded)
     image: str | None = None  # the registry image to boot (None: LAB_GUEST_IMAGE)
     image_copy: bool = False  # the first disk is a full copy of the image rather than an overlay on it
+    networks: tuple[NicRequest, ...] = ()  # one NIC per entry, in device order
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Fleet:
         self.admission: Admission | None = None
         self.images: ImageRegistry | None = None
         self.default_image: str | None = None  # the registry image of a VM whose request names none
+        self.networks: NetworkService | None = None
         self._watchers: list[Callable[[Change], None]] = []
         # held while a creation chooses its host or a migration is admitted (worker threads): two requests racing for
         # one host's memory or one of the governor's slots are judged one after the other
@@ -394,6 +399,8 @@ class Fleet:
                 raise errors.InvalidInput(f"bad profile label {key}={value}: use key=value")
         if req.encrypted and self.keys is None:
             raise errors.InvalidInput("this controller keeps no disk keys: it cannot create encrypted VMs")
+        if req.networks and self.networks is None:
+            raise errors.InvalidInput("this controller manages no networks: it cannot give VMs NICs")
         try:
             existing = self.repo.get_vm(req.name)
         except errors.NotFound:
@@ -419,11 +426,13 @@ class Fleet:
             encrypted=vm.encrypted,
             resident_mib=req.resident_mib,
             image=image,
+            nics=await blocking(self._nic_specs, vm.id, host.name),
         )
         try:
             if image is not None and self.images is not None:
                 await self.images.ensure_on(host, image)
             await self.agents.create_vm(host, spec, self.lease(vm, host.name), key)
+            await self.nics_applied(vm, host, spec.nics)
         except errors.AgentUnreachable as err:
             await blocking(self._creation_failed, vm, host, principal, err, keep=True)
             raise
@@ -435,9 +444,7 @@ class Fleet:
         self.reconciler.note_change(vm.id)
         return vm
 
-    def _register(
-        self, vm_id: str, req: VMRequest, principal: str
-    ) -> tuple[VM, Host, bytes | None, ImageRef | None]:
+    def _register(self, vm_id: str, req: VMRequest, principal: str) -> tuple[VM, Host, bytes | None, ImageRef | None]:
         """Validate, check the image, choose the host and record the VM on it with its disk key (stored, wrapped,
         before any agent sees it)."""
         self._validate(req)
@@ -464,15 +471,21 @@ class Fleet:
                 image_copy=req.image_copy if image is not None else False,
             )
             vm = self.repo.add_vm(vm, host.name, self.clock.now())
-        try:
-            key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
-        except errors.FerrymanError as err:
-            self.repo.delete_vm(vm.id, self.clock.now())
-            self.changed(Change(vm_id=vm.id))
-            self.audit(
-                "vm.create_failed", f"{vm.name}: no disk key: {err}", principal, vm=vm.id, severity=Severity.WARNING
-            )
-            raise
+            what = "no NICs"
+            try:  # addresses are allocated under the placing lock too: one request at a time takes them
+                if req.networks and self.networks is not None:
+                    self.networks.allocate(vm, req.networks)
+                what = "no disk key"
+                key = self.keys.create(Copy(vm.id, host.name, vm.generation)) if vm.encrypted and self.keys else None
+            except errors.FerrymanError as err:
+                if self.networks is not None:
+                    self.networks.release(vm.id)
+                self.repo.delete_vm(vm.id, self.clock.now())
+                self.changed(Change(vm_id=vm.id))
+                self.audit(
+                    "vm.create_failed", f"{vm.name}: {what}: {err}", principal, vm=vm.id, severity=Severity.WARNING
+                )
+                raise
         self.changed(Change(vm_id=vm.id))
         self.audit(
             "vm.create_requested",
@@ -527,8 +540,10 @@ class Fleet:
         await blocking(self._forget, vm, "creation failed")
 
     def _forget(self, vm: VM, reason: str) -> VM:
-        """The VM is gone from its host: its keys are destroyed and its CMDB row marked deleted."""
+        """The VM is gone from its host: its keys are destroyed, its addresses released and its row marked deleted."""
         self.destroy_keys(vm, reason)
+        if self.networks is not None:
+            self.networks.release(vm.id)
         vm = self.repo.delete_vm(vm.id, self.clock.now())
         self.changed(Change(vm_id=vm.id))
         return vm
@@ -559,6 +574,16 @@ class Fleet:
             )
         return gone
 
+    def _nic_specs(self, vm_id: str, host: str) -> tuple[NicSpec, ...]:
+        return self.networks.specs(vm_id, host) if self.networks is not None else ()
+
+    async def nics_applied(self, vm: VM, host: Host, nics: Sequence[NicSpec]) -> None:
+        """Read back the rules ``host`` installed for the VM's NICs and check them against the CMDB (recorded there
+        as where they apply); NetworkError if they differ."""
+        if nics and self.networks is not None:
+            states = await self.agents.nic_states(host, vm.id)
+            await blocking(self.networks.check_applied, vm.id, host.name, states, record_host=True)
+
     def lease(self, vm: VM, host: str) -> str:
         """A signed permission for ``host`` to run ``vm`` at its current generation (fencing of stale copies)."""
         return issue_lease(self.ca, vm_id=vm.id, host=host, generation=vm.generation)[1]
@@ -588,6 +613,8 @@ class Fleet:
                 await self.images.ensure_on(host, image)
             try:
                 await self.agents.vm_action(host, vm.id, action.value, lease, key)
+                if action is VMAction.START:
+                    await self.nics_applied(vm, host, await blocking(self._nic_specs, vm.id, host.name))
             except errors.Forbidden as err:
                 await blocking(
                     self.audit,

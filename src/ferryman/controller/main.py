@@ -22,6 +22,7 @@ from ferryman.controller.fleet import Fleet, certificate_revoked
 from ferryman.controller.images import ImageService
 from ferryman.controller.keys import DiskKeys
 from ferryman.controller.migrations import MigrationService
+from ferryman.controller.networks import NetworkService
 from ferryman.controller.reconcile import Reconciler
 from ferryman.controller.settings import ControllerSettings
 from ferryman.controller.stale import StaleCopies
@@ -112,8 +113,15 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
     images = ImageService(fleet, BlobStore(settings.images_dir))
     fleet.images = images
     fleet.default_image = settings.default_image
+    networks = NetworkService(repo, fleet.audit, clock.now)
+    fleet.networks = networks
     app = create_app(
-        fleet, migrations=migrations, background=reconcile_forever, compliance=compliance, images=images
+        fleet,
+        migrations=migrations,
+        background=reconcile_forever,
+        compliance=compliance,
+        images=images,
+        networks=networks,
     )
     return app, fleet, files
 

@@ -28,13 +28,14 @@ from ferryman.controller.offload import blocking
 from ferryman.controller.settings import PlainScrubMode
 from ferryman.core import errors
 from ferryman.core.clock import Clock
-from ferryman.core.models import VM, Event, Host, HostState, ImageRef, Placement, Severity, VMState
+from ferryman.core.models import VM, Event, Host, HostState, ImageRef, NicSpec, Placement, Severity, VMState
 from ferryman.migration import machine as m
 from ferryman.migration.runner import MigrationRunner, RunnerSettings
 from ferryman.migration.states import Phase
 from ferryman.pki.tickets import issue_lease, issue_ticket
 from ferryman.scheduler.governor import Active, Attempt, Governor, GovernorSettings, MigrationRequest
 from ferryman.wire.base import AgentCall, R
+from ferryman.wire.network import NicState
 from ferryman.wire.vms import Receipt
 
 ACTIVE_STATES = {VMState.RUNNING}
@@ -62,6 +63,7 @@ class MigrationService:
             settings=RunnerSettings(scrub_mode=scrub_mode),
             pause=failpoints.maybe_pause,
             images=FleetImages(fleet),
+            networks=FleetNetworks(fleet),
         )
 
     @property
@@ -458,7 +460,13 @@ class FleetInventory:
 
     async def committed(self, vm: VM) -> None:
         self._fleet.reconciler.note_change(vm.id)  # the reconciler lives on the loop
-        await blocking(self._fleet.changed, Change(vm_id=vm.id))
+        await blocking(self._moved, vm)
+
+    def _moved(self, vm: VM) -> None:
+        placement = self._fleet.repo.current_placement(vm.id)
+        if self._fleet.networks is not None and placement is not None:
+            self._fleet.networks.moved(vm.id, placement.host)
+        self._fleet.changed(Change(vm_id=vm.id))
 
     async def store_receipts(self, host: str, receipts: Sequence[Receipt], migration_id: str) -> list[dict[str, Any]]:
         return await blocking(self._fleet.store_scrub_receipts, host, receipts, migration_id)
@@ -478,6 +486,24 @@ class FleetImages:
         registry = self._fleet.images
         if registry is not None:
             await registry.ensure_on(await blocking(self._fleet.repo.get_host, host), ref)
+
+
+class FleetNetworks:
+    """The runner's :class:`~ferryman.migration.ports.Networks` port: the fleet's network service (none: no VM has
+    NICs)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    async def nics(self, vm: VM, host: str) -> tuple[NicSpec, ...]:
+        networks = self._fleet.networks
+        return await blocking(networks.specs, vm.id, host) if networks is not None else ()
+
+    async def verified(self, vm: VM, host: str, applied: Sequence[NicState]) -> str:
+        networks = self._fleet.networks
+        if networks is None:
+            return ""
+        return await blocking(networks.check_applied, vm.id, host, applied, record_host=False)
 
 
 class LoopClock:

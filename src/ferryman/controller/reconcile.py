@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import structlog
 
 from ferryman.cmdb.repository import Repository
+from ferryman.controller.networks import network_findings
 from ferryman.core.clock import Clock
 from ferryman.core.models import VM, Event, RunState, Severity, VMRuntime, VMState
+from ferryman.wire.network import NetworkReport
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +26,15 @@ log = structlog.get_logger(__name__)
 # host, both received after the VM's last lifecycle change, show them, so that a report racing a change (an inventory
 # taken just before a VM was created or stopped) does not raise a false alarm
 IMMEDIATE = frozenset(
-    {"vm.unexpected_copy", "vm.stale_copy", "vm.duplicate", "vm.unknown", "vm.deleted_but_running", "host.unreachable"}
+    {
+        "vm.unexpected_copy",
+        "vm.stale_copy",
+        "vm.duplicate",
+        "vm.unknown",
+        "vm.deleted_but_running",
+        "host.unreachable",
+        "network.foreign_table",
+    }
 )
 CONFIRMING_REPORTS = 2
 
@@ -128,7 +138,15 @@ def _check_runtime(vm: VM | None, placed: str | None, host: str, rt: VMRuntime) 
 # what a migration in flight legitimately shows on its two hosts: a paused destination, a source in postmigrate, both
 # at once, and (between the commit and the retirement of the source) a source of the old generation
 MIGRATION_EXPECTED = frozenset(
-    {"vm.unexpected_copy", "vm.duplicate", "vm.stale_copy", "vm.state_mismatch", "vm.missing", "vm.unmanaged_process"}
+    {
+        "vm.unexpected_copy",
+        "vm.duplicate",
+        "vm.stale_copy",
+        "vm.state_mismatch",
+        "vm.missing",
+        "vm.unmanaged_process",
+        "network.stale_rules",  # the destination's NIC rules exist before the commit moves the VM there
+    }
 )
 
 
@@ -151,6 +169,7 @@ class Reconciler:
         self._clock = clock
         self._stale_after = dt.timedelta(seconds=stale_after_s)
         self._reports: dict[str, HostReport] = {}
+        self._networks: dict[str, NetworkReport] = {}  # each host's latest NIC tables (hosts that plumb NICs)
         self._suspects: dict[tuple[str, str | None, str | None], set[int]] = {}
         self._changed: dict[str, dt.datetime] = {}
         self._seq = 0
@@ -160,9 +179,13 @@ class Reconciler:
         """Call ``listener`` with the confirmed discrepancies after every pass (to act on them, e.g. stale copies)."""
         self._listeners.append(listener)
 
-    def accept(self, host: str, vms: list[VMRuntime]) -> None:
+    def accept(self, host: str, vms: list[VMRuntime], network: NetworkReport | None = None) -> None:
         self._seq += 1
         self._reports[host] = HostReport(host, self._clock.now(), tuple(vms), self._seq)
+        if network is not None:
+            self._networks[host] = network
+        else:
+            self._networks.pop(host, None)
 
     def note_change(self, vm_id: str) -> None:
         """A lifecycle change of ``vm_id`` is under way: reports received before now say nothing about its state."""
@@ -207,7 +230,15 @@ class Reconciler:
                 if placement is not None:
                     placed_on[vm.id] = placement.host
         fresh = [r for r in self._reports.values() if now - r.received_at <= self._stale_after]
-        current = excuse_migrations(discrepancies(vms, placed_on, fresh), self._migrating())
+        found = discrepancies(vms, placed_on, fresh)
+        networks = {r.host: self._networks[r.host] for r in fresh if r.host in self._networks}
+        if networks:
+            nics = self._repo.all_live_nics()
+            found += [
+                Discrepancy(f.kind, f.vm_id, f.host, f.message)
+                for f in network_findings(nics, vms, placed_on, networks)
+            ]
+        current = excuse_migrations(found, self._migrating())
         current += [
             Discrepancy("host.unreachable", None, r.host, f"{r.host} has not reported since {r.received_at:%H:%M:%S}")
             for r in self._reports.values()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.repository import Alarm, Neighbour
-from ferryman.core.models import VM, Event, Host, Placement, Site
+from ferryman.core.models import VM, Event, Host, Nic, Placement, Site
+from ferryman.wire.network import NetworkReport
 
 
 class _In(BaseModel):
@@ -45,6 +47,14 @@ class HostIn(_In):
     patch_level: int = Field(ge=0)
     role: str = "compute"
     memory_mb: int = Field(default=2048, ge=64)
+    underlay: str = Field(default="", description="the host's overlay (VXLAN) endpoint address; empty: no NICs")
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, value: str) -> str:
+        if value:
+            ipaddress.IPv4Address(value)  # ValueError: a 422 naming the field
+        return value
 
 
 class HostOut(BaseModel):
@@ -62,6 +72,7 @@ class HostOut(BaseModel):
     role: str
     memory_mb: int
     state: str
+    underlay: str = ""
     vm_count: int = 0
     memory_used_mb: int = 0
     reachable: bool = False
@@ -84,6 +95,7 @@ class HostOut(BaseModel):
             role=host.role,
             memory_mb=host.memory_mb,
             state=host.state.value,
+            underlay=host.underlay,
             **usage,
         )
 
@@ -105,6 +117,43 @@ class EnrolOut(BaseModel):
     serial: str
 
 
+class NicIn(_In):
+    network: str
+    ip: str | None = None  # IPv4 address inside the network (default: the next free one)
+
+
+class NicOut(BaseModel):
+    id: str
+    network: str
+    index: int
+    mac: str
+    ipv4: str
+    ipv6: str | None
+    tap: str
+    isolated: bool
+    revision: int
+    rules_hash: str | None
+    rules_host: str | None
+    applied_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, nic: Nic) -> NicOut:
+        return cls(
+            id=nic.id,
+            network=nic.network,
+            index=nic.index,
+            mac=nic.mac,
+            ipv4=nic.ipv4,
+            ipv6=nic.ipv6,
+            tap=f"fmt-{nic.id}",
+            isolated=nic.isolated,
+            revision=nic.revision,
+            rules_hash=nic.rules_hash,
+            rules_host=nic.host,
+            applied_at=nic.applied_at,
+        )
+
+
 class VMIn(_In):
     name: str
     tenant: str
@@ -120,6 +169,7 @@ class VMIn(_In):
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys the controller holds
     image: str | None = None  # the registry image to boot (None: the hosts' own boot image)
     full_copy: bool = False  # the first disk is a full copy of the image, not an overlay on it
+    networks: list[NicIn] = Field(default_factory=list, max_length=4)  # one NIC each, in device order
 
 
 class PlacementOut(BaseModel):
@@ -212,6 +262,7 @@ class DiskKeyOut(BaseModel):
 class VMDetail(VMOut):
     canary: str
     neighbours: list[NeighbourOut]
+    nics: list[NicOut] = []
 
 
 class EventOut(BaseModel):
@@ -277,6 +328,7 @@ class ReportIn(BaseModel):
     """An agent's inventory. Any host name in the body is ignored: the host is the one its certificate names."""
 
     vms: list[RuntimeIn]
+    network: NetworkReport | None = None  # the host's NIC tables (hosts that plumb NICs)
     model_config = ConfigDict(extra="ignore")
 
 

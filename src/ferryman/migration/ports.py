@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from ferryman.cmdb.journal import MigrationRecord
-from ferryman.core.models import VM, Event, ImageRef, Placement, Severity
+from ferryman.core.models import VM, Event, ImageRef, NicSpec, Placement, Severity
 from ferryman.wire.base import AgentCall, Reply
+from ferryman.wire.network import NicState
 from ferryman.wire.vms import Receipt
 
 R = TypeVar("R", bound=Reply)
@@ -109,6 +110,19 @@ class Images(Protocol):
 
     async def ensure_on(self, host: str, ref: ImageRef) -> None:
         """``host`` holds the image's files (sent now if it lacks them; it checks each digest on arrival)."""
+        ...
+
+
+class Networks(Protocol):
+    """The VMs' NICs: what a destination must plumb, and the check of the rules it read back."""
+
+    async def nics(self, vm: VM, host: str) -> tuple[NicSpec, ...]:
+        """The NIC specs ``host`` needs for ``vm`` (none for a VM without NICs)."""
+        ...
+
+    async def verified(self, vm: VM, host: str, applied: Sequence[NicState]) -> str:
+        """Check the rules ``host`` installed and read back before its QEMU started against the CMDB (NetworkError
+        if a NIC's rules are missing or differ); a short summary for the journal."""
         ...
 
 

@@ -28,7 +28,7 @@ from ferryman.cmdb.journal import MigrationRecord
 from ferryman.core import errors
 from ferryman.core.models import VM, DiskSpec, Event, ImageRef, Severity, VMSpec
 from ferryman.migration import machine as m
-from ferryman.migration.ports import Agents, Audit, Clock, Credentials, Images, Inventory, Journal, Pause
+from ferryman.migration.ports import Agents, Audit, Clock, Credentials, Images, Inventory, Journal, Networks, Pause
 from ferryman.migration.states import Phase, Step, is_terminal
 from ferryman.pki.identity import qemu_dn_of_host
 from ferryman.scheduler.governor import Governor
@@ -71,6 +71,7 @@ class MigrationRunner:
         settings: RunnerSettings | None = None,
         pause: Pause | None = None,
         images: Images | None = None,
+        networks: Networks | None = None,
     ) -> None:
         self.journal = journal
         self.agents = agents
@@ -82,6 +83,7 @@ class MigrationRunner:
         self.settings = settings or RunnerSettings()
         self.pause = pause
         self.images = images
+        self.networks = networks
         self.progress: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
@@ -398,6 +400,7 @@ class MigrationRunner:
             encrypted=vm.encrypted,
             resident_mib=int(f.get("resident_mib") or 0),
             image=await self._image(mid, state),
+            nics=await self.networks.nics(vm, state.destination) if self.networks is not None else (),
         )
 
     async def _hooks(self, mid: str, host: str, point: w.HookPointName, **context: w.JSONValue) -> str:
@@ -438,16 +441,24 @@ class MigrationRunner:
         image = await self._image(mid, state)
         if image is not None and self.images is not None:
             await self.images.ensure_on(state.destination, image)
+        spec = await self._spec(mid, state)
         request = w.Prepare(
             ticket=await self._ticket(mid),
-            spec=await self._spec(mid, state),
+            spec=spec,
             source_dn=qemu_dn_of_host(state.source),
             crl_pem=await self.credentials.crl(),
             shared_disks=[p for p in shared if p],
             disk_key=await self._destination_key(mid, state, make=True),
         )
         out = await self._call(state.destination, mid, request, limit_s=120)
-        return {"dst_address": out.address, "migration_port": out.migration_port, "nbd_port": out.nbd_port}
+        facts: dict[str, m.Fact] = {
+            "dst_address": out.address,
+            "migration_port": out.migration_port,
+            "nbd_port": out.nbd_port,
+        }
+        if spec.nics and self.networks is not None:  # the rules stand, verified, before a byte of the VM arrives
+            facts["nic_rules"] = await self.networks.verified(await self._vm(state), state.destination, out.nics)
+        return facts
 
     async def _pre_hooks(self, mid: str, state: m.MigrationState) -> dict[str, m.Fact]:
         return {
@@ -622,4 +633,3 @@ class MigrationRunner:
         request = w.RunHooks(ticket=await self._ticket(mid), point="rollback", context={"cause": state.cause})
         out = await self._call(state.source, mid, request)
         return {"rollback_hooks": out.summary}
-

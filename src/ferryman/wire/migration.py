@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ferryman.core.models import VMSpec
 from ferryman.wire.base import AgentCall, Empty, Keyed, Reply, Ticketed
+from ferryman.wire.network import NicState
 from ferryman.wire.vms import Receipt
 
 Side = Literal["source", "destination"]
@@ -41,6 +42,7 @@ class Prepared(Reply):
     address: str
     migration_port: int
     nbd_port: int
+    nics: list[NicState] = []  # the destination's NIC rules, installed and read back before QEMU could run
 
 
 class Prepare(Ticketed, Keyed, AgentCall[Prepared]):

@@ -151,10 +151,12 @@ def qemu_argv(
     incoming: bool = False,
     key: tuple[str, int] | None = None,
     boot: ImageBoot | None = None,
+    tap_fds: Sequence[int] = (),
 ) -> list[str]:
     """QEMU's command line for the VM ``spec`` describes, run daemonized, with its QMP socket and pidfile: booted
     from ``boot`` (its registry image) or else from the host's ``image``. ``key``: the secret object id and the
-    inherited descriptor of a pipe holding the LUKS passphrase, for an encrypted VM."""
+    inherited descriptor of a pipe holding the LUKS passphrase, for an encrypted VM. ``tap_fds``: one inherited tap
+    descriptor per NIC of the spec, opened by the host on the NIC's segment (QEMU never creates a tap itself)."""
     argv = [qemu_binary, "-name", f"{spec.name},debug-threads=on", "-uuid", spec.vm_id]
     argv += machine_args(
         accel,
@@ -168,6 +170,11 @@ def qemu_argv(
     if key is not None:
         # the passphrase is read from an inherited pipe: never on the command line, never in a file
         argv += ["-object", f"secret,id={key[0]},file=/proc/self/fd/{key[1]},format=raw"]
+    if len(tap_fds) != len(spec.nics):
+        raise ValueError(f"VM {spec.vm_id} has {len(spec.nics)} NIC(s) but {len(tap_fds)} tap(s)")
+    for index, (nic, fd) in enumerate(zip(spec.nics, tap_fds, strict=True)):
+        argv += ["-netdev", f"tap,id=net{index},fd={fd}"]
+        argv += ["-device", f"virtio-net-pci,netdev=net{index},mac={nic.mac},id=nic{index}"]
     if incoming:
         # Paused until an explicit cont; the migration source and its TLS settings are given later over QMP.
         argv += ["-incoming", "defer", "-S"]

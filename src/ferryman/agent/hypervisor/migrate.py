@@ -277,8 +277,19 @@ async def activate_incoming(driver: QemuDriver, vm_id: str) -> VMRuntime:
         await driver.execute(vm_id, "nbd-server-stop")
     driver.mark_activated(vm_id)
     runtime = await driver.resume(vm_id)
+    await announce(driver, vm_id)
     log.info("incoming vm activated", vm=vm_id, pid=runtime.pid)
     return runtime
+
+
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}  # QEMU's own post-migration defaults (ms)
+
+
+async def announce(driver: QemuDriver, vm_id: str) -> None:
+    """Tell the network where the VM's NICs are now (RARP from each MAC, and the guest's own gratuitous ARP/NA):
+    bridges and the overlay's forwarding tables move to this host. Only after ``cont``: a paused VM sends nothing."""
+    if driver.load_spec(vm_id).nics:
+        await driver.execute(vm_id, "announce-self", dict(ANNOUNCE))
 
 
 async def abort_incoming(driver: QemuDriver, vm_id: str) -> list[Path]:
@@ -294,6 +305,8 @@ async def abort_incoming(driver: QemuDriver, vm_id: str) -> list[Path]:
         raise Conflict(f"VM {vm_id} on this host is not an unactivated migration destination; refusing to discard it")
     with contextlib.suppress(NotFound):
         await driver.kill(vm_id)
+    with contextlib.suppress(NotFound):  # its NICs' rules go with it (its taps went with its QEMU)
+        await driver.nics.release(driver.load_spec(vm_id))
     paths = await asyncio.to_thread(_paths_below, vm_dir)
     log.info("incoming migration aborted", vm=vm_id, residues=len(paths))
     return paths

@@ -7,11 +7,12 @@ drives real QEMU processes over QMP; ``ferryman.testing`` may ship a fake for un
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ferryman.core.models import VMRuntime, VMSpec
+from ferryman.core.models import NicSpec, VMRuntime, VMSpec
+from ferryman.wire.network import NetworkReport, NicState
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ class Hypervisor(Protocol):
 
     async def destroy(self, vm_id: str) -> None:
         """Stop the VM if it runs and remove every file it had on this host."""
+        ...
+
+    async def update_nics(self, vm_id: str, nics: Sequence[NicSpec]) -> builtins.list[NicState]:
+        """Replace the VM's NIC specs (the same NICs, new rules) and install them now if its QEMU runs."""
+        ...
+
+    async def nic_states(self, vm_id: str) -> builtins.list[NicState]:
+        """The VM's NIC rules as read back now."""
+        ...
+
+    async def network_report(self) -> NetworkReport | None:
+        """Every NIC table on this host and every foreign one (None: this host plumbs no NICs)."""
         ...
 
     async def list(self) -> builtins.list[VMRuntime]:

@@ -45,13 +45,14 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from ferryman.agent.hypervisor import procscan
 from ferryman.agent.hypervisor.boot import BootImage, ImageBoot, disable_core_dumps, image_boot, qemu_argv
+from ferryman.agent.hypervisor.nics import VMNics
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.probes import GUEST_AGENT_SOCKET
@@ -62,6 +63,10 @@ from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound, StorageError
 from ferryman.core.models import DiskSpec, ImageRef, NicSpec, RunState, VMRuntime, VMSpec, check_name, check_resident
 from ferryman.durable import write_atomic
+from ferryman.wire.network import NetworkReport, NicState
+
+if TYPE_CHECKING:
+    from ferryman.agent.network.host import HostNetwork
 
 GONE = "GONE"
 SHARED_DISKS = "disks.json"
@@ -148,6 +153,7 @@ class QemuDriver:
         qemu_img: str = "qemu-img",
         log: Any = None,
         clock: Clock | None = None,
+        network: HostNetwork | None = None,
     ) -> None:
         if accel not in ("kvm", "tcg"):
             raise InvalidInput(f"bad accelerator {accel!r}: use kvm or tcg")
@@ -157,6 +163,7 @@ class QemuDriver:
         self.qemu_binary = qemu_binary
         self.qemu_img = qemu_img
         self.images = ImageCache(self.state_dir / "images")
+        self.nics = VMNics(network)
         self._log = log if log is not None else structlog.get_logger("ferryman.agent.qemu")
         self._clock = clock or SystemClock()
         self._sessions: dict[str, _Session] = {}
@@ -434,10 +441,32 @@ class QemuDriver:
             if not vm_dir.is_dir():
                 raise NotFound(f"VM {vm_id} does not exist on this host")
             await self._terminate(vm_id)
+            with contextlib.suppress(NotFound, HypervisorError):  # a corrupt spec: reconciliation reports the rules
+                await self.nics.release(self.load_spec(vm_id))
             # crypto-erase applies only to images named and made as such (scrub_tree checks); the rest is zeroed
             mode = ScrubMode.CRYPTO
             receipts = await asyncio.to_thread(scrub_tree, [vm_dir], mode)
             self._log.info("vm destroyed", vm=vm_id, scrubbed_bytes=sum(r.bytes for r in receipts))
+
+    async def update_nics(self, vm_id: str, nics: Sequence[NicSpec]) -> builtins.list[NicState]:
+        """Replace the VM's NIC specs (the same NICs, by id and MAC, with new rules) and install the rules now if its
+        QEMU runs (else at its next launch)."""
+        async with self._lock(vm_id):
+            spec = self.load_spec(vm_id)
+            if [(n.id, n.mac) for n in nics] != [(n.id, n.mac) for n in spec.nics]:
+                raise Conflict(
+                    f"VM {vm_id} has NICs {[n.id for n in spec.nics]}; a rule change cannot add or swap NICs"
+                )
+            self._save_spec(dataclasses.replace(spec, nics=tuple(nics)))
+            if not self.is_alive(vm_id):
+                return []
+            return await self.nics.install(nics)
+
+    async def nic_states(self, vm_id: str) -> builtins.list[NicState]:
+        return await self.nics.states(self.load_spec(vm_id))
+
+    async def network_report(self) -> NetworkReport | None:
+        return await self.nics.report()
 
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on an attached VM and return its result (for migration and storage code)."""
@@ -515,7 +544,13 @@ class QemuDriver:
     # -- processes ------------------------------------------------------------------------------------------------
 
     def _argv(
-        self, spec: VMSpec, dir_fd: int, incoming: bool, key_fd: int | None = None, boot: ImageBoot | None = None
+        self,
+        spec: VMSpec,
+        dir_fd: int,
+        incoming: bool,
+        key_fd: int | None = None,
+        boot: ImageBoot | None = None,
+        tap_fds: Sequence[int] = (),
     ) -> builtins.list[str]:
         vm_dir = self._vm_dir(spec.vm_id)
         if boot is not None and spec.image is not None and spec.image.guest_agent:
@@ -532,6 +567,7 @@ class QemuDriver:
             incoming=incoming,
             key=(KEY_OBJECT_ID, key_fd) if key_fd is not None else None,
             boot=boot,
+            tap_fds=tap_fds,
         )
 
     async def _launch(self, spec: VMSpec, incoming: bool = False) -> VMRuntime:
@@ -553,10 +589,12 @@ class QemuDriver:
         for stale in ("qmp.sock", "qemu.pid"):
             (vm_dir / stale).unlink(missing_ok=True)
         key = self._key_for(spec)
+        # the NICs' taps and verified rules exist before QEMU does: no frame of the VM ever passes unfiltered
+        tap_fds = await self.nics.plumb(spec)
         dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         key_fd = _key_pipe(key) if key is not None else None
         try:
-            argv = self._argv(spec, dir_fd, incoming, key_fd, boot)
+            argv = self._argv(spec, dir_fd, incoming, key_fd, boot, tap_fds)
             self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -565,7 +603,7 @@ class QemuDriver:
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=disable_core_dumps,
                 start_new_session=True,
-                pass_fds=(dir_fd,) if key_fd is None else (dir_fd, key_fd),
+                pass_fds=(dir_fd, *tap_fds) if key_fd is None else (dir_fd, key_fd, *tap_fds),
             )
         except OSError as err:
             raise HypervisorError(f"cannot run {self.qemu_binary}: {err}") from err
@@ -573,6 +611,8 @@ class QemuDriver:
             os.close(dir_fd)
             if key_fd is not None:
                 os.close(key_fd)
+            for fd in tap_fds:  # QEMU holds its own copies: a tap lives exactly as long as its QEMU
+                os.close(fd)
         try:
             # The launching process exits once QEMU is set up, reporting setup errors on stderr.
             _, stderr = await asyncio.wait_for(proc.communicate(), self.LAUNCH_TIMEOUT)

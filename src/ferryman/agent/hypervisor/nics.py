@@ -1,0 +1,97 @@
+"""A VM's NICs on this host: each one a tap on its network's segment, guarded by its own verified nftables table.
+
+The order is the point: the tap is opened (in the host's network namespace, on the segment's bridge) and the NIC's
+rules are installed and read back *before* QEMU gets the tap, so no frame of the VM ever passes unfiltered; the tap
+closes with QEMU (nothing to clean up after a crash), and the rules go when the VM leaves the host (destroy, a
+migration's retired source or rolled-back destination).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ferryman.core.errors import NetworkError
+from ferryman.core.models import NicSpec, VMSpec
+from ferryman.wire.network import NetworkReport, NicState
+
+if TYPE_CHECKING:
+    from ferryman.agent.network.host import HostNetwork, RulesState
+
+log = structlog.get_logger(__name__)
+
+
+def _state(rules: RulesState) -> NicState:
+    return NicState(
+        nic_id=rules.nic_id,
+        table=rules.table,
+        hash=rules.hash,
+        counters=dict(rules.counters),
+        tap_present=rules.tap_present,
+    )
+
+
+class VMNics:
+    """The driver's view of the host network: None means this host plumbs no NICs (a VM with NICs is refused)."""
+
+    def __init__(self, network: HostNetwork | None) -> None:
+        self.network = network
+
+    def _host(self, spec_or_nics: VMSpec | Sequence[NicSpec]) -> HostNetwork | None:
+        nics = spec_or_nics.nics if isinstance(spec_or_nics, VMSpec) else spec_or_nics
+        if nics and self.network is None:
+            raise NetworkError("this host has no network configured (agent --netns/--underlay-ip): it cannot run NICs")
+        return self.network
+
+    async def plumb(self, spec: VMSpec) -> list[int]:
+        """Open every NIC's tap and install and verify its rules; the tap descriptors, in NIC order, for QEMU.
+        On failure nothing of it stays: the taps opened are closed, the rules installed removed."""
+        network = self._host(spec)
+        if network is None or not spec.nics:
+            return []
+        fds: list[int] = []
+        try:
+            for nic in spec.nics:
+                fds.append(await asyncio.to_thread(network.open_tap, nic))
+                await asyncio.to_thread(network.install_rules, nic)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            await self.release(spec)
+            raise
+        return fds
+
+    async def release(self, spec: VMSpec) -> None:
+        """Remove the VM's NIC rules from this host (idempotent; its taps went with its QEMU)."""
+        if self.network is None:
+            return
+        for nic in spec.nics:
+            try:
+                await asyncio.to_thread(self.network.remove_rules, nic.id)
+            except NetworkError as err:  # reconciliation reports a table left behind
+                log.error("cannot remove NIC rules", vm=spec.vm_id, nic=nic.id, error=str(err))
+
+    async def install(self, nics: Sequence[NicSpec]) -> list[NicState]:
+        """Install (replace) the rules of ``nics`` now, for a running VM whose rules changed."""
+        network = self._host(nics)
+        if network is None:
+            return []
+        return [_state(await asyncio.to_thread(network.install_rules, nic)) for nic in nics]
+
+    async def states(self, spec: VMSpec) -> list[NicState]:
+        """The rules of the VM's NICs as read back now (NICs without a table are left out)."""
+        network = self._host(spec)
+        if network is None:
+            return []
+        found = [await asyncio.to_thread(network.rules_state, nic.id) for nic in spec.nics]
+        return [_state(rules) for rules in found if rules is not None]
+
+    async def report(self) -> NetworkReport | None:
+        if self.network is None:
+            return None
+        report = await asyncio.to_thread(self.network.report)
+        return NetworkReport(nics=[_state(r) for r in report.nics], foreign_tables=list(report.foreign_tables))
