@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static postgresql cpio kmod xz-utils zstd ca-certificates openssl
-              python3-venv iproute2 procps syslinux syslinux-common mtools dosfstools fdisk
+              python3-venv iproute2 nftables procps syslinux syslinux-common mtools dosfstools fdisk
               libglib2.0-0 libnuma1 libudev1 liburing2)  # the last four: what the lab guest's qemu-ga links against
 
 missing=()

@@ -1,12 +1,16 @@
 """Builds the lab's test guest: a Debian cloud kernel plus a tiny busybox initramfs.
 
 The guest exists to be migrated and checked (see ``guest_init.sh``): it dirties memory, keeps a canary in RAM and
-appends acknowledged, numbered records to its raw disk. Agents know nothing of it: the lab hands each agent the image
+appends acknowledged, numbered records to its raw disk. It gives each virtio-net NIC the static addresses its SMBIOS
+serial names (:func:`ferryman.core.bootparams.nic_words`) and has busybox's ``ip``, ``ping``, ``arping``, ``nc``,
+``udhcpc`` and ``udhcpd`` on the guest agent's PATH, for network tests to run through ``guest-exec``
+(:mod:`ferryman.testing.guest_exec`). Agents know nothing of it: the lab hands each agent the image
 as a boot image (:class:`GuestImage`, whose command line carries the guest's workload parameters) and the reader of
 its records as a guest probe (:class:`ferryman.lab.records.DiskRecordsProbe`). The kernel comes from the Debian package
 ``linux-image-cloud-amd64`` resolved through apt, downloaded and unpacked into the cache; nothing is installed on the
-host. Builds are keyed on a hash of the init script and builder version, so an edit to the script yields a new image
-while an unchanged one is returned at once without calling apt.
+host. Builds are keyed on a hash of the init script and builder version (bump it when the archive's contents change,
+e.g. :data:`MODULES`), so an edit to the script yields a new image while an unchanged one is returned at once without
+calling apt.
 
 This module must not start VMs; :mod:`ferryman.agent.hypervisor` does that.
 """
@@ -35,20 +39,24 @@ from ferryman.agent.hypervisor.boot import BootImage
 from ferryman.core.errors import PermanentError
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
-# Dependency order; guest_init.sh loads them in this order with insmod.
+# Dependency order; guest_init.sh loads them in this order with insmod (the three network modules only when the VM
+# has a virtio-net device).
 MODULES = (
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
+    "failover",  # failover, net_failover: what virtio_net links against
+    "net_failover",
+    "virtio_net",  # the VM's NICs
     "virtio_blk",
     "virtio_console",  # the guest agent's virtio-serial port
 )
 GUEST_AGENT_PACKAGE = "qemu-guest-agent"
 GUEST_AGENT = "usr/sbin/qemu-ga"
 BUSYBOX = Path("/bin/busybox")
-_BUILDER_VERSION = "2"
+_BUILDER_VERSION = "3"
 _PT_INTERP = 3
 _COMMAND_TIMEOUT = 300.0
 READY_MARKER = "FERRYMAN-GUEST-READY"  # guest_init.sh prints it on the serial console once it runs

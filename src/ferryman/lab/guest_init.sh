@@ -16,6 +16,11 @@
 # "ferryman:vm=<id>;canary=<c>;..." (QEMU -smbios type=1,serial=...), which lets every VM boot the same disk image,
 # and from the kernel command line as ferryman.vm=<id> ferryman.canary=<c> ...; the command line wins where both
 # set one. SMBIOS values must be tokens of [A-Za-z0-9._:@+-]; others are ignored.
+#
+# Network: the NIC at index i of the VM's spec is eth<i> here (virtio-net, in PCI order). The words ip<i>=<IPv4>,
+# plen<i>=<prefix length> and, for IPv6, ip6_<i>=<IPv6>, plen6_<i>=<prefix length> give it static addresses; the init
+# waits up to 3 s for eth<i>, brings lo and eth<i> up, adds the addresses and prints "FERRYMAN-NET eth<i> <mac>
+# <address>/<plen>" per address. A VM without such words touches no network device and waits for none.
 # It must stay cheap: several of these guests share two host cores under TCG.
 
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp
@@ -28,7 +33,14 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=0755 tmpfs /run
 
 # Dependency order: virtio needs symbols from virtio_ring.
-for module in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console; do
+# ferryman.lab.guest.MODULES lists the same names in the same order.
+for module in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net \
+    virtio_blk virtio_console; do
+    case "$module" in
+        # only with a virtio-net device (virtio id 1; virtio_pci has registered every device by now), so that a VM
+        # without a NIC boots as fast as before
+        failover | net_failover | virtio_net) grep -qsx 0x0001 /sys/bus/virtio/devices/*/device || continue ;;
+    esac
     insmod "/lib/modules/$module.ko" || echo "FERRYMAN-GUEST-ERROR insmod $module"
 done
 
@@ -65,7 +77,25 @@ set_param() {
         dirty_kib=*) DIRTY_KIB="${1#*=}" ;;
         interval_ms=*) INTERVAL_MS="${1#*=}" ;;
         resident_mib=*) RESIDENT_MIB="${1#*=}" ;;
+        ip* | plen*) set_net_param "$1" ;;
     esac
+}
+# Network words go to NET_IP_<i>, NET_PLEN_<i>, NET_IP6_<i>, NET_PLEN6_<i>; NET_COUNT is one past the highest index.
+# The index is checked to be 0-99 before it becomes part of a variable name; the value is only ever assigned.
+NET_COUNT=0
+set_net_param() {
+    net_key="${1%%=*}"
+    net_value="${1#*=}"
+    case "$net_key" in
+        ip6_*) net_kind=IP6 net_index="${net_key#ip6_}" ;;
+        plen6_*) net_kind=PLEN6 net_index="${net_key#plen6_}" ;;
+        ip*) net_kind=IP net_index="${net_key#ip}" ;;
+        plen*) net_kind=PLEN net_index="${net_key#plen}" ;;
+        *) return 0 ;;
+    esac
+    case "$net_index" in [0-9] | [1-9][0-9]) ;; *) return 0 ;; esac
+    eval "NET_${net_kind}_${net_index}=\$net_value"
+    [ "$net_index" -lt "$NET_COUNT" ] || NET_COUNT=$((net_index + 1))
 }
 # SMBIOS first, then the kernel command line, so the command line wins where both set a parameter.
 SERIAL=
@@ -91,6 +121,54 @@ done
 case "$DIRTY_KIB" in '' | *[!0-9]*) DIRTY_KIB=256 ;; esac
 case "$INTERVAL_MS" in '' | *[!0-9]*) INTERVAL_MS=1000 ;; esac
 case "$RESIDENT_MIB" in '' | *[!0-9]*) RESIDENT_MIB=0 ;; esac
+
+# One address on a NIC: $1 device, $2 mac, $3 "" or "-6", $4 address, $5 prefix length.
+add_address() {
+    [ -n "$4" ] || return 0
+    case "$5" in
+        [0-9] | [0-9][0-9] | 1[0-2][0-9]) ;;
+        *)
+            echo "FERRYMAN-GUEST-ERROR $1: bad prefix length '$5' for $4"
+            return 0
+            ;;
+    esac
+    if ip $3 addr add "$4/$5" dev "$1"; then
+        echo "FERRYMAN-NET $1 $2 $4/$5"
+    else
+        echo "FERRYMAN-GUEST-ERROR $1: ip $3 addr add $4/$5 failed"
+    fi
+}
+
+# The NIC at index $1 is eth$1; its device appears a few 100 ms after virtio_net is loaded.
+configure_nic() {
+    eval "nic_ip=\${NET_IP_$1-} nic_plen=\${NET_PLEN_$1-} nic_ip6=\${NET_IP6_$1-} nic_plen6=\${NET_PLEN6_$1-}"
+    [ -n "$nic_ip$nic_ip6" ] || return 0
+    nic_dev="eth$1"
+    w=0
+    while [ ! -e "/sys/class/net/$nic_dev" ] && [ $w -lt 30 ]; do
+        usleep 100000
+        w=$((w + 1))
+    done
+    if [ ! -e "/sys/class/net/$nic_dev" ]; then
+        echo "FERRYMAN-GUEST-ERROR no $nic_dev"
+        return 0
+    fi
+    ip link set "$nic_dev" up || echo "FERRYMAN-GUEST-ERROR ip link set $nic_dev up failed"
+    read -r nic_mac < "/sys/class/net/$nic_dev/address"
+    add_address "$nic_dev" "$nic_mac" "" "$nic_ip" "$nic_plen"
+    add_address "$nic_dev" "$nic_mac" -6 "$nic_ip6" "$nic_plen6"
+}
+
+configure_network() {
+    [ "$NET_COUNT" -gt 0 ] || return 0
+    ip link set lo up
+    n=0
+    while [ $n -lt "$NET_COUNT" ]; do
+        configure_nic $n
+        n=$((n + 1))
+    done
+}
+configure_network
 
 # The canary lives in RAM (tmpfs pages) so that a memory image of this guest contains it.
 i=0

@@ -6,6 +6,11 @@ guest as a bootable disk image signed by the lab's own publisher key (the contro
 boots from its own overlay through the firmware and the bootloader on the disk), and boots a few VMs of two tenants.
 It reports progress as it goes. ``down`` stops every agent, every QEMU of the lab and the controller,
 checks that no QEMU is left, and removes the lab's state.
+
+Where it can (root, iproute2), ``up`` first gives every host a network namespace of its own on a shared underlay
+(:mod:`ferryman.lab.netlab`): each agent is told its namespace and underlay address (``--netns``, ``--underlay-ip``)
+and each host is registered with that address (``underlay``). ``down`` removes the namespaces once the QEMUs have
+exited (a QEMU's tap would keep its namespace alive). Elsewhere the lab runs without networks, and says so.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from ferryman.client import Api, CliConfig, CliError
 from ferryman.images.signing import Artefact, new_private_key, sign
 from ferryman.images.store import sha256_file
-from ferryman.lab import processes
+from ferryman.lab import netlab, processes
 from ferryman.lab.disk_image import ensure_guest_disk
 from ferryman.lab.guest import GuestImage, ensure_guest
 
@@ -76,6 +81,7 @@ class LabState:
     guest_kernel: str = ""  # the guest image every agent is handed (built at ``up``)
     guest_initrd: str = ""
     guest_disk: str = ""  # the same guest as a bootable disk, imported as LAB_IMAGE
+    network: dict[str, Any] | None = None  # netlab.LabNetwork.as_json(); None: the lab runs without networks
 
 
 class Lab:
@@ -258,21 +264,24 @@ class Lab:
         for site in SITES:
             api.post("/api/v1/sites", site)
         self.say(f"[4/5] starting {count} host agents and enrolling them with one-time tokens")
-        for i in range(count):
-            name, address = f"host-{chr(ord('a') + i)}", f"127.0.0.{i + 2}"
+        names = [host_name(i) for i in range(count)]
+        network = self._create_network(state, names)
+        for i, name in enumerate(names):
+            address = f"127.0.0.{i + 2}"
             labels = HOST_LABELS[i % len(HOST_LABELS)]
-            created = api.post(
-                "/api/v1/hosts",
-                {
-                    "name": name,
-                    "address": address,
-                    "agent_port": state.agent_port,
-                    "virt_type": state.accel,
-                    "hypervisor": "qemu",
-                    "memory_mb": self._host_memory_mb,
-                    **labels,
-                },
-            )
+            body: dict[str, Any] = {
+                "name": name,
+                "address": address,
+                "agent_port": state.agent_port,
+                "virt_type": state.accel,
+                "hypervisor": "qemu",
+                "memory_mb": self._host_memory_mb,
+                **labels,
+            }
+            hostnet = network.host(name) if network is not None else None
+            if hostnet is not None:
+                body["underlay"] = hostnet.underlay_ip
+            created = api.post("/api/v1/hosts", body)
             host_dir = self.host_dir(name)
             host_dir.mkdir(parents=True, mode=0o700, exist_ok=name in self._host_storage)
             if name in self._host_storage:
@@ -284,14 +293,59 @@ class Lab:
             state.addresses[name] = address
             state.agents[name] = self.start_agent(state, name, token_file)
             self._save(state)
-            self.say(f"      {name} on {address} ({labels['site']}, {labels['zone']}, patch {labels['patch_level']})")
+            where = f" (netns {hostnet.netns}, underlay {hostnet.underlay_ip})" if hostnet is not None else ""
+            self.say(
+                f"      {name} on {address} ({labels['site']}, {labels['zone']}, patch {labels['patch_level']}){where}"
+            )
         for name in state.agents:
             self.wait_host_up(name)
             (self.host_dir(name) / "enrol.token").unlink(missing_ok=True)
 
+    def _create_network(self, state: LabState, names: list[str]) -> netlab.LabNetwork | None:
+        """The hosts' namespaces and underlay, recorded in the state before they are created (None: this machine
+        cannot have them, which is said once). Namespaces left under this lab's names by a lab whose state is gone
+        are removed first: the controller is up on this port, so no other lab of this port runs."""
+        reason = netlab.unavailable()
+        if reason is not None:
+            self.say(f"      no lab networks ({reason}): VMs without NICs work, VMs with NICs cannot start")
+            return None
+        network = netlab.plan(state.port, names)
+        state.network = network.as_json()
+        self._save(state)
+        try:
+            leftovers = netlab.existing(network.prefix)
+            if leftovers:
+                self.say(f"      removing namespaces left by an earlier lab: {', '.join(leftovers)}")
+                netlab.destroy(network)
+            netlab.create(network)
+        except netlab.NetLabError as err:
+            raise CliError(f"cannot create the lab's network: {err}") from err
+        self.say(
+            f"      network: underlay {network.underlay_netns} ({netlab.UNDERLAY_PREFIX}0/{netlab.UNDERLAY_PREFIX_LEN},"
+            f" MTU {netlab.UNDERLAY_MTU}), a namespace {network.prefix}<host> per host"
+        )
+        return network
+
+    def _destroy_network(self, state: LabState | None, say: Say) -> None:
+        """Remove the lab's namespaces; only once its QEMUs have exited."""
+        if state is None or state.network is None:
+            return
+        try:
+            network = netlab.LabNetwork.from_json(state.network)
+            for netns in [network.underlay_netns, *(host.netns for host in network.hosts)]:
+                pids = netlab.pids_inside(netns)
+                if pids:  # they keep the namespace alive, nameless, after its deletion
+                    say(f"warning: processes still in namespace {netns}: {pids}")
+            deleted = netlab.destroy(network)
+        except netlab.NetLabError as err:
+            raise CliError(f"cannot remove the lab's network: {err}") from err
+        if deleted:
+            say(f"removed network namespaces {', '.join(deleted)}")
+
     def start_agent(self, state: LabState, name: str, token_file: Path | None = None) -> int:
         """Start (or restart) the agent of ``name``; an enrolled agent needs no token. The agent is handed the lab
-        guest as its boot image and the reader of the guest's disk records as a guest probe for validation."""
+        guest as its boot image and the reader of the guest's disk records as a guest probe for validation, and, if
+        the lab has networks, its host's namespace and underlay address."""
         guest = self._guest(state)
         args = [
             "-m",
@@ -319,6 +373,9 @@ class Lab:
         ]
         if guest.ready_marker is not None:
             args += ["--boot-ready-marker", guest.ready_marker]
+        hostnet = netlab.LabNetwork.from_json(state.network).host(name) if state.network is not None else None
+        if hostnet is not None:
+            args += ["--netns", hostnet.netns, "--underlay-ip", hostnet.underlay_ip]
         if token_file is not None:
             args += ["--enrol-token-file", str(token_file)]
         self._agent_started[name] = dt.datetime.now(dt.UTC)
@@ -403,14 +460,17 @@ class Lab:
         if state is not None and state.controller_pid:
             say("stopping the controller")
             processes.stop(state.controller_pid, self._marker())
+        self._destroy_network(state, say)  # after the QEMUs: a tap keeps its namespace alive
         if not keep_state:
             self._wipe()
         return stopped
 
     def _wipe(self) -> None:
+        state = self.load_state()
         for root in self._qemu_roots():
             if root.exists():
                 processes.kill_qemus_under(root)
+        self._destroy_network(state, lambda _m: None)
         shutil.rmtree(self.dir, ignore_errors=False)
 
     def status(self) -> dict[str, Any]:
@@ -426,7 +486,18 @@ class Lab:
             out["accel"] = state.accel
             out["controller_url"] = f"https://127.0.0.1:{state.port}"
             out["started_at"] = state.started_at
+            if state.network is not None:
+                network = netlab.LabNetwork.from_json(state.network)
+                out["network"] = {
+                    "underlay_netns": network.underlay_netns,
+                    "hosts": {h.name: {"netns": h.netns, "underlay": h.underlay_ip} for h in network.hosts},
+                }
         return out
+
+
+def host_name(index: int) -> str:
+    """The name of the lab's ``index``-th host (from 0): host-a, host-b, ..."""
+    return f"host-{chr(ord('a') + index)}"
 
 
 def default_say(message: str) -> None:

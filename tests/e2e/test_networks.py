@@ -1,0 +1,272 @@
+"""Virtual networks on a running lab, with real guests on real taps in each host's namespace, over VXLAN.
+
+Two VMs of one tenant network on different hosts ping each other; a VM of another tenant, in the same IPv4 subnet
+but on its own segment, reaches neither. A guest that forges its source address, its MAC or ARP replies gets
+nothing through and each forgery is counted by the rule that dropped it. Isolation cuts a VM off and gives it back.
+A rule deleted by hand, or a table Ferryman did not make, is an alarm within seconds. A migration keeps the ping
+going (the loss is measured and printed): the destination's rules were verified at its preparation, before the
+VM could run there, and the source's are gone after it retired.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferryman.testing.guest_exec import ExecResult, guest_exec_sync
+from ferryman.testing.wait import wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.qemu]
+
+LAB_PORT = 18443  # tests/conftest.py
+
+
+def netns(host: str) -> str:
+    return f"fm{LAB_PORT}-{host}"
+
+
+def nft(host: str, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns(host), "nft", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nft {' '.join(args)} in {netns(host)}: {proc.stderr}")
+    return proc.stdout
+
+
+class Guest:
+    """One lab VM with a NIC, driven through its guest agent on whichever host it runs."""
+
+    def __init__(self, lab: Any, name: str) -> None:
+        self.lab, self.name = lab, name
+
+    def show(self) -> dict[str, Any]:
+        return self.lab.cli_json("vm", "show", self.name)
+
+    @property
+    def ip(self) -> str:
+        return str(self.show()["nics"][0]["ipv4"])
+
+    def socket(self) -> Path:
+        vm = self.show()
+        return Path(self.lab.lab.host_dir(vm["host"])) / "vms" / vm["id"] / "qga.sock"
+
+    def run(self, *argv: str, timeout: float = 30) -> ExecResult:
+        return guest_exec_sync(self.socket(), list(argv), timeout=timeout)
+
+    def sh(self, script: str, timeout: float = 30) -> ExecResult:
+        return self.run("/bin/sh", "-c", script, timeout=timeout)
+
+    def pings(self, ip: str, count: int = 3) -> bool:
+        return self.run("ping", "-c", str(count), "-W", "1", "-w", str(count + 2), ip, timeout=count + 15).ok
+
+    def counters(self) -> dict[str, int]:
+        nics = self.lab.cli_json("vm", "nics", self.name, "--live")
+        return dict(nics[0]["live"]["counters"])
+
+
+def create(lab: Any, name: str, tenant: str, network: str, host: str, ip: str) -> Guest:
+    lab.cli_json(
+        "vm",
+        "create",
+        name,
+        "--tenant",
+        tenant,
+        "--memory",
+        "128",
+        "--host",
+        host,
+        "--dirty-kib",
+        "16",
+        "--network",
+        network,
+        "--ip",
+        ip,
+    )
+    guest = Guest(lab, name)
+    # the guest agent starts late in the boot; the guest configures its address from its SMBIOS serial before that
+    wait_for(lambda: _answers(guest), 120, f"{name}'s guest agent")
+    return guest
+
+
+def _answers(guest: Guest) -> bool:
+    try:
+        return guest.run("true", timeout=5).ok
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def guests(lab: Any) -> Any:
+    lab.cli_json("network", "create", "acme-prod", "--tenant", "acme", "--cidr", "10.50.1.0/24")
+    lab.cli_json("network", "create", "globex-lan", "--tenant", "globex", "--cidr", "10.50.1.0/24")
+    made = []
+    try:
+        for name, tenant, network, host, ip in [
+            ("net-a", "acme", "acme-prod", "host-a", "10.50.1.10"),
+            ("net-b", "acme", "acme-prod", "host-b", "10.50.1.11"),
+            ("spy", "globex", "globex-lan", "host-b", "10.50.1.12"),
+        ]:
+            made.append(name)
+            create(lab, name, tenant, network, host, ip)
+        yield {name: Guest(lab, name) for name in made}
+    finally:
+        for name in made:
+            lab.cli("vm", "delete", name, check=False)
+
+
+def test_nics_are_shown_with_verified_rules(lab: Any, guests: dict[str, Guest]) -> None:
+    vm = guests["net-a"].show()
+    (nic,) = vm["nics"]
+    assert nic["network"] == "acme-prod" and nic["ipv4"] == "10.50.1.10" and nic["mac"].startswith("52:54:00:")
+    assert (
+        nic["rules_host"] == "host-a" and nic["rules_hash"].startswith("sha256:") and nic["tap"] == f"fmt-{nic['id']}"
+    )
+    # the table on the host reads back as the CMDB recorded it
+    live = lab.cli_json("vm", "nics", "net-a", "--live")[0]["live"]
+    assert live["hash"] == nic["rules_hash"] and live["tap_present"]
+    net = lab.cli_json("network", "show", "acme-prod")
+    assert net["hosts"] == ["host-a", "host-b"] and sorted(n["vm"] for n in net["nics"]) == ["net-a", "net-b"]
+    # the guest has the address the CMDB gave it
+    assert "10.50.1.10/24" in guests["net-a"].run("ip", "addr", "show", "eth0").text
+    text = lab.cli("vm", "show", "net-a").stdout
+    assert "acme-prod" in text and nic["mac"] in text
+
+
+def test_one_network_spans_hosts_and_tenants_are_apart(guests: dict[str, Guest]) -> None:
+    a, b, spy = guests["net-a"], guests["net-b"], guests["spy"]
+    assert a.pings("10.50.1.11") and b.pings("10.50.1.10")
+    # same subnet, other tenant: another segment, no path, whichever host
+    assert not spy.pings("10.50.1.11", 2)
+    assert not spy.pings("10.50.1.10", 2)
+    assert not a.pings("10.50.1.12", 2)
+
+
+def test_forged_source_address_is_dropped_and_counted(guests: dict[str, Guest]) -> None:
+    a, b = guests["net-a"], guests["net-b"]
+    before = a.counters()["from_vm_ip4"]
+    a.sh("ip addr add 10.50.1.99/24 dev eth0")
+    try:
+        assert not a.run("ping", "-c", "3", "-W", "1", "-I", "10.50.1.99", "10.50.1.11", timeout=20).ok
+    finally:
+        a.sh("ip addr del 10.50.1.99/24 dev eth0")
+    assert a.counters()["from_vm_ip4"] >= before + 3
+    # nothing of it reached the peer: it never learned the forged address
+    assert "10.50.1.99" not in b.run("ip", "neigh").text
+    assert a.pings("10.50.1.11")
+
+
+def test_forged_mac_is_dropped_and_counted(guests: dict[str, Guest]) -> None:
+    a = guests["net-a"]
+    mac = a.show()["nics"][0]["mac"]
+    before = a.counters()["from_vm_mac"]
+    a.sh("ip link set dev eth0 address 52:54:00:66:66:66")
+    try:
+        assert not a.pings("10.50.1.11", 3)
+    finally:
+        a.sh(f"ip link set dev eth0 address {mac}")
+    assert a.counters()["from_vm_mac"] >= before + 3
+    assert a.pings("10.50.1.11")
+
+
+def test_forged_arp_for_a_neighbours_address_is_dropped_and_counted(guests: dict[str, Guest]) -> None:
+    a, b = guests["net-a"], guests["net-b"]
+    mac_a = a.show()["nics"][0]["mac"]
+    before = a.counters()["from_vm_arp"]
+    # claim net-b's address: gratuitous ARP and unsolicited replies (arping must own the address it sends as)
+    a.sh("ip addr add 10.50.1.11/32 dev eth0")
+    try:
+        a.sh("arping -U -c 2 -I eth0 -s 10.50.1.11 10.50.1.11; arping -A -c 2 -I eth0 -s 10.50.1.11 10.50.1.11", 30)
+    finally:
+        a.sh("ip addr del 10.50.1.11/32 dev eth0")
+    assert a.counters()["from_vm_arp"] >= before + 4
+    # no one was told that net-b's address lives at net-a's MAC
+    spied = guests["spy"].run("ip", "neigh").text + b.run("ip", "neigh").text
+    assert not re.search(rf"10\.50\.1\.11 .*{mac_a}", spied)
+
+
+def test_isolate_and_unisolate(lab: Any, guests: dict[str, Guest]) -> None:
+    a, b = guests["net-a"], guests["net-b"]
+    out = lab.cli_json("vm", "isolate", "net-a")
+    assert out["isolated"] and out["nics"][0]["revision"] >= 2 and out["nics"][0]["rules_hash"]
+    assert not b.pings("10.50.1.10", 2) and not a.pings("10.50.1.11", 2)
+    assert a.counters()["isolated_drop"] > 0
+    out = lab.cli_json("vm", "unisolate", "net-a")
+    assert not out["isolated"]
+    assert b.pings("10.50.1.10")
+    kinds = [e["kind"] for e in lab.cli_json("events", "--vm", "net-a")]
+    assert {"vm.isolate_requested", "vm.isolated", "vm.unisolate_requested", "vm.unisolated"} <= set(kinds)
+
+
+def open_alarms(lab: Any, kind: str) -> list[dict[str, Any]]:
+    return [a for a in lab.cli_json("alarms") if a["kind"] == kind]
+
+
+def test_a_rule_deleted_or_a_table_added_by_hand_is_an_alarm(lab: Any, guests: dict[str, Guest]) -> None:
+    nic = guests["net-b"].show()["nics"][0]
+    table = f"fm_nic_{nic['id']}"
+    listing = nft("host-b", "-a", "list", "chain", "netdev", table, "from_vm")
+    handle = re.findall(r"# handle (\d+)", listing)[-1]  # the chain's last rule (the first handle is the chain's)
+    nft("host-b", "delete", "rule", "netdev", table, "from_vm", "handle", handle)
+    alarm = wait_for(lambda: open_alarms(lab, "network.drift"), 30, "a drift alarm")
+    assert "net-b" in alarm[0]["message"]
+    # Ferryman puts the rules back by installing a new revision (isolation and back), and the alarm resolves
+    lab.cli_json("vm", "isolate", "net-b")
+    lab.cli_json("vm", "unisolate", "net-b")
+    wait_for(lambda: not open_alarms(lab, "network.drift"), 30, "the drift alarm to resolve")
+
+    nft("host-a", "add", "table", "inet", "rogue")
+    try:
+        alarm = wait_for(lambda: open_alarms(lab, "network.foreign_table"), 30, "a foreign-table alarm")
+        assert "inet rogue" in alarm[0]["message"] and alarm[0]["host"] == "host-a"
+    finally:
+        nft("host-a", "delete", "table", "inet", "rogue")
+    wait_for(lambda: not open_alarms(lab, "network.foreign_table"), 30, "the foreign-table alarm to resolve")
+
+
+def lost(output: str, interval_ms: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(sent, received, runs of missing sequence numbers) of a busybox ping's output."""
+    seqs = sorted({int(s) for s in re.findall(r"seq=(\d+)", output)})
+    sent_match = re.search(r"(\d+) packets transmitted", output)
+    sent = int(sent_match.group(1)) if sent_match else (seqs[-1] + 1 if seqs else 0)
+    missing = sorted(set(range(sent)) - set(seqs))
+    runs: list[tuple[int, int]] = []
+    for seq in missing:
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return sent, len(seqs), runs
+
+
+def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]) -> None:
+    a, b = guests["net-a"], guests["net-b"]
+    nic = a.show()["nics"][0]
+    table = f"fm_nic_{nic['id']}"
+    assert table in nft("host-a", "list", "tables") and table not in nft("host-c", "list", "tables")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # 20 pings a second from the VM that stays, across the whole migration
+        pinging = pool.submit(b.run, "ping", "-i", "0.05", "-w", "60", "10.50.1.10", timeout=90)
+        proc = lab.cli("vm", "migrate", "net-a", "--to", "host-c", "--json", timeout=600)
+        result = json.loads(proc.stdout)
+        output = pinging.result(timeout=120).text
+    assert result["outcome"] == "done", result
+    sent, received, runs = lost(output, 50)
+    worst = max((end - start + 1 for start, end in runs), default=0)
+    print(f"\nping across the migration: {sent} sent, {received} received, longest gap {worst * 50} ms, gaps {runs}")
+    assert received > 0 and sent - received < sent // 2
+    assert runs == [] or runs[-1][1] < sent - 20  # the replies came back, and kept coming, after the switch-over
+    # the destination's rules were installed and read back at its preparation, before the VM could run there
+    record = lab.cli_json("migration", "show", result["id"])
+    assert nic["id"] in json.dumps(record), record
+    moved = a.show()["nics"][0]
+    assert moved["rules_host"] == "host-c" and moved["rules_hash"] == nic["rules_hash"]
+    assert table in nft("host-c", "list", "tables")
+    assert table not in nft("host-a", "list", "tables")  # the retired source's rules are gone
+    assert a.pings("10.50.1.11") and b.pings("10.50.1.10")
