@@ -21,7 +21,8 @@ from ferryman.core.models import VM, Placement
 
 T0 = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
 JOURNAL_TABLES = {"migrations", "migration_steps", "scrub_receipts"}
-LATER_TABLES = {"policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"}  # revisions after the journal
+# the tables of the revisions after the journal
+LATER_TABLES = {"policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"}
 
 
 def at(minutes: float) -> dt.datetime:

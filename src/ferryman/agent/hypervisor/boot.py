@@ -170,6 +170,8 @@ def qemu_argv(
     if key is not None:
         # the passphrase is read from an inherited pipe: never on the command line, never in a file
         argv += ["-object", f"secret,id={key[0]},file=/proc/self/fd/{key[1]},format=raw"]
+    if boot is None and spec.nics:  # the host's own kernel reads its NICs' addresses from the serial too
+        argv += ["-smbios", f"type=1,serial={qemu_opt(smbios_serial(spec))}"]
     if len(tap_fds) != len(spec.nics):
         raise ValueError(f"VM {spec.vm_id} has {len(spec.nics)} NIC(s) but {len(tap_fds)} tap(s)")
     for index, (nic, fd) in enumerate(zip(spec.nics, tap_fds, strict=True)):
