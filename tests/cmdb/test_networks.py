@@ -12,8 +12,10 @@ import pytest
 
 from ferryman.cmdb.networks import NicRequest
 from ferryman.cmdb.sql import SqlRepository
-from ferryman.core.errors import CapacityError, Conflict, InvalidInput, NotFound
+from ferryman.controller.networks import NetworkService
+from ferryman.core.errors import CapacityError, Conflict, InvalidInput, NetworkError, NotFound
 from ferryman.core.models import VM, Network
+from ferryman.wire.network import NicState
 
 T0 = dt.datetime(2026, 12, 6, 10, tzinfo=dt.UTC)
 
@@ -120,3 +122,23 @@ def test_allocation_is_consistent_with_ipaddress(nets: SqlRepository) -> None:
     addresses = [ipaddress.IPv4Address(n.ipv4) for n in nics]
     assert len(set(addresses)) == 20 and all(a in ipaddress.IPv4Network("10.50.1.0/24") for a in addresses)
     assert len({n.mac for n in nics}) == 20
+
+
+def test_rules_read_back_elsewhere_must_match_the_first_verified_hash(nets: SqlRepository) -> None:
+    audited: list[tuple[str, str]] = []
+    service = NetworkService(nets, lambda kind, message, *a, **k: audited.append((kind, message)), lambda: T0)
+    (nic,) = nets.add_nics("id-web", [NicRequest("acme-prod")])
+    first = NicState(nic_id=nic.id, table=f"fm_nic_{nic.id}", hash="sha256:" + "a" * 64)
+    service.check_applied("id-web", "h2", [first], record_host=False)  # a destination: hash recorded, host not
+    assert nets.nics_of("id-web")[0].rules_hash == first.hash and nets.nics_of("id-web")[0].host is None
+    service.check_applied("id-web", "h1", [first], record_host=True)
+    assert nets.nics_of("id-web")[0].host == "h1"
+    other = first.model_copy(update={"hash": "sha256:" + "b" * 64})
+    with pytest.raises(NetworkError, match="read back as"):
+        service.check_applied("id-web", "h3", [other], record_host=True)
+    with pytest.raises(NetworkError, match="holds no rules"):
+        service.check_applied("id-web", "h3", [], record_host=True)
+    assert [kind for kind, _ in audited] == ["network.rules_mismatch", "network.rules_mismatch"]
+    assert nets.nics_of("id-web")[0].host == "h1"  # a refused host is never recorded as where the rules apply
+    specs = service.specs("id-web", "h1")
+    assert specs[0].ipv4 == nic.ipv4 and specs[0].cidr == "10.50.1.0/24" and specs[0].peers == ()  # no underlays

@@ -264,9 +264,40 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     assert runs == [] or runs[-1][1] < sent - 20  # the replies came back, and kept coming, after the switch-over
     # the destination's rules were installed and read back at its preparation, before the VM could run there
     record = lab.cli_json("migration", "show", result["id"])
-    assert nic["id"] in json.dumps(record), record
+    verified = f"{nic['id']}={nic['rules_hash'][:19]}"  # the prepare step's fact: the hash read back there
+    assert re.search(rf'"nic_rules": "[^"]*{re.escape(verified)}', json.dumps(record)), record
     moved = a.show()["nics"][0]
     assert moved["rules_host"] == "host-c" and moved["rules_hash"] == nic["rules_hash"]
     assert table in nft("host-c", "list", "tables")
     assert table not in nft("host-a", "list", "tables")  # the retired source's rules are gone
     assert a.pings("10.50.1.11") and b.pings("10.50.1.10")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("creating ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_network_cli_error_paths(lab: Any, guests: dict[str, Guest]) -> None:
+    bad = [
+        (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.1.2.3/24"], "host bits"),
+        (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.0.0.0/8"], "/16 to /29"),
+        (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.2.0.0/24", "--vlan", "5000"], "1-4094"),
+        (["network", "create", "acme-prod", "--tenant", "acme", "--cidr", "10.3.0.0/24"], "exists already"),
+        (["network", "show", "nope"], "not found"),
+        (["vm", "create", "x1", "--tenant", "acme", "--network", "nope"], "not found"),
+        (["vm", "create", "x1", "--tenant", "acme", "--network", "globex-lan"], "not found for tenant acme"),
+        (["vm", "create", "x1", "--tenant", "acme", "--network", "acme-prod", "--ip", "10.50.1.11"], "in use"),
+        (["vm", "create", "x1", "--tenant", "acme", "--network", "acme-prod", "--ip", "10.9.9.9"], "not a host"),
+        (["vm", "create", "x1", "--tenant", "acme", "--ip", "10.50.1.40"], "one --network per --ip"),
+        (["vm", "isolate", "nope"], "not found"),
+    ]
+    for args, expected in bad:
+        assert expected in one_line_error(lab.cli(*args, check=False)), args
+    # a refused creation leaves nothing: no VM, no address taken
+    assert "x1" not in [v["name"] for v in lab.cli_json("vm", "list")]
+    assert len(lab.cli_json("network", "show", "acme-prod")["nics"]) == 2
+    listed = {n["name"]: n for n in lab.cli_json("network", "list")}
+    assert listed["acme-prod"]["members"] == 2 and listed["globex-lan"]["tenant"] == "globex"

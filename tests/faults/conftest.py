@@ -22,7 +22,7 @@ from ferryman.testing.loopfs import loop_mount
 
 PORT, AGENT_PORT = 21443, 21444
 HOST_B_FS_MIB = 256
-INVARIANTS = ("one_copy", "generation", "records", "residue", "alarm")
+INVARIANTS = ("one_copy", "generation", "records", "residue", "alarm", "nic_rules")
 
 
 @dataclass

@@ -10,7 +10,8 @@ destination's filesystem full. After the migration ended (within a bound) every 
               (committed), and the running copy's own spec carries that generation;
 * records     every record the guest acknowledged on either console is on that host's disk, with no gap;
 * residue     the losing host keeps no directory or snapshot of the VM;
-* alarm       a STUCK migration raised an operator alarm.
+* alarm       a STUCK migration raised an operator alarm;
+* nic_rules   (a VM with a NIC) its NIC's nftables table is on the host of record, verified, and on no other host.
 
 Each VM is fresh (so no back-off carries over), and the lab's controller runs with the circuit breaker's threshold
 raised (``FERRYMAN_GOVERNOR_BREAKER_THRESHOLD``): the matrix disrupts the same host pair on purpose dozens of times,
@@ -24,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -72,11 +74,12 @@ class Case:
     note: str = ""
     rollback_from: str = "mirroring"
     encrypted: bool = False  # the VM's disks are LUKS-encrypted: every restart needs its copy's key
+    networked: bool = False  # the VM has a NIC: its tap and rules are made on the destination at its preparation
 
     @property
     def label(self) -> str:
         label = self.phase + (f" (from {self.rollback_from})" if self.rollback_from != "mirroring" else "")
-        return label + (" +encrypted" if self.encrypted else "")
+        return label + (" +encrypted" if self.encrypted else "") + (" +nic" if self.networked else "")
 
     @property
     def id(self) -> str:
@@ -150,9 +153,23 @@ CASES: list[Case] = [
     Case("source-qemu", "mirroring", "rolled_back", note=REBOOTED, encrypted=True),
     Case("dest-qemu", "transferring", "rolled_back", encrypted=True),
     Case("dest-qemu", "committed", "done", note=REBOOTED, encrypted=True),
+    # a VM with a NIC: the destination's tap and verified rules exist from its preparation on; a rollback removes
+    # them, a commit keeps them and removes the source's
+    Case("dest-agent", "dest_prepared", "rolled_back", networked=True, note="killed right after its rules were made"),
+    Case("controller", "dest_prepared", "rolled_back", networked=True),
+    Case("dest-qemu", "transferring", "rolled_back", networked=True),
+    Case("controller", "activated", "done", networked=True),
+    Case("dest-qemu", "committed", "done", note=REBOOTED, networked=True),
+    Case("source-agent", "committed", "done", networked=True, note="the source's rules go when it retires"),
 ]
 
-SAMPLE = ["controller@transferring", "controller@activated", "dest-qemu@transferring", "dest-qemu@committed+encrypted"]
+SAMPLE = [
+    "controller@transferring",
+    "controller@activated",
+    "dest-qemu@transferring",
+    "dest-qemu@committed+encrypted",
+    "dest-agent@dest_prepared+nic",
+]
 
 
 @pytest.mark.faults
@@ -202,6 +219,7 @@ def run_case(fl: FaultLab, case: Case, table: list[Row]) -> None:
             "host": SOURCE,
             "record_interval_ms": 250,
             "encrypted": case.encrypted,
+            "networks": [{"network": fault_network(fl)}] if case.networked else [],
         },
     )
     run = Run(name, vm["id"])
@@ -340,6 +358,17 @@ def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
 
     row.acked = run.acked
 
+    if case.networked:  # the NIC's rules: on the host of record (as the CMDB verified them), on no other host
+        nic = vm["nics"][0]
+        table = f"fm_nic_{nic['id']}"
+        here, there = table in nft_tables(fl, home), table in nft_tables(fl, other)
+        if not here or there:
+            results["nic_rules"] = f"FAIL: table on {home}: {here}, on {other}: {there}"
+        elif nic["rules_host"] != home:
+            results["nic_rules"] = f"FAIL: the CMDB says its rules apply on {nic['rules_host']}, not {home}"
+        else:
+            results["nic_rules"] = "ok"
+
     # residue: nothing of the VM on the losing host (its directory, its pre-migration snapshots)
     leftovers = [fl.lab.host_dir(other) / kind / run.vm_id for kind in ("vms", "snapshots")]
     kept = [str(path) for path in leftovers if path.exists()]
@@ -381,6 +410,28 @@ def check(fl: FaultLab, case: Case, run: Run, row: Row) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+
+
+def fault_network(fl: FaultLab) -> str:
+    """The tenant network the cases' NICs join (created by the first case that needs it)."""
+    api = fl.lab.api()
+    if not any(n["name"] == "fault-net" for n in api.get("/api/v1/networks")):
+        api.post("/api/v1/networks", {"name": "fault-net", "tenant": "acme", "cidr": "10.60.0.0/16"})
+    return "fault-net"
+
+
+def nft_tables(fl: FaultLab, host: str) -> str:
+    """``nft list tables`` in the lab host's network namespace."""
+    state = fl.lab.load_state()
+    assert state is not None
+    proc = subprocess.run(
+        ["ip", "netns", "exec", f"fm{state.port}-{host}", "nft", "list", "tables"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
 
 
 def poll(predicate: Callable[[], Any], timeout_s: float) -> bool:

@@ -1,6 +1,6 @@
 """Fixtures for tests that boot real QEMU guests through :class:`QemuDriver`.
 
-Every QEMU a test starts is killed in teardown by pid (``kill_all`` over the test's state dir), never by name.
+Every QEMU a test starts is killed in teardown by pid (``procscan.kill_all`` over the test's state dir), never by name.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ferryman.agent.hypervisor.qmp import QemuDriver, kill_all
+from ferryman.agent.hypervisor.procscan import kill_all
+from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.lab.guest import GuestImage, ensure_guest
 
 QEMU = "qemu-system-x86_64"

@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from ferryman.agent.hypervisor import migrate, procscan
 from ferryman.agent.hypervisor.migrate import MigrationStatus
-from ferryman.agent.hypervisor.qmp import QemuDriver, kill_all
+from ferryman.agent.hypervisor.procscan import kill_all
+from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.hypervisor.tlsdir import check_tls_dir, qemu_identity, write_tls_dir
 from ferryman.core.clock import SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, PKIError

@@ -639,6 +639,7 @@ class MigrationAgent:
         )
         with contextlib.suppress(errors.NotFound):
             await self._driver.kill(vm_id)
+        await self._driver.nics.release(spec)  # its taps went with its QEMU; the copy of record has its own rules
         disks = self._driver.disk_paths(vm_id)
         processes = await asyncio.to_thread(procscan.scan_qemu)
         in_use = {d for d in disks if any(proc.references(d) for proc in processes)}

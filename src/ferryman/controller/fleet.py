@@ -361,6 +361,8 @@ class Fleet:
             candidate = usage[req.host]
             if candidate.host.state is not HostState.ENROLLED:
                 raise errors.Conflict(f"host {req.host} is not enrolled yet")
+            if req.networks and not candidate.host.underlay:
+                raise errors.Conflict(f"host {req.host} has no overlay endpoint (underlay): it cannot run NICs")
             free = candidate.host.memory_mb - candidate.memory_used_mb
             if free < req.memory_mb:
                 raise errors.CapacityError(
@@ -376,9 +378,11 @@ class Fleet:
             if u.host.state is HostState.ENROLLED
             and u.host.role == "compute"
             and u.host.memory_mb - u.memory_used_mb >= req.memory_mb
+            and (u.host.underlay or not req.networks)
         ]
         if not eligible:
-            raise errors.CapacityError(f"no enrolled host has {req.memory_mb} MiB free")
+            needs = " and an overlay endpoint for NICs" if req.networks else ""
+            raise errors.CapacityError(f"no enrolled host has {req.memory_mb} MiB free{needs}")
         chosen = None
         if self.admission is not None:
             chosen = self.admission.admit_creation(req, [u.host for u in eligible], principal)

@@ -98,6 +98,8 @@ class MigrationService:
             raise errors.InvalidInput(f"{vm.name} already runs on {to}")
         if destination.state is not HostState.ENROLLED or not self.fleet.reconciler.is_fresh(destination.name):
             raise errors.Conflict(f"destination {to} is not enrolled and reporting")
+        if not destination.underlay and self.repo.nics_of(vm.id):
+            raise errors.Conflict(f"{to} has no overlay endpoint (underlay): {vm.name}'s NICs cannot follow it there")
         usage = {u.host.name: u for u in self.fleet.host_usage()}[to]
         if usage.host.memory_mb - usage.memory_used_mb < vm.memory_mb:
             raise errors.CapacityError(f"host {to} is full: {usage.host.memory_mb - usage.memory_used_mb} MiB free")

@@ -3,11 +3,12 @@
 The agent does not own its QEMU processes (they are daemonized so they outlive it), so it learns what runs from the
 kernel: pidfiles say which process a VM should be, /proc says what is really there. Reading /proc is racy by nature:
 a process may vanish between two reads, which every function here treats as "not there". Nothing here signals or
-changes a process except :func:`kill`.
+changes a process except :func:`kill` and :func:`kill_all` (lab teardown and tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -15,6 +16,8 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ferryman.core.errors import HypervisorError
 
 PROC = Path("/proc")
 
@@ -119,3 +122,29 @@ def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     """Send ``sig`` to ``pid``; a process that is already gone is not an error."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+async def wait_exit(pid: int, seconds: float) -> bool:
+    """Poll until ``pid`` is gone (it is not our child, so it cannot be awaited); False after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while is_alive(pid):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def kill_all(state_dir: Path, wait_seconds: float = 10.0) -> list[int]:
+    """SIGKILL every QEMU process that references ``state_dir`` (its VMs and any stray copy); returns their pids.
+
+    For lab teardown and tests only: no QMP, no grace period.
+    """
+    root = await asyncio.to_thread(state_dir.resolve)
+    victims = [proc.pid for proc in await asyncio.to_thread(scan_qemu) if proc.references(root)]
+    for pid in victims:
+        kill(pid, signal.SIGKILL)
+    for pid in victims:
+        if not await wait_exit(pid, wait_seconds):
+            raise HypervisorError(f"QEMU pid {pid} survived SIGKILL")
+    return victims

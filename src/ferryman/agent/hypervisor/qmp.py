@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -413,7 +412,7 @@ class QemuDriver:
             proc = procscan.qemu_at(self._vm_dir(vm_id) / "qemu.pid")
             if proc is not None:
                 procscan.kill(proc.pid)
-                if not await _wait_exit(proc.pid, self.KILL_TIMEOUT):
+                if not await procscan.wait_exit(proc.pid, self.KILL_TIMEOUT):
                     raise HypervisorError(f"QEMU pid {proc.pid} of VM {vm_id} survived SIGKILL")
             if session is not None and session.watch is not None:
                 with contextlib.suppress(TimeoutError):
@@ -579,7 +578,7 @@ class QemuDriver:
             return await self._runtime(spec.vm_id)
         except BaseException:
             procscan.kill(pid)
-            await _wait_exit(pid, self.KILL_TIMEOUT)
+            await procscan.wait_exit(pid, self.KILL_TIMEOUT)
             await self._detach(spec.vm_id)
             raise
 
@@ -648,10 +647,10 @@ class QemuDriver:
                 await self._execute(vm_id, "quit")
             except HypervisorError as err:
                 self._log.warning("qmp quit failed; waiting for exit", vm=vm_id, pid=proc.pid, error=str(err))
-        if not await _wait_exit(proc.pid, self.STOP_TIMEOUT if session else 0.0):
+        if not await procscan.wait_exit(proc.pid, self.STOP_TIMEOUT if session else 0.0):
             self._log.warning("qemu did not quit; sending SIGKILL", vm=vm_id, pid=proc.pid)
             procscan.kill(proc.pid)
-            if not await _wait_exit(proc.pid, self.KILL_TIMEOUT):
+            if not await procscan.wait_exit(proc.pid, self.KILL_TIMEOUT):
                 raise HypervisorError(f"QEMU pid {proc.pid} of VM {vm_id} survived SIGKILL")
         if session is not None and session.watch is not None:
             with contextlib.suppress(TimeoutError):
@@ -720,7 +719,7 @@ class QemuDriver:
                 await session.pump
         for message in session.listener.clear():
             self._publish_message(session.vm_id, message)
-        gone = await _wait_exit(session.pid, self.STOP_TIMEOUT)
+        gone = await procscan.wait_exit(session.pid, self.STOP_TIMEOUT)
         data = {"pid": session.pid, "expected": session.expect_exit}
         now = self._clock.now().timestamp()
         self._publish(HypervisorEvent(session.vm_id, GONE if gone else QMP_LOST, data, now))
@@ -799,29 +798,3 @@ def _validate(spec: VMSpec) -> None:
         raise InvalidInput("every disk needs at least 512 bytes")
     check_resident(spec.resident_mib, spec.memory_mb)
     boot_parameters(spec)
-
-
-async def _wait_exit(pid: int, seconds: float) -> bool:
-    """Poll until ``pid`` is gone (it is not our child, so it cannot be awaited); False after ``seconds``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while procscan.is_alive(pid):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-async def kill_all(state_dir: Path, wait_seconds: float = 10.0) -> list[int]:
-    """SIGKILL every QEMU process that references ``state_dir`` (its VMs and any stray copy); returns their pids.
-
-    For lab teardown and tests only: no QMP, no grace period.
-    """
-    root = await asyncio.to_thread(state_dir.resolve)
-    victims = [proc.pid for proc in await asyncio.to_thread(procscan.scan_qemu) if proc.references(root)]
-    for pid in victims:
-        procscan.kill(pid, signal.SIGKILL)
-    for pid in victims:
-        if not await _wait_exit(pid, wait_seconds):
-            raise HypervisorError(f"QEMU pid {pid} survived SIGKILL")
-    return victims
