@@ -22,7 +22,10 @@ from ferryman.core.models import VM, Placement
 T0 = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)
 JOURNAL_TABLES = {"migrations", "migration_steps", "scrub_receipts"}
 # the tables of the revisions after the journal
-LATER_TABLES = {"policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"}
+LATER_TABLES = {
+    *("policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"),
+    *("incidents", "incident_actions", "evidence", "manifests"),
+}
 
 
 def at(minutes: float) -> dt.datetime:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ferryman.cmdb.images import ImageRepository
+from ferryman.cmdb.incidents import IncidentRepository
 from ferryman.cmdb.journal import JournalRepository
 from ferryman.cmdb.key_store import KeyRepository
 from ferryman.cmdb.networks import NetworkRepository
@@ -160,6 +161,7 @@ class Repository(
     KeyRepository,
     ImageRepository,
     NetworkRepository,
+    IncidentRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

@@ -446,3 +446,77 @@ nics = sa.Table(
     _unique_where("uq_nics_live_mac", "mac", where="released_at IS NULL"),
     _unique_where("uq_nics_live_ipv4", "network", "ipv4", where="released_at IS NULL"),
 )
+
+# -- incidents, their timelines and evidence (ferryman.cmdb.incidents) ----------------------------------------------
+
+# vm_id and host carry no foreign key: an incident may be opened for a host the CMDB no longer has; the VM's id is
+# kept even after the VM is deleted (the incident outlives it)
+incidents = sa.Table(
+    "incidents",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("vm_id", sa.String(64), nullable=True),
+    sa.Column("host", sa.String(NAME), nullable=True),
+    sa.Column("tenant", sa.String(NAME), nullable=True),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("dedup_key", sa.String(255), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("opened_at", UtcDateTime, nullable=False),
+    sa.Column("opened_by", sa.String(255), nullable=False),
+    sa.Column("alerts", sa.Integer, nullable=False),
+    sa.Column("last_alert_at", UtcDateTime, nullable=True),
+    sa.Column("closed_at", UtcDateTime, nullable=True),
+    sa.Column("closed_by", sa.String(255), nullable=True),
+    sa.Column("resolution", sa.Text, nullable=True),
+    sa.CheckConstraint("state IN ('open', 'closed')", name="state_kind"),
+    sa.CheckConstraint("vm_id IS NOT NULL OR host IS NOT NULL", name="has_subject"),
+    sa.Index("ix_incidents_vm_id", "vm_id"),
+    _unique_where("uq_incidents_open_dedup", "dedup_key", where="state = 'open' AND dedup_key IS NOT NULL"),
+)
+
+incident_actions = sa.Table(
+    "incident_actions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id"), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("principal", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", json_type(), nullable=False),
+    sa.Index("ix_incident_actions_incident_id", "incident_id"),
+)
+
+evidence = sa.Table(
+    "evidence",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id"), nullable=False),
+    sa.Column("capture", sa.String(64), nullable=False),
+    sa.Column("artefact", sa.String(64), nullable=False),
+    sa.Column("vm_id", sa.String(64), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(NAME), nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=False),
+    sa.Column("plaintext_sha256", sa.String(DIGEST), nullable=False),
+    sa.Column("plaintext_bytes", sa.BigInteger, nullable=False),
+    sa.Column("sealed_sha256", sa.String(DIGEST), nullable=False),
+    sa.Column("sealed_bytes", sa.BigInteger, nullable=False),
+    sa.Column("wrapped_key", sa.Text, nullable=False),
+    sa.Column("collector", sa.String(255), nullable=False),
+    sa.UniqueConstraint("capture", "artefact"),
+    sa.Index("ix_evidence_incident_id", "incident_id"),
+)
+
+manifests = sa.Table(
+    "manifests",
+    metadata,
+    sa.Column("capture", sa.String(64), primary_key=True),
+    sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id"), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # canonical JSON: exactly the bytes the signature covers
+    sa.Column("signature", sa.Text, nullable=False),  # base64 of the controller CA's signature over body
+)

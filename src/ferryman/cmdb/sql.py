@@ -12,7 +12,8 @@ The repository is composed of one mixin per protocol, each over the transactions
 - :class:`~ferryman.cmdb.policy_sql.SqlPolicyMixin` and :class:`~ferryman.cmdb.key_sql.SqlKeyMixin`: policy versions,
   violations and disk keys;
 - :class:`~ferryman.cmdb.image_sql.SqlImageMixin`: the image registry and its trusted signing keys;
-- :class:`~ferryman.cmdb.network_sql.SqlNetworkMixin`: tenant networks and the VMs' NICs.
+- :class:`~ferryman.cmdb.network_sql.SqlNetworkMixin`: tenant networks and the VMs' NICs;
+- :class:`~ferryman.cmdb.incident_sql.SqlIncidentMixin`: incidents, their timelines, evidence and manifests.
 
 Engines, the schema upgrade and the wrapping of database errors live in :mod:`ferryman.cmdb.engine`. Nothing here
 decides anything (no policy, no scheduling), and nothing creates or alters tables except the Alembic revisions that
@@ -25,6 +26,7 @@ from ferryman.cmdb.credential_sql import SqlCredentialMixin
 from ferryman.cmdb.engine import create_engine, migrate
 from ferryman.cmdb.event_sql import SqlEventMixin
 from ferryman.cmdb.image_sql import SqlImageMixin
+from ferryman.cmdb.incident_sql import SqlIncidentMixin
 from ferryman.cmdb.inventory_sql import SqlInventoryMixin
 from ferryman.cmdb.journal_sql import SqlJournalMixin
 from ferryman.cmdb.key_sql import SqlKeyMixin
@@ -45,6 +47,7 @@ class SqlRepository(
     SqlKeyMixin,
     SqlImageMixin,
     SqlNetworkMixin,
+    SqlIncidentMixin,
 ):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included. Each public method is one
     transaction."""
