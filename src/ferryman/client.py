@@ -114,3 +114,30 @@ class Api:
             raise CliError(f"cannot read {source}: {err.strerror or err}") from err
         headers = {"content-type": "application/octet-stream", "content-length": str(size)}
         return self.request("PUT", path, content=chunks(), headers=headers)
+
+    def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+        """Stream the body of ``GET path`` into the new file ``dest`` (0600; never overwrites); the bytes written."""
+        written = 0
+        try:
+            with self._client.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        detail = response.json().get("detail", response.text)
+                    except ValueError:
+                        detail = response.text or response.reason_phrase
+                    raise CliError(str(detail))
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        written += len(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+        except httpx.TransportError as err:
+            raise CliError(f"controller unreachable at {self.config.url}: {err}") from err
+        except FileExistsError:
+            raise CliError(f"{dest} exists already: export into a new directory") from None
+        except OSError as err:
+            raise CliError(f"cannot write {dest}: {err.strerror or err}") from err
+        return written

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 from cryptography import x509
 from fastapi import Depends, FastAPI, Request
 
+from ferryman.agent.forensic_routes import forensic_routes
 from ferryman.agent.hypervisor.protocol import Hypervisor
+from ferryman.agent.hypervisor.qmp import QemuDriver
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
 from ferryman.agent.storage.image_cache import ImageCache
@@ -131,6 +133,8 @@ def create_agent_app(
     if migrations is not None:
         _snapshot_routes(app, migrations, Controller)
         _migration_routes(app, migrations, Controller)
+    if isinstance(driver, QemuDriver):
+        forensic_routes(app, driver, settings.state_dir, Controller)
 
     return app
 

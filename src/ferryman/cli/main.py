@@ -12,6 +12,7 @@ import typer
 
 from ferryman.cli.events import alarms, events
 from ferryman.cli.images import image_app
+from ferryman.cli.incidents import incident_app
 from ferryman.cli.inventory import host_app, site_app, vm_app
 from ferryman.cli.lab import lab_app
 from ferryman.cli.migrate import migration_app
@@ -37,6 +38,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(image_app, name="image")
 app.add_typer(network_app, name="network")
+app.add_typer(incident_app, name="incident")
 app.add_typer(site_app, name="site")
 app.add_typer(lab_app, name="lab")
 app.add_typer(migration_app, name="migration")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from pydantic import ValidationError
@@ -39,8 +39,13 @@ from ferryman.wire.vms import (
     VMActionRequest,
 )
 
+T = TypeVar("T")
 
 class AgentClient(Protocol):
+    async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R: ...
+    async def fetch(
+        self, host: Host, path: str, receive: Callable[[AsyncIterator[bytes]], Awaitable[T]], *, limit_s: float = 3600
+    ) -> T: ...
     async def create_vm(self, host: Host, spec: VMSpec, lease: str, key: bytes | None = None) -> VMRuntime: ...
     async def vm_action(
         self, host: Host, vm_id: str, action: str, lease: str | None = None, key: bytes | None = None
@@ -148,6 +153,21 @@ class HttpAgentClient:
             return ImageHeld.model_validate(response.json())
         except (ValueError, ValidationError) as err:
             raise errors.HypervisorError(f"{host.name}: malformed answer to an image upload: {err}") from err
+
+    async def fetch(
+        self, host: Host, path: str, receive: Callable[[AsyncIterator[bytes]], Awaitable[T]], *, limit_s: float = 3600
+    ) -> T:
+        """Stream the body of ``GET path`` from ``host``'s agent into ``receive`` (its answer is returned)."""
+        try:
+            async with self._client.stream(
+                "GET", f"{host.agent_url}{path}", timeout=httpx.Timeout(limit_s, connect=5.0)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                self._checked(host, response)
+                return await receive(response.aiter_bytes(4 << 20))
+        except httpx.TransportError as err:
+            raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
 
     def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")

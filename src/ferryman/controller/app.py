@@ -30,6 +30,8 @@ from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, VMRequest
 from ferryman.controller.image_routes import image_routes
 from ferryman.controller.images import ImageService
+from ferryman.controller.incident_routes import incident_routes
+from ferryman.controller.incidents import IncidentService
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.network_routes import network_routes
 from ferryman.controller.networks import NetworkService
@@ -61,6 +63,7 @@ def create_app(
     compliance: Compliance | None = None,
     images: ImageService | None = None,
     networks: NetworkService | None = None,
+    incidents: IncidentService | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -114,7 +117,7 @@ def create_app(
         _migrations(app, fleet, migrations, Person)
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
-    _registry_routes(app, fleet, images, networks, Person)
+    _registry_routes(app, fleet, images, networks, incidents, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
@@ -134,10 +137,17 @@ def create_app(
 
 
 def _registry_routes(
-    app: FastAPI, fleet: Fleet, images: ImageService | None, networks: NetworkService | None, Person: Any
+    app: FastAPI,
+    fleet: Fleet,
+    images: ImageService | None,
+    networks: NetworkService | None,
+    incidents: IncidentService | None,
+    Person: Any,
 ) -> None:
     if images is not None:
         image_routes(app, images, Person)
+    if incidents is not None:
+        incident_routes(app, incidents, Person)
     if networks is not None:  # before the VM routes: /vms/{name}/isolate must win over /vms/{name}/{action}
         network_routes(app, fleet, networks, Person)
 

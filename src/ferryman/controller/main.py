@@ -14,12 +14,15 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
+from ferryman.cmdb.impact_sql import SqlImpact
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
 from ferryman.controller.compliance import Compliance
+from ferryman.controller.evidence import EvidenceStore
 from ferryman.controller.fleet import Fleet, certificate_revoked
 from ferryman.controller.images import ImageService
+from ferryman.controller.incidents import IncidentService
 from ferryman.controller.keys import DiskKeys
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.networks import NetworkService
@@ -29,6 +32,7 @@ from ferryman.controller.stale import StaleCopies
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import FerrymanError
 from ferryman.images.store import BlobStore
+from ferryman.incidents.limits import AlertGate
 from ferryman.logs import configure_logging
 from ferryman.pki.ca import CertificateAuthority
 from ferryman.pki.csr import write_private_key
@@ -115,6 +119,18 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
     fleet.default_image = settings.default_image
     networks = NetworkService(repo, fleet.audit, clock.now)
     fleet.networks = networks
+    incidents = IncidentService(
+        fleet,
+        EvidenceStore(settings.data_dir / "evidence", ca),
+        AlertGate(
+            settings.alert_limits["per_vm_rate"],
+            settings.alert_limits["per_vm_burst"],
+            settings.alert_limits["global_rate"],
+            settings.alert_limits["global_burst"],
+            clock,
+        ),
+        SqlImpact(repo.engine),
+    )
     app = create_app(
         fleet,
         migrations=migrations,
@@ -122,6 +138,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         compliance=compliance,
         images=images,
         networks=networks,
+        incidents=incidents,
     )
     return app, fleet, files
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ferryman.core.errors import InvalidInput
 from ferryman.scheduler.governor import GovernorSettings
@@ -61,6 +61,14 @@ class ControllerSettings:
     governor: GovernorSettings = field(default_factory=GovernorSettings)
     scrub_mode: PlainScrubMode = "zero"  # how migrations scrub plain VMs' losing copies: zero or random
     default_image: str | None = None  # the registry image of a VM created without --image (None: hosts' own)
+    # alerts about one VM or host (rate per second, burst), and about the whole fleet (FERRYMAN_ALERT_*)
+    alert_limits: dict[str, float] = field(default_factory=lambda: dict(ControllerSettings.DEFAULT_ALERT_LIMITS))
+    DEFAULT_ALERT_LIMITS: ClassVar[dict[str, float]] = {
+        "per_vm_rate": 0.2,
+        "per_vm_burst": 5,
+        "global_rate": 5.0,
+        "global_burst": 50,
+    }
 
     @property
     def pki_dir(self) -> Path:
@@ -102,7 +110,15 @@ class ControllerSettings:
             raise InvalidInput(
                 f"FERRYMAN_SCRUB_MODE={chosen!r}: use zero or random (encrypted VMs are always crypto-erased)"
             )
+        limits = {}
+        for name, default in ControllerSettings.DEFAULT_ALERT_LIMITS.items():
+            raw = env.get(f"FERRYMAN_ALERT_{name.upper()}")
+            try:
+                limits[name] = float(raw) if raw is not None else default
+            except ValueError:
+                raise InvalidInput(f"FERRYMAN_ALERT_{name.upper()}={raw!r} is not a number") from None
         return cls(
+            alert_limits=limits,
             default_image=env.get("FERRYMAN_DEFAULT_IMAGE") or None,
             scrub_mode=scrub_mode,
             data_dir=data,

@@ -15,11 +15,13 @@ peer and accelerator probe; :func:`qemu_argv` into the whole command line of one
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferryman.agent.storage.images import luks_passphrase
 from ferryman.core.bootparams import DEFAULT_CMDLINE, check_template, render, smbios_serial
 from ferryman.core.errors import InvalidInput
 from ferryman.core.models import VMSpec
@@ -183,6 +185,20 @@ def qemu_argv(
     argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
     argv += ["-pidfile", str(pidfile), "-daemonize"]
     return argv
+
+
+def key_pipe(key: bytes) -> int:
+    """The read end of a pipe holding the LUKS passphrase of ``key`` (the write end is closed: the reader sees EOF),
+    for QEMU to inherit as the ``-object secret`` of :func:`qemu_argv`."""
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, luks_passphrase(key))
+    except OSError:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 def disable_core_dumps() -> None:

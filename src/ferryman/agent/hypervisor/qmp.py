@@ -50,13 +50,13 @@ import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from ferryman.agent.hypervisor import procscan
-from ferryman.agent.hypervisor.boot import BootImage, ImageBoot, disable_core_dumps, image_boot, qemu_argv
+from ferryman.agent.hypervisor.boot import BootImage, ImageBoot, disable_core_dumps, image_boot, key_pipe, qemu_argv
 from ferryman.agent.hypervisor.nics import VMNics
 from ferryman.agent.hypervisor.procscan import QemuProcess
 from ferryman.agent.hypervisor.protocol import HypervisorEvent
 from ferryman.agent.probes import GUEST_AGENT_SOCKET
 from ferryman.agent.storage.image_cache import ImageCache
-from ferryman.agent.storage.images import KEY_OBJECT_ID, copy_image, create_encrypted_qcow2, luks_passphrase
+from ferryman.agent.storage.images import KEY_OBJECT_ID, copy_image, create_encrypted_qcow2
 from ferryman.core.bootparams import boot_parameters
 from ferryman.core.clock import Clock, SystemClock
 from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFound, StorageError
@@ -471,6 +471,15 @@ class QemuDriver:
         """Run one QMP command on an attached VM and return its result (for migration and storage code)."""
         return await self._execute(vm_id, command, arguments)
 
+    async def send_fd(self, vm_id: str, fdname: str, fd: int) -> None:
+        """Give the VM's QEMU a copy of ``fd`` as ``fdname`` (SCM_RIGHTS, then ``getfd``); the caller closes its own."""
+        if (session := self._sessions.get(vm_id)) is not None:  # without one, _execute says why
+            try:
+                session.client.send_fd_scm(fd)
+            except (QMPError, OSError) as err:
+                raise HypervisorError(f"cannot pass a descriptor to VM {vm_id}: {err}") from err
+        await self._execute(vm_id, "getfd", {"fdname": fdname})
+
     # -- inventory ------------------------------------------------------------------------------------------------
 
     async def list(self) -> list[VMRuntime]:
@@ -591,7 +600,7 @@ class QemuDriver:
         # the NICs' taps and verified rules exist before QEMU does: no frame of the VM ever passes unfiltered
         tap_fds = await self.nics.plumb(spec)
         dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        key_fd = _key_pipe(key) if key is not None else None
+        key_fd = key_pipe(key) if key is not None else None
         try:
             argv = self._argv(spec, dir_fd, incoming, key_fd, boot, tap_fds)
             self._log.debug("launching qemu", vm=spec.vm_id, argv=argv)
@@ -765,19 +774,6 @@ class QemuDriver:
             raise HypervisorError(f"qemu-img {args[0]} timed out after {self.LAUNCH_TIMEOUT}s") from None
         if proc.returncode != 0:
             raise HypervisorError(f"qemu-img {args[0]} failed: {stderr.decode(errors='replace').strip()}")
-
-
-def _key_pipe(key: bytes) -> int:
-    """The read end of a pipe holding the LUKS passphrase of ``key`` (the write end is closed: the reader sees EOF)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, luks_passphrase(key))
-    except OSError:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    return read_fd
 
 
 def _is_uuid(value: str) -> bool:

@@ -1,0 +1,188 @@
+"""``ferryman incident …`` and ``ferryman host compromise``: incidents, forensic capture, evidence (verified,
+exported with a chain of custody) and impact over present and past neighbours.
+
+Listings render a table, or the API's JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ferryman.cli.context import Json, api
+from ferryman.cli.output import emit_json, fields, short_time, table
+from ferryman.client import CliError
+
+incident_app = typer.Typer(no_args_is_help=True, help="Security incidents: alerts, forensic capture, evidence, impact.")
+
+
+def _row(i: dict[str, Any]) -> list[Any]:
+    subject = i["vm"] or (f"host {i['host']}" if i["host"] else i["vm_id"])
+    return [
+        i["id"],
+        i["severity"],
+        i["state"],
+        subject,
+        i["source"],
+        i["alerts"],
+        short_time(i["opened_at"]),
+        i["summary"][:60],
+    ]
+
+
+COLUMNS = ["ID", "SEVERITY", "STATE", "SUBJECT", "SOURCE", "ALERTS", "OPENED", "SUMMARY"]
+
+
+@incident_app.command("open")
+def incident_open(
+    summary: Annotated[str, typer.Option(help="what happened")],
+    vm: Annotated[str | None, typer.Option(help="the VM it is about")] = None,
+    host: Annotated[str | None, typer.Option(help="the host it is about")] = None,
+    severity: Annotated[str, typer.Option(help="low, medium, high or critical")] = "medium",
+    json_: Json = False,
+) -> None:
+    """Open an incident about a VM or a host."""
+    out = api().post("/api/v1/incidents", {"vm": vm, "host": host, "severity": severity, "summary": summary})
+    if json_:
+        return emit_json(out)
+    print(f"incident {out['id']} opened ({out['severity']}) about {out['vm'] or 'host ' + str(out['host'])}")
+
+
+@incident_app.command("list")
+def incident_list(
+    open_: Annotated[bool, typer.Option("--open", help="only open incidents")] = False, json_: Json = False
+) -> None:
+    """List incidents, newest first."""
+    items = api().get("/api/v1/incidents", open=open_ or None)
+    if json_:
+        return emit_json(items)
+    table(None, COLUMNS, [_row(i) for i in items])
+
+
+@incident_app.command("show")
+def incident_show(incident_id: int, json_: Json = False) -> None:
+    """An incident with its timeline (every action, when and by whom) and its evidence."""
+    out = api().get(f"/api/v1/incidents/{incident_id}")
+    if json_:
+        return emit_json(out)
+    fields(
+        [
+            ("id", out["id"]),
+            ("severity", out["severity"]),
+            ("state", out["state"]),
+            ("subject", out["vm"] or f"host {out['host']}"),
+            ("tenant", out["tenant"] or "-"),
+            ("source", out["source"]),
+            ("alerts", out["alerts"]),
+            ("opened", f"{short_time(out['opened_at'])} by {out['opened_by']}"),
+            ("summary", out["summary"]),
+            (
+                "closed",
+                f"{short_time(out['closed_at'])} by {out['closed_by']}: {out['resolution']}"
+                if out["closed_at"]
+                else "-",
+            ),
+        ]
+    )
+    table(
+        "timeline",
+        ["AT", "WHO", "KIND", "WHAT"],
+        [[short_time(a["at"]), a["principal"], a["kind"], a["message"]] for a in out["timeline"]],
+    )
+    if out["evidence"]:
+        table(
+            "evidence", ["CAPTURE", "ARTEFACT", "HOST", "MiB", "SHA-256 (PLAINTEXT)"], _evidence_rows(out["evidence"])
+        )
+
+
+def _evidence_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[e["capture"], e["artefact"], e["host"], e["plaintext_bytes"] >> 20, e["plaintext_sha256"]] for e in items]
+
+
+@incident_app.command("capture")
+def incident_capture(
+    incident_id: int,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory")] = True,
+    disks: Annotated[bool, typer.Option("--disks/--no-disks")] = True,
+    json_: Json = False,
+) -> None:
+    """Capture the incident VM's memory and disks now, sealed from the first byte, into the evidence store."""
+    print(f"capturing for incident {incident_id} ...", file=sys.stderr)
+    out = api().post(f"/api/v1/incidents/{incident_id}/capture", {"memory": memory, "disks": disks})
+    if json_:
+        return emit_json(out)
+    for a in out["manifest"]["artefacts"]:
+        print(f"{a['artefact']}: {a['plaintext_bytes'] >> 20} MiB {a['plaintext_sha256']}")
+    print(f"capture {out['capture']}: manifest signed; the host's copy scrubbed ({len(out['receipts'])} receipts)")
+
+
+@incident_app.command("evidence")
+def incident_evidence(
+    incident_id: int,
+    verify: Annotated[bool, typer.Option("--verify", help="re-hash, unseal and check every signature")] = False,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="write the plaintext artefacts and manifests here")
+    ] = None,
+    json_: Json = False,
+) -> None:
+    """The incident's evidence: manifest, hashes, signature; verified or exported (each a custody event)."""
+    client = api()
+    out = client.get(f"/api/v1/incidents/{incident_id}/evidence", verify=verify or None)
+    if export is not None:
+        _export(client, incident_id, out, export)
+    if json_:
+        return emit_json(out)
+    table(None, ["CAPTURE", "ARTEFACT", "HOST", "MiB", "SHA-256 (PLAINTEXT)"], _evidence_rows(out["evidence"]))
+    verification = out.get("verification")
+    if verification is not None and not verification["artefacts"]:
+        print("no evidence to verify")
+    elif verification is not None:
+        for r in verification["artefacts"]:
+            print(f"{r['capture']}/{r['artefact']}: {'ok' if r['ok'] else 'FAILED'} {r['detail']}")
+        print("evidence intact" if verification["ok"] else "evidence FAILED verification")
+        if not verification["ok"]:
+            raise typer.Exit(1)
+
+
+def _export(client: Any, incident_id: int, out: dict[str, Any], directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"cannot create {directory}: {err.strerror or err}") from err
+    for manifest in out["manifests"]:
+        (directory / f"{manifest['capture']}.manifest.json").write_text(manifest["body"])
+        (directory / f"{manifest['capture']}.manifest.sig").write_text(manifest["signature"] + "\n")
+    for e in out["evidence"]:
+        dest = directory / f"{e['capture']}.{e['artefact']}"
+        size = client.download(f"/api/v1/incidents/{incident_id}/evidence/{e['capture']}/{e['artefact']}", dest)
+        print(f"exported {dest} ({size >> 20} MiB)", file=sys.stderr)
+
+
+@incident_app.command("impact")
+def incident_impact(
+    incident_id: int,
+    since: Annotated[
+        str | None, typer.Option(help="ISO time or relative like -7d (default: a week before it opened)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="one tenant's own view (names no other tenant)")] = None,
+    json_: Json = False,
+) -> None:
+    """Present and past neighbours since T, other tenants touched, the host chain, VMs of the same image."""
+    out = api().get(f"/api/v1/incidents/{incident_id}/impact", since=since, tenant=tenant)
+    if json_ or tenant is not None:
+        return emit_json(out)
+    emit_json(out)
+
+
+@incident_app.command("close")
+def incident_close(
+    incident_id: int, resolution: Annotated[str, typer.Option(help="how it was resolved")], json_: Json = False
+) -> None:
+    """Close an incident with its resolution."""
+    out = api().post(f"/api/v1/incidents/{incident_id}/close", {"resolution": resolution})
+    if json_:
+        return emit_json(out)
+    print(f"incident {incident_id} closed")

@@ -1,0 +1,108 @@
+"""REST routes of incident response: incidents (``/api/v1/incidents``), alerts in (``/api/v1/alerts/{source}``),
+forensic capture, evidence with its verification and export, and impact analysis.
+
+Alerts come as the tools write them (Suricata EVE JSON, Falco JSON) or in a small generic form; a body of alerts is
+judged alert by alert, within the rate limits, and the answer counts what was opened, updated, left unmatched or
+dropped by a limit. Changing incidents needs a role in :data:`INCIDENT_ROLES`; an export of evidence streams its
+plaintext, authenticated chunk by chunk, after a custody entry.
+"""
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from ferryman.controller.incidents import IncidentService
+from ferryman.controller.offload import blocking
+from ferryman.core import errors
+from ferryman.core.clock import parse_time
+
+INCIDENT_ROLES = frozenset({"admin"})
+MAX_ALERT_BODY = 4 << 20
+
+
+class IncidentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str | None = None
+    host: str | None = None
+    severity: str = "medium"
+    summary: str
+
+
+class CloseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: str
+
+
+class CaptureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    memory: bool = True
+    disks: bool = True
+
+
+def _may_act(role: str) -> None:
+    if role not in INCIDENT_ROLES:
+        raise errors.Forbidden(f"incident response needs the role {', '.join(sorted(INCIDENT_ROLES))}")
+
+
+def incident_routes(app: FastAPI, incidents: IncidentService, Person: Any) -> None:
+    @app.post("/api/v1/alerts/{source}", status_code=202)
+    async def alerts(source: str, request: Request, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        body = await request.body()
+        if len(body) > MAX_ALERT_BODY:
+            raise errors.InvalidInput(f"an alert body is at most {MAX_ALERT_BODY >> 20} MiB")
+        try:
+            parsed = json.loads(body or b"null")
+        except ValueError as err:
+            raise errors.InvalidInput(f"the alert body is not JSON: {err}") from None
+        return await blocking(incidents.ingest, source, parsed, f"alert:{source}:{who.name}")
+
+    @app.post("/api/v1/incidents", status_code=201)
+    def open_incident(body: IncidentIn, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        record, _ = incidents.open(
+            vm=body.vm, host=body.host, severity=body.severity, summary=body.summary, principal=who.name
+        )
+        return incidents.view(record.id)
+
+    @app.get("/api/v1/incidents")
+    def list_incidents(_: Person, open: bool = False) -> list[dict[str, Any]]:
+        return incidents.listing(open_only=open)
+
+    @app.get("/api/v1/incidents/{incident_id}")
+    def show_incident(incident_id: int, _: Person) -> dict[str, Any]:
+        return incidents.view(incident_id)
+
+    @app.post("/api/v1/incidents/{incident_id}/close")
+    def close_incident(incident_id: int, body: CloseIn, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        incidents.close(incident_id, body.resolution, who.name)
+        return incidents.view(incident_id)
+
+    @app.post("/api/v1/incidents/{incident_id}/capture")
+    async def capture(incident_id: int, body: CaptureIn, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        return await incidents.capture(incident_id, who.name, memory=body.memory, disks=body.disks)
+
+    @app.get("/api/v1/incidents/{incident_id}/evidence")
+    def evidence(incident_id: int, who: Person, verify: bool = False) -> dict[str, Any]:
+        if verify:
+            _may_act(who.role)
+        return incidents.evidence(incident_id, who.name, verify=verify)
+
+    @app.get("/api/v1/incidents/{incident_id}/evidence/{capture}/{artefact}")
+    def export(incident_id: int, capture: str, artefact: str, who: Person) -> StreamingResponse:
+        _may_act(who.role)
+        chunks = incidents.read(incident_id, capture, artefact, who.name)
+        return StreamingResponse(iter(chunks), media_type="application/octet-stream")
+
+    @app.get("/api/v1/incidents/{incident_id}/impact")
+    def impact(incident_id: int, who: Person, since: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+        start = parse_time(since, incidents.fleet.clock) if since else None
+        return incidents.impact(incident_id, start, who.name, tenant=tenant)

@@ -1,0 +1,175 @@
+"""Incident response on a running lab: alerts from Suricata, Falco and the generic form open (and, repeated, update)
+the incident of the VM or host they name; an alert flood is rate-limited; a forensic capture seals the guest's memory
+and disk from the first byte (the canary is nowhere in the sealed files, and in the exported memory core), moves them
+off the host, signs a manifest; one flipped byte fails verification; reads are custody events; impact lists the
+neighbours; and the CLI's error paths are one line each."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferryman.client import CliError
+
+pytestmark = [pytest.mark.lab, pytest.mark.qemu]
+
+DATA = Path(__file__).parent.parent / "data" / "alerts"
+VM_IP = "10.70.0.10"
+
+
+@pytest.fixture(scope="module")
+def suspect(lab: Any) -> Any:
+    lab.cli_json("network", "create", "inc-net", "--tenant", "acme", "--cidr", "10.70.0.0/24")
+    vm = lab.cli_json(
+        "vm",
+        "create",
+        "suspect",
+        "--tenant",
+        "acme",
+        "--memory",
+        "128",
+        "--host",
+        "host-a",
+        "--dirty-kib",
+        "16",
+        "--network",
+        "inc-net",
+        "--ip",
+        VM_IP,
+    )
+    try:
+        yield lab.cli_json("vm", "show", vm["name"])
+    finally:
+        lab.cli("vm", "delete", "suspect", check=False)
+
+
+def alert(lab: Any, source: str, body: Any) -> dict[str, Any]:
+    result: dict[str, Any] = lab.api().post(f"/api/v1/alerts/{source}", body)
+    return result
+
+
+def suricata(signature: str = "ET SCAN Potential SSH Scan") -> dict[str, Any]:
+    event = json.loads((DATA / "suricata_alert.json").read_text())
+    event = copy.deepcopy(event)
+    event["dest_ip"] = VM_IP
+    event["flow"]["dest_ip"] = VM_IP
+    event.pop("ether", None)
+    event["alert"]["signature"] = signature
+    return event
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("capturing ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_alerts_open_and_update_the_right_incidents(lab: Any, suspect: dict[str, Any]) -> None:
+    first = alert(lab, "suricata", suricata())
+    assert first["received"] == 1 and len(first["opened"]) == 1 and first["unmatched"] == 0
+    incident_id = first["opened"][0]
+    again = alert(lab, "suricata", suricata())
+    assert again["opened"] == [] and again["updated"] == [incident_id]
+    shown = lab.cli_json("incident", "show", str(incident_id))
+    assert shown["vm"] == "suspect" and shown["alerts"] == 2 and shown["tenant"] == "acme"
+    assert shown["severity"] == "medium" and [a["kind"] for a in shown["timeline"]][:2] == ["opened", "alert"]
+    falco = json.loads((DATA / "falco_events.ndjson").read_text().splitlines()[0])
+    falco["output_fields"]["vm.name"] = "suspect"
+    opened = alert(lab, "falco", falco)
+    assert len(opened["opened"]) == 1 and opened["opened"][0] != incident_id
+    assert lab.cli_json("incident", "show", str(opened["opened"][0]))["severity"] == "critical"
+    host = alert(lab, "generic", {"severity": "low", "rule": "bmc-login", "host": "host-c", "summary": "BMC login"})
+    host_incident = lab.cli_json("incident", "show", str(host["opened"][0]))
+    assert host_incident["host"] == "host-c" and host_incident["vm"] is None
+    stranger = suricata()
+    stranger["dest_ip"] = "198.51.100.7"
+    assert alert(lab, "suricata", stranger)["unmatched"] == 1
+    listed = lab.cli_json("incident", "list", "--open")
+    assert {incident_id, opened["opened"][0], host["opened"][0]} <= {i["id"] for i in listed}
+
+
+def test_an_alert_flood_is_rate_limited_and_bounded(lab: Any, suspect: dict[str, Any]) -> None:
+    flood = [suricata(f"ET FLOOD {n}") for n in range(200)]
+    result = alert(lab, "suricata", flood)
+    acted = len(result["opened"]) + len(result["updated"])
+    assert result["received"] == 200 and result["rate_limited"] >= 190 and acted <= 10, result
+    limited = [e for e in lab.cli_json("events", "--kind", "alert.rate_limited", "--limit", "50")]
+    assert len(limited) == 1  # one audit entry for the storm, not one per dropped alert
+
+
+def test_capture_seals_evidence_that_verifies_and_exports(lab: Any, suspect: dict[str, Any], tmp_path: Path) -> None:
+    opened = lab.cli_json("incident", "open", "--vm", "suspect", "--severity", "high", "--summary", "reverse shell")
+    incident_id = str(opened["id"])
+    out = lab.cli_json("incident", "capture", incident_id)
+    artefacts = {a["artefact"]: a for a in out["manifest"]["artefacts"]}
+    assert set(artefacts) == {"memory", "disk0"} and out["receipts"]
+    assert out["manifest"]["vm"]["name"] == "suspect" and out["manifest"]["host"] == "host-a"
+    store = Path(lab.lab.controller_dir) / "evidence" / out["capture"]
+    canary = suspect["canary"].encode()
+    for name in artefacts:
+        sealed = (store / f"{name}.sealed").read_bytes()
+        assert canary not in sealed and b"\x7fELF" not in sealed[:64]
+    # the host's copy is gone
+    assert not (Path(lab.lab.host_dir("host-a")) / "forensics" / out["capture"]).exists()
+    verified = lab.cli_json("incident", "evidence", incident_id, "--verify")
+    assert verified["verification"]["ok"] and len(verified["verification"]["artefacts"]) == 2
+    export = tmp_path / "export"
+    lab.cli("incident", "evidence", incident_id, "--export", str(export))
+    core = (export / f"{out['capture']}.memory").read_bytes()
+    assert core[:4] == b"\x7fELF" and struct.unpack_from("<H", core, 16)[0] == 4  # ET_CORE
+    assert canary in core
+    assert json.loads((export / f"{out['capture']}.manifest.json").read_text())["capture"] == out["capture"]
+    # one flipped byte in the store fails verification, naming the artefact
+    path = store / "disk0.sealed"
+    path.chmod(0o600)
+    with path.open("r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 1]))
+    proc = lab.cli("incident", "evidence", incident_id, "--verify", check=False)
+    assert proc.returncode == 1 and "disk0: FAILED" in proc.stdout and "memory: ok" in proc.stdout
+    custody = [a for a in lab.cli_json("incident", "show", incident_id)["timeline"] if a["kind"] == "custody"]
+    assert len(custody) >= 4  # two verifications and two exports, each with its principal
+    assert all(a["principal"].startswith("token:") for a in custody)
+
+
+def test_impact_names_neighbours_and_a_tenant_view_names_no_other_tenant(lab: Any, suspect: dict[str, Any]) -> None:
+    opened = lab.cli_json("incident", "open", "--vm", "suspect", "--summary", "impact check")
+    report = lab.cli_json("incident", "impact", str(opened["id"]), "--since", "-1h")
+    text = json.dumps(report)
+    neighbours = [v["name"] for v in lab.cli_json("vm", "list", "--host", "host-a") if v["name"] != "suspect"]
+    assert neighbours and all(name in text for name in neighbours)
+    others = {v["tenant"] for v in lab.cli_json("vm", "list")} - {"acme"}
+    view = json.dumps(lab.cli_json("incident", "impact", str(opened["id"]), "--since", "-1h", "--tenant", "acme"))
+    for vm in lab.cli_json("vm", "list"):
+        if vm["tenant"] != "acme":
+            assert vm["name"] not in view and vm["id"] not in view
+    assert not any(tenant in view for tenant in others)
+
+
+def test_incident_cli_error_paths(lab: Any, suspect: dict[str, Any]) -> None:
+    opened = lab.cli_json("incident", "open", "--vm", "suspect", "--summary", "to close")
+    incident_id = str(opened["id"])
+    lab.cli("incident", "close", incident_id, "--resolution", "false positive")
+    bad = [
+        (["incident", "close", incident_id, "--resolution", "again"], "closed already"),
+        (["incident", "open", "--summary", "nobody"], "needs a VM"),
+        (["incident", "open", "--vm", "nope", "--summary", "x"], "not found"),
+        (["incident", "open", "--vm", "suspect", "--severity", "dire", "--summary", "x"], "bad severity"),
+        (["incident", "show", "999999"], "not found"),
+        (["incident", "capture", "999999"], "not found"),
+    ]
+    for args, expected in bad:
+        assert expected in one_line_error(lab.cli(*args, check=False)), args
+    host = lab.cli_json("incident", "open", "--host", "host-c", "--summary", "host event")
+    assert "capture its VMs" in one_line_error(lab.cli("incident", "capture", str(host["id"]), check=False))
+    with pytest.raises(CliError, match=r"not an alert|event_type"):
+        lab.api().post("/api/v1/alerts/suricata", {"event_type": "flow", "src_ip": "10.0.0.1"})
