@@ -145,6 +145,7 @@ vms = sa.Table(
     sa.Column("image_copy", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("generation >= 1", name="generation_positive"),
     sa.Index("ix_vms_name", "name"),
+    sa.Index("ix_vms_image", "image"),  # impact: VMs of the same image
     _unique_where("uq_vms_live_name", "name", where=f"state <> '{VM_DELETED}'"),
 )
 
@@ -160,6 +161,7 @@ placements = sa.Table(
     sa.UniqueConstraint("vm_id", "generation"),
     sa.CheckConstraint("valid_to IS NULL OR valid_to >= valid_from", name="interval_ordered"),
     sa.Index("ix_placements_host_valid_from", "host", "valid_from"),
+    sa.Index("ix_placements_host_valid_to", "host", "valid_to", "valid_from", "vm_id"),  # impact: stays ending after T
     _unique_where("uq_placements_open_vm", "vm_id", where="valid_to IS NULL"),
 )
 
