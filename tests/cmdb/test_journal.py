@@ -24,7 +24,7 @@ JOURNAL_TABLES = {"migrations", "migration_steps", "scrub_receipts"}
 # the tables of the revisions after the journal
 LATER_TABLES = {
     *("policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"),
-    *("incidents", "incident_actions", "evidence", "manifests"),
+    *("incidents", "incident_actions", "evidence", "manifests", "playbook_versions", "playbook_runs"),
 }
 
 

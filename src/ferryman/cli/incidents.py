@@ -186,3 +186,85 @@ def incident_close(
     if json_:
         return emit_json(out)
     print(f"incident {incident_id} closed")
+
+
+playbook_app = typer.Typer(no_args_is_help=True, help="The incident playbook: what each severity triggers.")
+
+
+@playbook_app.command("show")
+def playbook_show(json_: Json = False) -> None:
+    """The playbook in force (the built-in default until one is applied)."""
+    out = api().get("/api/v1/playbook")
+    if json_:
+        return emit_json(out)
+    version = "built-in default" if out["default"] else f"v{out['version']}"
+    print(f"playbook {out['name']} ({version}, {out['digest'][:19]})")
+    document = out["document"]
+    print(f"quarantine hosts: role {document['quarantine_role']}; reserve {document['reserve']} quarantine(s)")
+    for severity, steps in document["severities"].items():
+        print(f"  {severity:<8} → " + ", ".join(s if isinstance(s, str) else next(iter(s)) for s in steps))
+
+
+@playbook_app.command("apply")
+def playbook_apply(path: Path, json_: Json = False) -> None:
+    """Check a playbook YAML file and put it in force as a new version (running playbooks keep their steps)."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror or err}") from err
+    out = api().request("PUT", "/api/v1/playbook", json={"text": text, "filename": path.name})
+    if json_:
+        return emit_json(out)
+    print(f"playbook {out['name']} v{out['version']} in force ({out['digest'][:19]})")
+
+
+@playbook_app.command("run")
+def playbook_run(incident_id: int, json_: Json = False) -> None:
+    """Where an incident's playbook stands: its steps, the next one, its state."""
+    out = api().get(f"/api/v1/incidents/{incident_id}/playbook")
+    if json_:
+        return emit_json(out)
+    if out["state"] is None:
+        print(f"incident {incident_id} has no playbook run")
+        return
+    steps = [s["kind"] for s in out["steps"]]
+    done = ", ".join(steps[: out["next_step"]]) or "-"
+    print(f"incident {incident_id}: {out['state']}; done: {done}; next: {', '.join(steps[out['next_step'] :]) or '-'}")
+    if out["error"]:
+        print(f"error: {out['error']}")
+
+
+@incident_app.command("capacity")
+def incident_capacity(json_: Json = False) -> None:
+    """Room on the quarantine hosts against the reserve of simultaneous quarantines the playbook keeps."""
+    out = api().get("/api/v1/capacity/quarantine")
+    if json_:
+        return emit_json(out)
+    rows = [
+        [h["name"], h["memory_mb"], h["used_mb"], h["free_mb"], "yes" if h["reachable"] else "no"] for h in out["hosts"]
+    ]
+    table(f"hosts with role {out['role']}", ["HOST", "MiB", "USED", "FREE", "REACHABLE"], rows)
+    state = "ok" if out["headroom_mb"] >= 0 else "BROKEN"
+    print(
+        f"reserve {out['reserve']} x {out['largest_vm_mb']} MiB (the largest VM) = {out['needed_mb']} MiB;"
+        f" headroom {out['headroom_mb']} MiB ({state})"
+    )
+
+
+def host_compromise(
+    name: str,
+    since: Annotated[str, typer.Option(help="since when the host is suspect: ISO time or relative like -2d")],
+    json_: Json = False,
+) -> None:
+    """A compromised host: an incident, every VM that ran there since T, evacuation, then its certificates revoked."""
+    out = api().post(f"/api/v1/hosts/{name}/compromise", {"since": since})
+    if json_:
+        return emit_json(out)
+    ran = ", ".join(out["vms_since"]) or "none"
+    print(f"incident {out['incident']}: {len(out['vms_since'])} VM(s) ran on {name} since {since}: {ran}")
+    for m in out["migrations"]:
+        print(f"evacuating {m['vm']} to {m['to']} (migration {m['id'][:8]})")
+    for reason in out["not_started"]:
+        print(f"not evacuated: {reason}")
+    print(f"{name} takes no placements; its certificates are revoked once the evacuation ends")
+    print(f"follow it with: ferryman incident show {out['incident']}")

@@ -12,7 +12,7 @@ import typer
 
 from ferryman.cli.events import alarms, events
 from ferryman.cli.images import image_app
-from ferryman.cli.incidents import incident_app
+from ferryman.cli.incidents import host_compromise, incident_app, playbook_app
 from ferryman.cli.inventory import host_app, site_app, vm_app
 from ferryman.cli.lab import lab_app
 from ferryman.cli.migrate import migration_app
@@ -31,6 +31,8 @@ app.command("alarms")(alarms)
 app.command("place")(place)
 # ``host set`` lives with the policy commands: a changed host has its VMs re-checked against the policies
 host_app.command("set")(host_set)
+host_app.command("compromise")(host_compromise)
+incident_app.add_typer(playbook_app, name="playbook")
 vm_app.command("nics")(vm_nics)
 vm_app.command("isolate")(vm_isolate)
 vm_app.command("unisolate")(vm_unisolate)

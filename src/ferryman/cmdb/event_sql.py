@@ -146,4 +146,3 @@ class SqlEventMixin(SqlBase):
             query = query.where(alarms.c.resolved_at.is_(None))
         with self._read() as conn:
             return [_alarm(r) for r in conn.execute(query)]
-

@@ -14,11 +14,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ferryman.cmdb.incidents import EvidenceRecord, IncidentAction, IncidentRecord, ManifestRecord
-from ferryman.cmdb.schema import evidence, incident_actions, incidents, manifests
+from ferryman.cmdb.incidents import (
+    EvidenceRecord,
+    IncidentAction,
+    IncidentRecord,
+    ManifestRecord,
+    PlaybookRun,
+    PlaybookVersion,
+)
+from ferryman.cmdb.schema import evidence, incident_actions, incidents, manifests, playbook_runs, playbook_versions
 from ferryman.cmdb.sql_base import SqlBase, first_or_not_found, from_row, new_id
 from ferryman.cmdb.values import utc
-from ferryman.core.errors import Conflict
+from ferryman.core.errors import Conflict, InvalidInput
 
 
 def _incident(row: sa.Row[Any]) -> IncidentRecord:
@@ -81,9 +88,7 @@ class SqlIncidentMixin(SqlBase):
         values = dataclasses.asdict(action)
         values.pop("id")
         with self._write() as conn:
-            first_or_not_found(
-                conn, sa.select(incidents.c.id).where(incidents.c.id == action.incident_id), "incident"
-            )
+            first_or_not_found(conn, sa.select(incidents.c.id).where(incidents.c.id == action.incident_id), "incident")
             new = new_id(conn.execute(sa.insert(incident_actions).values(**values)))
         return dataclasses.replace(action, id=new)
 
@@ -113,3 +118,47 @@ class SqlIncidentMixin(SqlBase):
         query = sa.select(manifests).where(manifests.c.incident_id == incident_id).order_by(manifests.c.created_at)
         with self._read() as conn:
             return [from_row(ManifestRecord, r) for r in conn.execute(query)]
+
+    def add_playbook_version(self, digest: str, text: str, at: dt.datetime, by: str) -> PlaybookVersion:
+        at = utc(at)
+        values = {"digest": digest, "text": text, "applied_at": at, "applied_by": by}
+        with self._write() as conn:
+            version = new_id(conn.execute(sa.insert(playbook_versions).values(**values)))
+        return PlaybookVersion(version, digest, text, at, by)
+
+    def current_playbook(self) -> PlaybookVersion | None:
+        query = sa.select(playbook_versions).order_by(playbook_versions.c.version.desc()).limit(1)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else from_row(PlaybookVersion, row)
+
+    def start_playbook_run(self, run: PlaybookRun) -> tuple[PlaybookRun, bool]:
+        with self._write() as conn:
+            query = sa.select(playbook_runs).where(playbook_runs.c.incident_id == run.incident_id)
+            row = conn.execute(query.with_for_update()).first()
+            if row is not None:
+                return from_row(PlaybookRun, row), False
+            first_or_not_found(conn, sa.select(incidents.c.id).where(incidents.c.id == run.incident_id), "incident")
+            conn.execute(sa.insert(playbook_runs).values(**dataclasses.asdict(run)))
+        return run, True
+
+    def update_playbook_run(self, incident_id: int, **changes: Any) -> PlaybookRun:
+        allowed = {"next_step", "attempts", "state", "error", "updated_at"}
+        if set(changes) - allowed or "updated_at" not in changes:
+            raise InvalidInput(f"a playbook run changes only {sorted(allowed)}, with updated_at")
+        changes["updated_at"] = utc(changes["updated_at"], "updated_at")
+        with self._write() as conn:
+            query = sa.select(playbook_runs).where(playbook_runs.c.incident_id == incident_id)
+            first_or_not_found(conn, query, f"playbook run of incident {incident_id}", lock=True)
+            conn.execute(sa.update(playbook_runs).where(playbook_runs.c.incident_id == incident_id).values(**changes))
+            return from_row(PlaybookRun, conn.execute(query).one())
+
+    def get_playbook_run(self, incident_id: int) -> PlaybookRun | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(playbook_runs).where(playbook_runs.c.incident_id == incident_id)).first()
+        return None if row is None else from_row(PlaybookRun, row)
+
+    def running_playbook_runs(self) -> list[PlaybookRun]:
+        query = sa.select(playbook_runs).where(playbook_runs.c.state == "running").order_by(playbook_runs.c.started_at)
+        with self._read() as conn:
+            return [from_row(PlaybookRun, r) for r in conn.execute(query)]

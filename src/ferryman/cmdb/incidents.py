@@ -74,6 +74,28 @@ class ManifestRecord:
     signature: str  # base64
 
 
+@dataclass(frozen=True)
+class PlaybookVersion:
+    version: int
+    digest: str
+    text: str
+    applied_at: dt.datetime
+    applied_by: str
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    incident_id: int
+    playbook: str  # the digest of the playbook version it follows
+    steps: list[dict[str, Any]]  # as planned at its start: {"kind": ..., options}
+    next_step: int
+    attempts: int  # of the next step
+    state: str  # running | done | failed
+    started_at: dt.datetime
+    updated_at: dt.datetime
+    error: str | None = None
+
+
 class IncidentRepository(Protocol):
     def open_incident(self, incident: IncidentRecord) -> tuple[IncidentRecord, bool]:
         """Store a new open incident, or, when an open one has the same ``dedup_key``, count one more alert on it;
@@ -91,3 +113,15 @@ class IncidentRepository(Protocol):
 
     def list_evidence(self, incident_id: int) -> list[EvidenceRecord]: ...
     def list_manifests(self, incident_id: int) -> list[ManifestRecord]: ...
+    def add_playbook_version(self, digest: str, text: str, at: dt.datetime, by: str) -> PlaybookVersion: ...
+    def current_playbook(self) -> PlaybookVersion | None: ...
+    def start_playbook_run(self, run: PlaybookRun) -> tuple[PlaybookRun, bool]:
+        """Store a new run, or return the incident's existing one (one run per incident); (run, whether new)."""
+        ...
+
+    def update_playbook_run(self, incident_id: int, **changes: Any) -> PlaybookRun:
+        """Change ``next_step``, ``attempts``, ``state``, ``error`` (``updated_at`` is required)."""
+        ...
+
+    def get_playbook_run(self, incident_id: int) -> PlaybookRun | None: ...
+    def running_playbook_runs(self) -> list[PlaybookRun]: ...

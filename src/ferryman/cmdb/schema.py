@@ -522,3 +522,32 @@ manifests = sa.Table(
     sa.Column("body", sa.Text, nullable=False),  # canonical JSON: exactly the bytes the signature covers
     sa.Column("signature", sa.Text, nullable=False),  # base64 of the controller CA's signature over body
 )
+
+# -- incident playbooks: versions and runs (ferryman.cmdb.incidents) ------------------------------------------------
+
+playbook_versions = sa.Table(
+    "playbook_versions",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(DIGEST), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+    sa.Column("applied_by", sa.String(255), nullable=False),
+)
+
+# one run per incident: its steps as planned when it started, the next one to do (persisted before each step's side
+# effect, so a restarted controller resumes the step it was in)
+playbook_runs = sa.Table(
+    "playbook_runs",
+    metadata,
+    sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id"), primary_key=True),
+    sa.Column("playbook", sa.String(DIGEST), nullable=False),
+    sa.Column("steps", json_type(), nullable=False),
+    sa.Column("next_step", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.CheckConstraint("state IN ('running', 'done', 'failed')", name="state_kind"),
+)

@@ -41,6 +41,7 @@ from ferryman.wire.vms import (
 
 T = TypeVar("T")
 
+
 class AgentClient(Protocol):
     async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R: ...
     async def fetch(

@@ -30,11 +30,12 @@ from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, VMRequest
 from ferryman.controller.image_routes import image_routes
 from ferryman.controller.images import ImageService
-from ferryman.controller.incident_routes import incident_routes
+from ferryman.controller.incident_routes import incident_routes, playbook_routes
 from ferryman.controller.incidents import IncidentService
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.network_routes import network_routes
 from ferryman.controller.networks import NetworkService
+from ferryman.controller.playbooks import PlaybookRunner
 from ferryman.controller.policy_routes import policy_routes
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
@@ -55,6 +56,37 @@ class Principal:
     role: str
 
 
+def _lifespan(
+    fleet: Fleet,
+    background: Callable[[], Any] | None,
+    migrations: MigrationService | None,
+    playbooks: PlaybookRunner | None,
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Background work, recovery of migrations and then of playbook runs at start; their end at shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(background()) if background else None
+        if migrations is not None:
+            await migrations.recover()
+        if playbooks is not None:  # after the migrations: a resumed quarantine finds its migration in flight
+            await playbooks.recover()
+        try:
+            yield
+        finally:
+            if playbooks is not None:
+                await playbooks.close()
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if migrations is not None:
+                await migrations.close()
+            await fleet.agents.aclose()
+
+    return lifespan
+
+
 def create_app(
     fleet: Fleet,
     *,
@@ -64,25 +96,11 @@ def create_app(
     images: ImageService | None = None,
     networks: NetworkService | None = None,
     incidents: IncidentService | None = None,
+    playbooks: PlaybookRunner | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(background()) if background else None
-        if migrations is not None:
-            await migrations.recover()
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if migrations is not None:
-                await migrations.close()
-            await fleet.agents.aclose()
-
+    lifespan = _lifespan(fleet, background, migrations, playbooks)
     app = FastAPI(title="Ferryman controller", version="0.1.0", lifespan=lifespan)
 
     install_error_handlers(app)
@@ -118,6 +136,8 @@ def create_app(
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
     _registry_routes(app, fleet, images, networks, incidents, Person)
+    if playbooks is not None:  # before the host routes: /hosts/{name}/compromise
+        playbook_routes(app, playbooks, Person)
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)

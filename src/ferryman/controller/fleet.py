@@ -361,6 +361,10 @@ class Fleet:
             candidate = usage[req.host]
             if candidate.host.state is not HostState.ENROLLED:
                 raise errors.Conflict(f"host {req.host} is not enrolled yet")
+            if candidate.host.role != "compute" and not req.force:  # quarantine hosts keep their room for incidents
+                raise errors.Conflict(
+                    f"host {req.host} has role {candidate.host.role}: it takes no normal placements (--force, audited)"
+                )
             if req.networks and not candidate.host.underlay:
                 raise errors.Conflict(f"host {req.host} has no overlay endpoint (underlay): it cannot run NICs")
             free = candidate.host.memory_mb - candidate.memory_used_mb

@@ -6,7 +6,6 @@ memory and never on the event loop; a body that does not hash to the digest in i
 registry or its trust store needs a role in :data:`IMAGE_ROLES`; reading it needs any valid token.
 """
 
-
 import base64
 import time
 from typing import Any

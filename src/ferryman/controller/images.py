@@ -256,7 +256,6 @@ class ImageService:
             raise
         return image
 
-
     def ref(self, name: str, *, full_copy: bool = False) -> ImageRef:
         """What a host needs to boot ``name`` (after :meth:`verified`: it may be used now)."""
         image = self.verified(name)
@@ -291,14 +290,21 @@ class ImageService:
             await self.fleet.agents.put_image(host, artefact.digest, blob.path, blob.size)
             sent += blob.size
             log.info(
-                "image file sent", host=host.name, image=ref.name, digest=artefact.digest, bytes=blob.size,
+                "image file sent",
+                host=host.name,
+                image=ref.name,
+                digest=artefact.digest,
+                bytes=blob.size,
                 seconds=round(time.monotonic() - started, 3),
             )
         if sent:
             await blocking(
-                self.fleet.audit, "image.distributed", f"image {ref.name} sent to {host.name} ({sent} bytes)",
-                "system", host=host.name, image=ref.name, bytes=sent,
+                self.fleet.audit,
+                "image.distributed",
+                f"image {ref.name} sent to {host.name} ({sent} bytes)",
+                "system",
+                host=host.name,
+                image=ref.name,
+                bytes=sent,
             )
         return sent
-
-

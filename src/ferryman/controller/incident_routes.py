@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ferryman.controller.incidents import IncidentService
 from ferryman.controller.offload import blocking
+from ferryman.controller.playbooks import HostCompromise, PlaybookRunner, quarantine_capacity
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
 
@@ -30,6 +31,7 @@ class IncidentIn(BaseModel):
     host: str | None = None
     severity: str = "medium"
     summary: str
+    playbook: bool = True  # run the playbook of its severity (false: only record it)
 
 
 class CloseIn(BaseModel):
@@ -50,6 +52,66 @@ def _may_act(role: str) -> None:
         raise errors.Forbidden(f"incident response needs the role {', '.join(sorted(INCIDENT_ROLES))}")
 
 
+class PlaybookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    filename: str = "playbook.yaml"
+
+
+class CompromiseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: str
+
+
+def playbook_routes(app: FastAPI, runner: PlaybookRunner, Person: Any) -> None:
+    compromise = HostCompromise(runner)
+
+    @app.get("/api/v1/playbook")
+    def show_playbook(_: Person) -> dict[str, Any]:
+        current = runner.repo.current_playbook()
+        playbook = runner.playbook()
+        return {
+            "version": current.version if current else None,
+            "digest": playbook.digest,
+            "name": playbook.name,
+            "document": playbook.to_document(),
+            "default": current is None,
+        }
+
+    @app.put("/api/v1/playbook")
+    def apply_playbook(body: PlaybookIn, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        return runner.apply(body.text, body.filename, who.name)
+
+    @app.get("/api/v1/incidents/{incident_id}/playbook")
+    def playbook_run(incident_id: int, _: Person) -> dict[str, Any]:
+        runner.repo.get_incident(incident_id)
+        run = runner.repo.get_playbook_run(incident_id)
+        if run is None:
+            return {"incident": incident_id, "state": None}
+        return {
+            "incident": incident_id,
+            "state": run.state,
+            "steps": run.steps,
+            "next_step": run.next_step,
+            "attempts": run.attempts,
+            "error": run.error,
+        }
+
+    @app.get("/api/v1/capacity/quarantine")
+    def capacity(_: Person) -> dict[str, Any]:
+        playbook = runner.playbook()
+        return quarantine_capacity(runner.incidents, playbook.quarantine_role, playbook.reserve).as_dict()
+
+    @app.post("/api/v1/hosts/{name}/compromise", status_code=202)
+    async def host_compromise(name: str, body: CompromiseIn, who: Person) -> dict[str, Any]:
+        _may_act(who.role)
+        since = parse_time(body.since, runner.fleet.clock)
+        return await compromise.start(name, since, who.name)
+
+
 def incident_routes(app: FastAPI, incidents: IncidentService, Person: Any) -> None:
     @app.post("/api/v1/alerts/{source}", status_code=202)
     async def alerts(source: str, request: Request, who: Person) -> dict[str, Any]:
@@ -67,7 +129,12 @@ def incident_routes(app: FastAPI, incidents: IncidentService, Person: Any) -> No
     def open_incident(body: IncidentIn, who: Person) -> dict[str, Any]:
         _may_act(who.role)
         record, _ = incidents.open(
-            vm=body.vm, host=body.host, severity=body.severity, summary=body.summary, principal=who.name
+            vm=body.vm,
+            host=body.host,
+            severity=body.severity,
+            summary=body.summary,
+            principal=who.name,
+            playbook=body.playbook,
         )
         return incidents.view(record.id)
 

@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ class IncidentService:
         self.impact_queries = impact
         self._limited_noted = Dedup(60.0)
         self._capturing: dict[int, asyncio.Lock] = {}
+        self.on_opened: Callable[[int], None] | None = None  # a new incident's playbook starts (any thread)
 
     # -- the timeline ------------------------------------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class IncidentService:
         source: str = "manual",
         dedup_key: str | None = None,
         data: dict[str, Any] | None = None,
+        playbook: bool = True,
     ) -> tuple[IncidentRecord, bool]:
         if severity not in SEVERITIES:
             raise errors.InvalidInput(f"bad severity {severity!r}: use {', '.join(SEVERITIES)}")
@@ -124,6 +126,8 @@ class IncidentService:
         what = subject.vm.name if subject.vm else f"host {subject.host}"
         if new:
             self.note(record, principal, "opened", f"{severity} on {what}: {summary}", source=source, **(data or {}))
+            if playbook and self.on_opened is not None:
+                self.on_opened(record.id)
         else:
             self.note(record, principal, "alert", f"again: {summary} ({record.alerts} alerts)", **(data or {}))
         return record, new

@@ -26,6 +26,7 @@ from ferryman.controller.incidents import IncidentService
 from ferryman.controller.keys import DiskKeys
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.networks import NetworkService
+from ferryman.controller.playbooks import PlaybookRunner
 from ferryman.controller.reconcile import Reconciler
 from ferryman.controller.settings import ControllerSettings
 from ferryman.controller.stale import StaleCopies
@@ -131,6 +132,8 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         ),
         SqlImpact(repo.engine),
     )
+    playbooks = PlaybookRunner(incidents, migrations, networks)
+    incidents.on_opened = playbooks.notify
     app = create_app(
         fleet,
         migrations=migrations,
@@ -139,6 +142,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         images=images,
         networks=networks,
         incidents=incidents,
+        playbooks=playbooks,
     )
     return app, fleet, files
 

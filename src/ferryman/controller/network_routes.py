@@ -102,11 +102,13 @@ def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person:
 
     @app.post("/api/v1/vms/{name}/isolate")
     async def isolate(name: str, who: Person) -> dict[str, Any]:
-        return await _isolation(fleet, networks, name, True, who)
+        _may_change(who.role)
+        return await isolate_vm(fleet, networks, name, True, who.name)
 
     @app.post("/api/v1/vms/{name}/unisolate")
     async def unisolate(name: str, who: Person) -> dict[str, Any]:
-        return await _isolation(fleet, networks, name, False, who)
+        _may_change(who.role)
+        return await isolate_vm(fleet, networks, name, False, who.name)
 
 
 def _placed(fleet: Fleet, name: str) -> tuple[VM, Host | None]:
@@ -114,8 +116,11 @@ def _placed(fleet: Fleet, name: str) -> tuple[VM, Host | None]:
     return vm, fleet.repo.get_host(placement.host) if placement is not None else None
 
 
-async def _isolation(fleet: Fleet, networks: NetworkService, name: str, isolated: bool, who: Any) -> dict[str, Any]:
-    _may_change(who.role)
+async def isolate_vm(
+    fleet: Fleet, networks: NetworkService, name: str, isolated: bool, principal: str
+) -> dict[str, Any]:
+    """Isolate (or give back the network of) every NIC of the VM ``name`` on its host; persisted and audited before
+    the host installs the new rules, checked after."""
     verb = "isolate" if isolated else "unisolate"
     vm, host = await blocking(_placed, fleet, name)
     if host is None:
@@ -124,7 +129,7 @@ async def _isolation(fleet: Fleet, networks: NetworkService, name: str, isolated
     if any(r.vm_id == vm.id for r in active):
         raise errors.Conflict(f"{vm.name} is being migrated; {verb} it when the migration has ended")
     await blocking(
-        fleet.audit, f"vm.{verb}_requested", f"{verb} {vm.name} on {host.name}", who.name, vm=vm.id, host=host.name
+        fleet.audit, f"vm.{verb}_requested", f"{verb} {vm.name} on {host.name}", principal, vm=vm.id, host=host.name
     )
     nics = await blocking(networks.set_isolated, vm, isolated)  # persisted before any host acts on it
     specs = await blocking(networks.specs, vm.id, host.name)
@@ -138,7 +143,7 @@ async def _isolation(fleet: Fleet, networks: NetworkService, name: str, isolated
         f"{vm.name} on {host.name}: "
         + (f"only port {specs[0].forensic_port} open" if isolated else "network access restored")
         + f" ({summary})",
-        who.name,
+        principal,
         vm=vm.id,
         host=host.name,
         severity=Severity.WARNING if isolated else Severity.INFO,
