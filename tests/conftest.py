@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from ferryman.client import Api, CliConfig
-from ferryman.lab.lab import Lab
-from ferryman.testing.labhandle import LabHandle
+from ferryman.testing.labhandle import LabHandle, running_lab
 
 LAB_PORT = 18443
 LAB_AGENT_PORT = 18444
@@ -20,14 +17,8 @@ LAB_AGENT_PORT = 18444
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     """A lab of three hosts with two booted VMs, shared by the lab tests of the session."""
     lab_dir = tmp_path_factory.mktemp("ferryman") / "lab"
-    lab = Lab(lab_dir, say=lambda m: print(m, file=sys.stderr))
-    env = {**os.environ, "FERRYMAN_LAB_DIR": str(lab_dir)}
-    env.pop("FERRYMAN_CONFIG", None)
-    try:
-        lab.up(hosts=3, vms=2, port=LAB_PORT, agent_port=LAB_AGENT_PORT)
-        yield LabHandle(lab, env)
-    finally:
-        lab.down(quiet=True)
+    with running_lab(lab_dir, hosts=3, vms=2, port=LAB_PORT, agent_port=LAB_AGENT_PORT) as handle:
+        yield handle
 
 
 @pytest.fixture

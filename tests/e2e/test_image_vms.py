@@ -16,6 +16,7 @@ from ferryman.images.signing import Artefact, new_private_key, sign
 from ferryman.images.store import sha256_file
 from ferryman.lab.disk_image import ensure_guest_disk
 from ferryman.lab.records import missing_seqs, read_last_seq, read_records
+from ferryman.testing.labhandle import one_line_error
 from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
@@ -39,8 +40,17 @@ def image(lab, tmp_path_factory: pytest.TempPathFactory) -> str:
     artefact = Artefact("disk", sha256_file(disk), disk.stat().st_size)
     api.put_file(f"/api/v1/blobs/{artefact.digest}", disk)
     signature = base64.b64encode(sign(private, [artefact])).decode()
-    api.post("/api/v1/images", {"name": IMAGE, "disk": artefact.digest, "os": "ferryman-lab", "version": "1.0",
-                                "signature": signature, "key": "e2e-boot-pub"})
+    api.post(
+        "/api/v1/images",
+        {
+            "name": IMAGE,
+            "disk": artefact.digest,
+            "os": "ferryman-lab",
+            "version": "1.0",
+            "signature": signature,
+            "key": "e2e-boot-pub",
+        },
+    )
     return IMAGE
 
 
@@ -49,14 +59,31 @@ def vm_disk(lab, host: str, vm_id: str) -> Path:
 
 
 def backing(disk: Path) -> str | None:
-    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], check=True,
-                                     capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(disk)], check=True, capture_output=True, text=True
+        ).stdout
+    )
     return info.get("backing-filename")
 
 
 def create(lab, name: str, host: str, *extra: str) -> dict:
-    return lab.cli_json("vm", "create", name, "--tenant", "acme", "--memory", "128", "--host", host, "--record-ms",
-                        "250", "--image", IMAGE, *extra)
+    return lab.cli_json(
+        "vm",
+        "create",
+        name,
+        "--tenant",
+        "acme",
+        "--memory",
+        "128",
+        "--host",
+        host,
+        "--record-ms",
+        "250",
+        "--image",
+        IMAGE,
+        *extra,
+    )
 
 
 def migrate_keeps_every_record(lab, vm: dict, source: str, destination: str) -> Path:
@@ -68,13 +95,6 @@ def migrate_keeps_every_record(lab, vm: dict, source: str, destination: str) -> 
     records = read_records(disk)
     assert missing_seqs(records) == [] and {r.vm for r in records} == {vm["id"]}
     return disk
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("creating ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def test_an_overlay_vm_migrates_onto_the_image_the_destination_verified(lab, image: str) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ferryman.client import CliError
+from ferryman.testing.labhandle import one_line_error
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
 
@@ -62,13 +62,6 @@ def suricata(signature: str = "ET SCAN Potential SSH Scan") -> dict[str, Any]:
     event.pop("ether", None)
     event["alert"]["signature"] = signature
     return event
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("capturing ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def test_alerts_open_and_update_the_right_incidents(lab: Any, suspect: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from ferryman.testing.guest_exec import ExecResult, guest_exec_sync
+from ferryman.testing.labhandle import one_line_error
 from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
@@ -271,13 +272,6 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     assert table in nft("host-c", "list", "tables")
     assert table not in nft("host-a", "list", "tables")  # the retired source's rules are gone
     assert a.pings("10.50.1.11") and b.pings("10.50.1.10")
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("creating ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def test_network_cli_error_paths(lab: Any, guests: dict[str, Guest]) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from ferryman.lab.lab import Lab
-from ferryman.testing.labhandle import LabHandle
+from ferryman.testing.labhandle import LabHandle, running_lab
 from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
@@ -30,17 +29,10 @@ DATA = Path(__file__).parent.parent / "data" / "alerts"
 @pytest.fixture(scope="module")
 def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     lab_dir = tmp_path_factory.mktemp("playbooks") / "lab"
-    lab = Lab(lab_dir, say=lambda m: print(m, file=sys.stderr))
-    env = {**os.environ, "FERRYMAN_LAB_DIR": str(lab_dir)}
-    env.pop("FERRYMAN_CONFIG", None)
-    try:
-        lab.up(hosts=3, vms=0, port=PORT, agent_port=AGENT_PORT)
-        handle = LabHandle(lab, env)
+    with running_lab(lab_dir, hosts=3, vms=0, port=PORT, agent_port=AGENT_PORT) as handle:
         handle.cli("host", "set", "host-c", "--role", "quarantine")
         handle.cli_json("network", "create", "pb-net", "--tenant", "acme", "--cidr", "10.80.0.0/24")
         yield handle
-    finally:
-        lab.down(quiet=True)
 
 
 def create(lab: LabHandle, name: str, host: str, ip: str | None = None, tenant: str = "acme") -> dict[str, Any]:

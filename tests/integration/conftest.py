@@ -14,6 +14,7 @@ import pytest
 
 from ferryman.agent.hypervisor.procscan import kill_all
 from ferryman.agent.hypervisor.qmp import QemuDriver
+from ferryman.lab.disk_image import DiskLayout, ensure_guest_disk
 from ferryman.lab.guest import GuestImage, ensure_guest
 
 QEMU = "qemu-system-x86_64"
@@ -24,6 +25,15 @@ def guest() -> GuestImage:
     if shutil.which(QEMU) is None:
         pytest.skip(f"{QEMU} is not installed")
     return ensure_guest()
+
+
+@pytest.fixture(scope="module")
+def layout(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> DiskLayout:
+    """The guest disk, built by ensure_guest_disk into a private cache that reuses the already built guest."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "guest").mkdir()
+    (cache / "guest" / guest.kernel.parent.name).symlink_to(guest.kernel.parent)
+    return ensure_guest_disk(cache)
 
 
 @pytest.fixture

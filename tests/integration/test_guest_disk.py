@@ -61,7 +61,11 @@ def fat_files(layout: DiskLayout, offset: int) -> set[str]:
     """Names in the FAT root directory at ``offset`` bytes into the image, hidden and system files included."""
     out = subprocess.run(
         ["mdir", "-a", "-b", "-i", f"{layout.path}@@{offset}", "::/"],
-        capture_output=True, text=True, timeout=30, check=True, env=MTOOLS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=MTOOLS_ENV,
     ).stdout
     return {line.strip().removeprefix("::/") for line in out.splitlines() if line.strip()}
 
@@ -98,15 +102,6 @@ def overlay_writes(overlay: Path) -> list[tuple[int, int]]:
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def layout(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> DiskLayout:
-    """The guest disk, built by ensure_guest_disk into a private cache that reuses the already built guest."""
-    cache = tmp_path_factory.mktemp("cache")
-    (cache / "guest").mkdir()
-    (cache / "guest" / guest.kernel.parent.name).symlink_to(guest.kernel.parent)
-    return ensure_guest_disk(cache)
 
 
 @pytest.fixture
@@ -175,8 +170,9 @@ def test_boot_disk_has_an_mbr_a_syslinux_fat_and_a_zeroed_records_partition(layo
     assert data[510:512] == b"\x55\xaa"
     assert data[:440] == disk_image.MBR_CODE.read_bytes().ljust(440, b"\0")
     table = json.loads(
-        subprocess.run(["sfdisk", "--json", str(layout.path)], capture_output=True, text=True, timeout=30,
-                       check=True).stdout
+        subprocess.run(
+            ["sfdisk", "--json", str(layout.path)], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
     )["partitiontable"]
     boot, records = table["partitions"]
     assert table["label"] == "dos" and boot["bootable"] and boot["type"] in ("c", "e") and records["type"] == "da"
@@ -187,7 +183,11 @@ def test_boot_disk_has_an_mbr_a_syslinux_fat_and_a_zeroed_records_partition(layo
     assert {"ldlinux.sys", "ldlinux.c32", "syslinux.cfg", "vmlinuz", "initrd.img"} <= files
     config = subprocess.run(
         ["mtype", "-i", f"{layout.path}@@{boot['start'] * SECTOR}", "::/syslinux.cfg"],
-        capture_output=True, text=True, timeout=30, check=True, env=MTOOLS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=MTOOLS_ENV,
     ).stdout
     assert "LINUX /vmlinuz" in config and "INITRD /initrd.img" in config
     assert f"APPEND {DISK_CMDLINE}\n" in config and "ferryman." not in config
@@ -215,14 +215,29 @@ def test_disk_boots_through_seabios_and_writes_records_to_its_partition(
     overlay = tmp_path / "overlay.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(layout.path), str(overlay)],
-        check=True, timeout=30,
+        check=True,
+        timeout=30,
     )
     log = tmp_path / "serial.log"
     argv = [
-        QEMU, "-machine", "q35,accel=tcg", "-m", "256", "-smp", "1", "-nodefaults", "-display", "none",
-        "-serial", f"file:{log}",
-        "-drive", f"if=none,id=d0,file={overlay},format=qcow2", "-device", "virtio-blk-pci,drive=d0",
-        "-smbios", f"type=1,serial={SMBIOS_PARAMS}",
+        QEMU,
+        "-machine",
+        "q35,accel=tcg",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        f"file:{log}",
+        "-drive",
+        f"if=none,id=d0,file={overlay},format=qcow2",
+        "-device",
+        "virtio-blk-pci,drive=d0",
+        "-smbios",
+        f"type=1,serial={SMBIOS_PARAMS}",
     ]
     with (tmp_path / "qemu.out").open("wb") as out:
         qemus.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))

@@ -31,8 +31,7 @@ import pytest
 from ferryman.core.bootparams import smbios_serial
 from ferryman.core.models import DiskSpec, NicSpec, VMSpec
 from ferryman.lab import netlab
-from ferryman.lab.disk_image import DiskLayout, ensure_guest_disk
-from ferryman.lab.guest import GuestImage
+from ferryman.lab.disk_image import DiskLayout
 from ferryman.testing.guest_exec import ExecResult, GuestExecError, guest_exec, wait_for_agent
 
 QEMU = "qemu-system-x86_64"
@@ -114,15 +113,6 @@ def spec_with_nic() -> VMSpec:
 # -- fixtures ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def layout(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> DiskLayout:
-    """The guest disk, built by ensure_guest_disk into a private cache that reuses the already built guest."""
-    cache = tmp_path_factory.mktemp("cache")
-    (cache / "guest").mkdir()
-    (cache / "guest" / guest.kernel.parent.name).symlink_to(guest.kernel.parent)
-    return ensure_guest_disk(cache)
-
-
 @pytest.fixture
 def segment() -> Iterator[str]:
     """A namespace with a bridge ``br0`` and a stand-in peer ``peer0`` (PEER_IP, PEER_IP6) on it; deleted after."""
@@ -151,7 +141,8 @@ def started(layout: DiskLayout, segment: str, tmp_path: Path) -> Iterator[tuple[
     overlay = tmp_path / "overlay.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(layout.path), str(overlay)],
-        check=True, timeout=30,
+        check=True,
+        timeout=30,
     )
     socket, log = tmp_path / "qga.sock", tmp_path / "serial.log"
     tap = open_tap_in_netns(segment, "fmt-gn0")
@@ -262,9 +253,11 @@ async def fake_agent(tmp_path: Path, answer: Callable[[dict[str, Any]], bytes | 
             while line := await reader.readline():
                 request = json.loads(line)
                 if request["execute"] == "guest-sync":
-                    raw: bytes | None = b'{"return": {"pid": 1}}\n' + json.dumps(
-                        {"return": request["arguments"]["id"]}
-                    ).encode() + b"\n"
+                    raw: bytes | None = (
+                        b'{"return": {"pid": 1}}\n'
+                        + json.dumps({"return": request["arguments"]["id"]}).encode()
+                        + b"\n"
+                    )
                 else:
                     raw = answer(request)
                 if raw is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,3 +55,28 @@ class LabHandle:
         """(certificate, key, CA) of a lab host."""
         pki = self.lab.host_dir(name) / "pki"
         return pki / "host.pem", pki / "host.key", pki / "ca.pem"
+
+
+PROGRESS_PREFIXES = ("creating ", "capturing ", "importing ", "hashing ")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed ``ferryman`` command printed (its progress lines aside); asserts exit code 1 and that no
+    traceback reached the user."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(PROGRESS_PREFIXES)]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def running_lab(lab_dir: Path, *, hosts: int, vms: int, port: int, agent_port: int) -> Iterator[LabHandle]:
+    """A lab up in ``lab_dir`` for the ``with`` block (its progress on stderr), always taken down after."""
+    lab = Lab(lab_dir, say=lambda m: print(m, file=sys.stderr))
+    env = {**os.environ, "FERRYMAN_LAB_DIR": str(lab_dir)}
+    env.pop("FERRYMAN_CONFIG", None)
+    try:
+        lab.up(hosts=hosts, vms=vms, port=port, agent_port=agent_port)
+        yield LabHandle(lab, env)
+    finally:
+        lab.down(quiet=True)
