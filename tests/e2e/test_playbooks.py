@@ -55,6 +55,10 @@ def kinds(lab: LabHandle, incident: int) -> list[str]:
 def test_quarantine_hosts_take_no_normal_placements(plab: LabHandle) -> None:
     proc = plab.cli("vm", "create", "nope", "--tenant", "acme", "--memory", "128", "--host", "host-c", check=False)
     assert proc.returncode == 1 and "takes no normal placements" in proc.stderr
+    create(plab, "pb-normal", "host-a")
+    proc = plab.cli("vm", "migrate", "pb-normal", "--to", "host-c", check=False)
+    assert proc.returncode == 1 and "takes no normal placements" in proc.stderr
+    plab.cli("vm", "delete", "pb-normal")
     capacity = plab.cli_json("incident", "capacity")
     assert [h["name"] for h in capacity["hosts"]] == ["host-c"] and capacity["reserve"] == 1
     assert "headroom" in plab.cli("incident", "capacity").stdout

@@ -87,7 +87,7 @@ class MigrationService:
             history.append(Attempt(r.vm_id, r.source, r.destination, r.principal, r.requested_at, outcome, end))  # type: ignore[arg-type]
         return active, history
 
-    def _check_request(self, vm: VM, to: str) -> tuple[Host, Host]:
+    def _check_request(self, vm: VM, to: str, *, force: bool = False) -> tuple[Host, Host]:
         if vm.state not in ACTIVE_STATES:
             raise errors.Conflict(f"{vm.name} is {vm.state.value}: only a running VM can be live-migrated")
         placement = self.repo.current_placement(vm.id)
@@ -98,6 +98,8 @@ class MigrationService:
             raise errors.InvalidInput(f"{vm.name} already runs on {to}")
         if destination.state is not HostState.ENROLLED or not self.fleet.reconciler.is_fresh(destination.name):
             raise errors.Conflict(f"destination {to} is not enrolled and reporting")
+        if destination.role != "compute" and not force:  # a quarantine host keeps its room for incidents
+            raise errors.Conflict(f"{to} has role {destination.role}: it takes no normal placements (--force, audited)")
         if not destination.underlay and self.repo.nics_of(vm.id):
             raise errors.Conflict(f"{to} has no overlay endpoint (underlay): {vm.name}'s NICs cannot follow it there")
         usage = {u.host.name: u for u in self.fleet.host_usage()}[to]
@@ -153,7 +155,7 @@ class MigrationService:
         self.fleet.image_ref(self.fleet.get_vm(vm_name)[0])
         with self.fleet.placing:
             vm, _ = self.fleet.get_vm(vm_name)
-            source, destination = self._check_request(vm, to)
+            source, destination = self._check_request(vm, to, force=force)
             if self.fleet.admission is not None:
                 self.fleet.admission.admit_migration(
                     vm, destination.name, force=force, role=role, principal=principal, automatic=automatic
