@@ -42,10 +42,12 @@ def incident_open(
     vm: Annotated[str | None, typer.Option(help="the VM it is about")] = None,
     host: Annotated[str | None, typer.Option(help="the host it is about")] = None,
     severity: Annotated[str, typer.Option(help="low, medium, high or critical")] = "medium",
+    playbook: Annotated[bool, typer.Option("--playbook/--no-playbook", help="run its severity's playbook")] = True,
     json_: Json = False,
 ) -> None:
-    """Open an incident about a VM or a host."""
-    out = api().post("/api/v1/incidents", {"vm": vm, "host": host, "severity": severity, "summary": summary})
+    """Open an incident about a VM or a host (its severity's playbook runs, unless --no-playbook)."""
+    body = {"vm": vm, "host": host, "severity": severity, "summary": summary, "playbook": playbook}
+    out = api().post("/api/v1/incidents", body)
     if json_:
         return emit_json(out)
     print(f"incident {out['id']} opened ({out['severity']}) about {out['vm'] or 'host ' + str(out['host'])}")

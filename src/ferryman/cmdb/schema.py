@@ -177,9 +177,13 @@ events = sa.Table(
     sa.Column("host", sa.String(NAME), nullable=True),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("data", json_type(), nullable=False),
+    # the hash chain (ferryman.cmdb.audit_chain): the previous entry's hash and this one's; one entry per predecessor
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
     sa.Index("ix_events_time", "time"),
     sa.Index("ix_events_vm", "vm"),
     sa.Index("ix_events_host", "host"),
+    sa.Index("uq_events_prev_hash", "prev_hash", unique=True),
 )
 
 # vm_id and host carry no foreign key: an alarm may name a VM or host the CMDB does not know (that is the drift).
@@ -550,4 +554,29 @@ playbook_runs = sa.Table(
     sa.Column("started_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.CheckConstraint("state IN ('running', 'done', 'failed')", name="state_kind"),
+)
+
+# -- the audit chain: its head and signed checkpoints (ferryman.cmdb.event_sql, ferryman.cmdb.audit_chain) ------------
+
+# One row: the last entry of the chain. Every event insert locks it (FOR UPDATE), so concurrent writers extend one
+# linear chain, and updates it in the same transaction.
+audit_chain_head = sa.Table(
+    "audit_chain_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.CheckConstraint("id = 1", name="one_row"),
+)
+
+# The controller CA's signature (base64, ECDSA-SHA256) over ferryman.cmdb.audit_chain.checkpoint_text(event_id, hash,
+# at): the chain must still pass through every checkpointed hash.
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("signature", sa.Text, nullable=False),
 )
