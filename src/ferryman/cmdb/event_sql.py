@@ -1,22 +1,29 @@
 """Events and alarms on SQL: :class:`SqlEventMixin` implements :class:`~ferryman.cmdb.repository.EventRepository`
 for :class:`~ferryman.cmdb.sql.SqlRepository`.
 
-The event log is append-only; an alarm is opened once per (kind, VM, host) while the discrepancy lasts
-(``uq_alarms_open_key`` turns a racing second opening into a bump of the first) and resolved once. Nothing here decides
-what is an alarm: reconciliation does.
+The event log is append-only and a hash chain (:mod:`ferryman.cmdb.audit_chain`): :func:`insert_event`, the only
+writer of the events table, locks the one-row chain head (``SELECT ... FOR UPDATE``; SQLite's write transactions are
+serialised already), takes the next id, hashes the entry after the head's hash and moves the head, all in the caller's
+transaction, so an event and its link commit together and concurrent writers extend one linear chain.
+:class:`SqlAuditLog` reads the chain back in id-ordered batches and keeps the signed checkpoints.
+
+An alarm is opened once per (kind, VM, host) while the discrepancy lasts (``uq_alarms_open_key`` turns a racing second
+opening into a bump of the first) and resolved once. Nothing here decides what is an alarm: reconciliation does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
+from ferryman.cmdb.audit_chain import COLUMNS, Checkpoint, Entry, link_hash
 from ferryman.cmdb.repository import Alarm
-from ferryman.cmdb.schema import alarms, events
+from ferryman.cmdb.schema import alarms, audit_chain_head, audit_checkpoints, events
 from ferryman.cmdb.sql_base import SqlBase, from_row, new_id
 from ferryman.cmdb.values import as_json as _json
 from ferryman.cmdb.values import utc as _utc
@@ -33,7 +40,8 @@ def _eq_or_null(column: sa.ColumnElement[Any], value: Any) -> sa.ColumnElement[b
 
 
 def insert_event(conn: sa.Connection, event: Event) -> Event:
-    """Append ``event`` to the log inside the caller's transaction (an audited change and its event land together)."""
+    """Append ``event`` to the log inside the caller's transaction (an audited change and its event land together),
+    as the next link of the hash chain."""
     recorded = dataclasses.replace(
         event,
         time=_utc(event.time),
@@ -41,9 +49,33 @@ def insert_event(conn: sa.Connection, event: Event) -> Event:
         data=_json(event.data, "event data"),
         id=None,
     )
-    values = dataclasses.asdict(recorded) | {"severity": recorded.severity.value}
-    del values["id"]
-    return dataclasses.replace(recorded, id=new_id(conn.execute(sa.insert(events).values(**values))))
+    head = conn.execute(
+        sa.select(audit_chain_head.c.event_id, audit_chain_head.c.hash)
+        .where(audit_chain_head.c.id == 1)
+        .with_for_update()
+    ).first()
+    if head is None:
+        raise Conflict("the audit chain has no head: the CMDB was not migrated, or its chain head was deleted")
+    entry = Entry(
+        id=head.event_id + 1,
+        time=recorded.time,
+        kind=recorded.kind,
+        severity=recorded.severity.value,
+        principal=recorded.principal,
+        vm=recorded.vm,
+        host=recorded.host,
+        message=recorded.message,
+        # what the JSON column gives back (string keys, lists): exactly what is hashed is stored
+        data=json.loads(json.dumps(recorded.data)),
+        prev_hash=head.hash,
+        hash="",
+    )
+    entry = entry._replace(hash=link_hash(head.hash, entry))
+    conn.execute(sa.insert(events).values(**entry._asdict()))
+    conn.execute(
+        sa.update(audit_chain_head).where(audit_chain_head.c.id == 1).values(event_id=entry.id, hash=entry.hash)
+    )
+    return dataclasses.replace(recorded, id=entry.id)
 
 
 def _event(row: sa.Row[Any]) -> Event:
@@ -146,3 +178,63 @@ class SqlEventMixin(SqlBase):
             query = query.where(alarms.c.resolved_at.is_(None))
         with self._read() as conn:
             return [_alarm(r) for r in conn.execute(query)]
+
+
+_CHAIN_COLUMNS = [events.c[name] for name in COLUMNS]
+
+
+class SqlAuditLog(SqlBase):
+    """The audit chain read back for verification and export, and its signed checkpoints (``SqlAuditLog(engine)``).
+
+    Reads go in id-ordered batches, one short transaction each, so a walk over millions of entries holds neither
+    memory nor a snapshot; entries committed during a walk are simply walked too. Nothing here judges the chain.
+    """
+
+    def head(self) -> tuple[int, str] | None:
+        """The chain head the writers recorded: (entry id, hash); None while the log is empty."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(audit_chain_head.c.event_id, audit_chain_head.c.hash)).first()
+        return (row.event_id, row.hash) if row is not None and row.event_id > 0 else None
+
+    def entry_before(self, event_id: int) -> tuple[int, str] | None:
+        """(id, hash) of the last entry with an id below ``event_id``; None if there is none."""
+        query = sa.select(events.c.id, events.c.hash).where(events.c.id < event_id).order_by(events.c.id.desc())
+        with self._read() as conn:
+            row = conn.execute(query.limit(1)).first()
+        return (row.id, row.hash) if row is not None else None
+
+    def batches(
+        self, after: int = 0, *, since: dt.datetime | None = None, size: int = 5000
+    ) -> Iterator[Sequence[sa.Row[Any]]]:
+        """The entries with an id above ``after`` (and a time at or after ``since``), in id order, ``size`` at a
+        time; each row has the attributes of :class:`~ferryman.cmdb.audit_chain.Entry`."""
+        query = sa.select(*_CHAIN_COLUMNS).order_by(events.c.id).limit(size)
+        if since is not None:
+            query = query.where(events.c.time >= _utc(since, "since"))
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(query.where(events.c.id > after)).all()
+            if not rows:
+                return
+            yield rows
+            after = rows[-1].id
+
+    def checkpoints(self, *, from_event: int = 0) -> list[Checkpoint]:
+        """The checkpoints of entries from ``from_event`` on, oldest first."""
+        query = sa.select(audit_checkpoints).where(audit_checkpoints.c.event_id >= from_event)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(audit_checkpoints.c.id)).all()
+        return [from_row(Checkpoint, r) for r in rows]
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.id.desc()).limit(1)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return from_row(Checkpoint, row) if row is not None else None
+
+    def add_checkpoint(self, event_id: int, hash_: str, at: dt.datetime, signature: str) -> Checkpoint:
+        at = _utc(at)
+        values = {"event_id": event_id, "hash": hash_, "at": at, "signature": signature}
+        with self._write() as conn:
+            checkpoint_id = new_id(conn.execute(sa.insert(audit_checkpoints).values(**values)))
+        return Checkpoint(checkpoint_id, event_id, hash_, at, signature)
