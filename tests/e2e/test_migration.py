@@ -83,6 +83,9 @@ def test_local_storage_migration_keeps_every_record_and_leaves_nothing(lab):
     assert code == 0, m
     assert (m["outcome"], m["source"], m["destination"]) == ("done", "host-a", "host-b")
     assert m["downtime_ms"] is not None and m["bytes_transferred"] > 0
+    # the governor's cooldown (5 s in the lab) refuses moving it straight back, with the reason
+    code, refused = migrate(lab, "mig-1", "--to", "host-a")
+    assert code == 1 and "cooldown" in refused["stderr"]
     # the validation counted from the record read at activation, and saw a newer one written on the destination
     facts = m["data"]["facts"]
     seen = re.fullmatch(r"running=True, disk records (\d+) -> (\d+)", facts["validation"])
@@ -117,10 +120,6 @@ def test_local_storage_migration_keeps_every_record_and_leaves_nothing(lab):
         e["kind"] for e in events
     }
     assert all(e["principal"] == "token:admin" for e in events if e["kind"] == "migration.phase")
-
-    # the governor's cooldown refuses moving it straight back, with the reason
-    code, refused = migrate(lab, "mig-1", "--to", "host-a")
-    assert code == 1 and "cooldown" in refused["stderr"]
     lab.cli("vm", "delete", "mig-1")
 
 

@@ -262,6 +262,8 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     worst = max((end - start + 1 for start, end in runs), default=0)
     print(f"\nping across the migration: {sent} sent, {received} received, longest gap {worst * 50} ms, gaps {runs}")
     assert received > 0 and sent - received < sent // 2
+    if runs and runs[-1][1] == sent - 1 and runs[-1][1] - runs[-1][0] < 2:
+        runs = runs[:-1]  # the last request or two were still in flight when ping's deadline ended it
     assert runs == [] or runs[-1][1] < sent - 20  # the replies came back, and kept coming, after the switch-over
     # the destination's rules were installed and read back at its preparation, before the VM could run there
     record = lab.cli_json("migration", "show", result["id"])

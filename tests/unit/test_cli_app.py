@@ -11,7 +11,7 @@ import typer.main
 from ferryman.cli.main import app, main
 
 COMMANDS = {
-    "host": ["list", "show", "add", "revoke", "neighbours", "history", "drain", "set"],
+    "host": ["list", "show", "add", "revoke", "neighbours", "history", "drain", "set", "compromise"],
     "vm": [
         "create",
         "list",
@@ -26,8 +26,13 @@ COMMANDS = {
         "migrate",
         "snapshots",
         "restore",
+        "nics",
+        "isolate",
+        "unisolate",
     ],
     "image": ["import", "list", "show", "verify", "revoke", "push", "keygen", "sign", "trust"],
+    "network": ["create", "list", "show"],
+    "incident": ["open", "list", "show", "capture", "evidence", "impact", "close", "capacity", "playbook"],
     "site": ["list", "add"],
     "lab": ["up", "status", "down"],
     "migration": ["list", "show", "cancel"],
