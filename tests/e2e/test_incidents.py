@@ -178,3 +178,17 @@ def test_incident_cli_error_paths(lab: Any, suspect: dict[str, Any]) -> None:
     assert "capture its VMs" in one_line_error(lab.cli("incident", "capture", str(host["id"]), check=False))
     with pytest.raises(CliError, match=r"not an alert|event_type"):
         lab.api().post("/api/v1/alerts/suricata", {"event_type": "flow", "src_ip": "10.0.0.1"})
+
+
+def test_the_audit_log_is_a_verified_chain_exported_for_a_siem(lab: Any, tmp_path: Path) -> None:
+    checked = lab.cli_json("audit", "verify")
+    assert checked["ok"] and checked["checked"] > 50 and checked["first_broken"] is None
+    lab.cli("audit", "checkpoint")
+    again = lab.cli_json("audit", "verify")
+    assert again["ok"] and again["checkpoint"]["signature_ok"]
+    cef = lab.cli("audit", "export", "--since", "-1h", "--format", "cef").stdout.splitlines()
+    assert cef and all(line.startswith("CEF:0|") for line in cef)
+    out = tmp_path / "audit.jsonl"
+    lab.cli("audit", "export", "--since", "-1h", "--format", "jsonl", "--output", str(out))
+    entries = [json.loads(line) for line in out.read_text().splitlines()]
+    assert entries and all(len(e["hash"]) == 64 for e in entries)

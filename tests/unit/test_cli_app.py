@@ -38,6 +38,7 @@ COMMANDS = {
     "migration": ["list", "show", "cancel"],
     "policy": ["validate", "apply", "clear", "list", "versions", "show"],
     "compliance": ["check", "plan", "report"],
+    "audit": ["verify", "export", "checkpoint"],
 }
 
 

@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from ferryman.cli.audit import audit_app
 from ferryman.cli.events import alarms, events
 from ferryman.cli.images import image_app
 from ferryman.cli.incidents import host_compromise, incident_app, playbook_app
@@ -46,6 +47,7 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(migration_app, name="migration")
 app.add_typer(policy_app, name="policy")
 app.add_typer(compliance_app, name="compliance")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

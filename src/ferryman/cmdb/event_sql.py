@@ -213,7 +213,7 @@ class SqlAuditLog(SqlBase):
             with self._read() as conn:
                 # plain tuples: a walk reads every field of every row, and a Row's attribute lookup costs more
                 # than the hashing
-                rows = [Entry._make(row) for row in conn.execute(query.where(events.c.id > after)).tuples()]
+                rows = [Entry._make(row) for row in conn.execute(query.where(events.c.id > after))]
             if not rows:
                 return
             yield rows

@@ -26,6 +26,8 @@ from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.networks import NicRequest
 from ferryman.controller import schemas as s
 from ferryman.controller import snapshots
+from ferryman.controller.audit import AuditService
+from ferryman.controller.audit_routes import audit_routes
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.fleet import Fleet, VMRequest
 from ferryman.controller.image_routes import image_routes
@@ -97,6 +99,7 @@ def create_app(
     networks: NetworkService | None = None,
     incidents: IncidentService | None = None,
     playbooks: PlaybookRunner | None = None,
+    audit: AuditService | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -141,6 +144,8 @@ def create_app(
     _sites_and_hosts(app, fleet, Person)
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
+    if audit is not None:
+        audit_routes(app, audit, Person)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -14,10 +14,12 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
+from ferryman.cmdb.event_sql import SqlAuditLog
 from ferryman.cmdb.impact_sql import SqlImpact
 from ferryman.cmdb.sql import open_repository
 from ferryman.controller.agent_client import HttpAgentClient
 from ferryman.controller.app import create_app
+from ferryman.controller.audit import AuditService
 from ferryman.controller.compliance import Compliance
 from ferryman.controller.evidence import EvidenceStore
 from ferryman.controller.fleet import Fleet, certificate_revoked
@@ -100,6 +102,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
     fleet.admission = compliance
     fleet.watch(compliance.on_change)
     ensure_admin_token(settings, fleet, clock)
+    audit_log = AuditService(SqlAuditLog(repo.engine), ca, clock, record=fleet.audit)
 
     async def reconcile_forever() -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +114,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
                 if loop.time() >= next_audit:  # the periodic full compliance audit, off the event loop
                     next_audit = loop.time() + settings.reconcile.compliance_interval_s
                     await asyncio.to_thread(compliance.audit_all)
+                await asyncio.to_thread(audit_log.maybe_checkpoint)  # a signed checkpoint of the audit chain
             except FerrymanError as err:
                 log.error("reconciliation pass failed", error=str(err))
 
@@ -143,6 +147,7 @@ def build(settings: ControllerSettings, clock: Clock | None = None) -> tuple[Fas
         networks=networks,
         incidents=incidents,
         playbooks=playbooks,
+        audit=audit_log,
     )
     return app, fleet, files
 
