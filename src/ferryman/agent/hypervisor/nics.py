@@ -94,4 +94,7 @@ class VMNics:
         if self.network is None:
             return None
         report = await asyncio.to_thread(self.network.report)
-        return NetworkReport(nics=[_state(r) for r in report.nics], foreign_tables=list(report.foreign_tables))
+        foreign = list(report.foreign_tables)
+        if self.network.netns is None:  # the host's own firewall lives here: only tables that see a tap's frames count
+            foreign = [table for table in foreign if table.split()[0] in ("netdev", "bridge")]
+        return NetworkReport(nics=[_state(r) for r in report.nics], foreign_tables=foreign)
