@@ -29,7 +29,7 @@ from ferryman.core.errors import Conflict, HypervisorError, InvalidInput, NotFou
 from ferryman.core.models import DiskSpec, RunState, VMSpec
 from ferryman.lab import guest as guest_mod
 from ferryman.lab.guest import GuestImage, ensure_guest
-from ferryman.lab.records import SECTOR, DiskRecordsProbe, Record, missing_seqs, read_acks, read_records
+from ferryman.lab.records import SECTOR, DiskRecordsProbe, Record, missing_seqs, read_acks, read_last_seq, read_records
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 60.0
@@ -507,6 +507,12 @@ async def test_a_running_guest_passes_with_the_records_probe_from_its_activation
     validation reports the run state and the records, and the newest record number."""
     spec = make_spec("recorded")
     await boot(driver, spec)
+    # the guest's record header (what the probe reads) follows its first record a moment later
+    disk = driver.disk_paths(spec.vm_id)[0]
+    for _ in range(120):
+        if await asyncio.to_thread(read_last_seq, disk) >= 1:
+            break
+        await asyncio.sleep(0.25)
     checks = GuestChecks.standard([DiskRecordsProbe()])
     view = guest_view(driver, spec.vm_id)
     marks = await checks.mark(view)
