@@ -32,6 +32,7 @@ class CliConfig:
     url: str
     ca_file: Path
     token: str
+    approval: str | None = None  # FERRYMAN_APPROVAL: the approval a dangerous request presents (two-person rule)
 
     @classmethod
     def load(cls, path: Path | None = None) -> CliConfig:
@@ -58,7 +59,8 @@ class CliConfig:
                 f"no controller configured: start the lab (ferryman lab up) or set FERRYMAN_URL, FERRYMAN_CA and "
                 f"FERRYMAN_TOKEN (looked for {path})"
             )
-        return cls(url=url.rstrip("/"), ca_file=Path(ca), token=token)
+        approval = env.get("FERRYMAN_APPROVAL") or None
+        return cls(url=url.rstrip("/"), ca_file=Path(ca), token=token, approval=approval)
 
 
 class Api:
@@ -69,7 +71,10 @@ class Api:
         self._client = httpx.Client(
             base_url=config.url,
             verify=client_context(config.ca_file),
-            headers={"Authorization": f"Bearer {config.token}"},
+            headers={
+                "Authorization": f"Bearer {config.token}",
+                **({"X-Ferryman-Approval": config.approval} if config.approval else {}),
+            },
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 

@@ -25,7 +25,7 @@ JOURNAL_TABLES = {"migrations", "migration_steps", "scrub_receipts"}
 LATER_TABLES = {
     *("policy_versions", "violations", "disk_keys", "signing_keys", "images", "networks", "nics"),
     *("incidents", "incident_actions", "evidence", "manifests", "playbook_versions", "playbook_runs"),
-    *("audit_chain_head", "audit_checkpoints"),
+    *("audit_chain_head", "audit_checkpoints", "principals", "access_policies", "approvals"),
 }
 
 

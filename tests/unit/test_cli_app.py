@@ -29,6 +29,9 @@ COMMANDS = {
         "nics",
         "isolate",
         "unisolate",
+        "baseline",
+        "remediated",
+        "destroy-keys",
     ],
     "image": ["import", "list", "show", "verify", "revoke", "push", "keygen", "sign", "trust"],
     "network": ["create", "list", "show"],
@@ -39,6 +42,10 @@ COMMANDS = {
     "policy": ["validate", "apply", "clear", "list", "versions", "show"],
     "compliance": ["check", "plan", "report"],
     "audit": ["verify", "export", "checkpoint"],
+    "principal": ["create", "list", "show", "disable"],
+    "token": ["rotate"],
+    "role": ["list", "show", "policy"],
+    "approval": ["list", "approve", "deny"],
 }
 
 

@@ -6,10 +6,22 @@ This module only assembles the command groups of the other ``ferryman.cli`` modu
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Annotated
 
 import typer
 
+from ferryman.cli.access import (
+    approval_app,
+    principal_app,
+    role_app,
+    role_policy_app,
+    token_app,
+    vm_baseline,
+    vm_destroy_keys,
+    vm_remediated,
+)
 from ferryman.cli.audit import audit_app
 from ferryman.cli.events import alarms, events
 from ferryman.cli.images import image_app
@@ -27,6 +39,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Ferryman: move virtual machines safely.",
 )
+
+
+@app.callback()
+def _options(
+    approval: Annotated[
+        int | None,
+        typer.Option("--approval", help="present this approved request (two-person rule) with the command"),
+    ] = None,
+) -> None:
+    if approval is not None:
+        os.environ["FERRYMAN_APPROVAL"] = str(approval)
+
+
 app.command("events")(events)
 app.command("alarms")(alarms)
 app.command("place")(place)
@@ -37,6 +62,9 @@ incident_app.add_typer(playbook_app, name="playbook")
 vm_app.command("nics")(vm_nics)
 vm_app.command("isolate")(vm_isolate)
 vm_app.command("unisolate")(vm_unisolate)
+vm_app.command("baseline")(vm_baseline)
+vm_app.command("remediated")(vm_remediated)
+vm_app.command("destroy-keys")(vm_destroy_keys)
 app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(image_app, name="image")
@@ -48,6 +76,11 @@ app.add_typer(migration_app, name="migration")
 app.add_typer(policy_app, name="policy")
 app.add_typer(compliance_app, name="compliance")
 app.add_typer(audit_app, name="audit")
+role_app.add_typer(role_policy_app, name="policy")
+app.add_typer(principal_app, name="principal")
+app.add_typer(token_app, name="token")
+app.add_typer(role_app, name="role")
+app.add_typer(approval_app, name="approval")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -103,8 +103,10 @@ class SqlEventMixin(SqlBase):
         min_severity: Severity | None = None,
         limit: int = 200,
         until: dt.datetime | None = None,
+        vm_ids: Collection[str] | None = None,
     ) -> list[Event]:
-        """Events newest first; ``since`` is inclusive, ``until`` exclusive, ``kind_prefix`` matches literally."""
+        """Events newest first; ``since`` is inclusive, ``until`` exclusive, ``kind_prefix`` matches literally;
+        ``vm_ids`` keeps the events of those VMs only (none for an empty collection)."""
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, got {limit}")
         query = sa.select(events).order_by(events.c.time.desc(), events.c.id.desc()).limit(limit)
@@ -116,6 +118,8 @@ class SqlEventMixin(SqlBase):
             query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
         if vm_id is not None:
             query = query.where(events.c.vm == vm_id)
+        if vm_ids is not None:
+            query = query.where(events.c.vm.in_(list(vm_ids)))
         if host is not None:
             query = query.where(events.c.host == host)
         if min_severity is not None:

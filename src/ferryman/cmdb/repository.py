@@ -13,10 +13,11 @@ Rules the implementations keep:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ferryman.cmdb.access import AccessRepository
 from ferryman.cmdb.images import ImageRepository
 from ferryman.cmdb.incidents import IncidentRepository
 from ferryman.cmdb.journal import JournalRepository
@@ -120,6 +121,7 @@ class EventRepository(Protocol):
         min_severity: Severity | None = None,
         limit: int = 200,
         until: dt.datetime | None = None,
+        vm_ids: Collection[str] | None = None,
     ) -> list[Event]: ...
     def open_alarm(self, kind: str, vm_id: str | None, host: str | None, message: str, at: dt.datetime) -> Alarm | None:
         """Open an alarm; if the same (kind, vm_id, host) is already open, bump last_seen and return None."""
@@ -137,6 +139,7 @@ class CredentialRepository(Protocol):
 
     def add_api_token(self, token_id: str, name: str, role: str, secret_hash: str, at: dt.datetime) -> ApiToken: ...
     def find_api_token(self, token_id: str) -> tuple[ApiToken, str] | None: ...  # (token, secret_hash)
+    def list_api_tokens(self) -> list[ApiToken]: ...
     def add_enrol_token(self, host: str, secret_hash: str, expires_at: dt.datetime) -> None: ...
     def consume_enrol_token(self, host: str, secret_hash: str, at: dt.datetime) -> bool:
         """Atomically mark the host's unexpired, unused token with this hash as used; False if none matched."""
@@ -162,6 +165,7 @@ class Repository(
     ImageRepository,
     NetworkRepository,
     IncidentRepository,
+    AccessRepository,
     Protocol,
 ):
     """Everything the controller needs from the CMDB."""

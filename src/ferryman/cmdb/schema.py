@@ -580,3 +580,52 @@ audit_checkpoints = sa.Table(
     sa.Column("at", UtcDateTime, nullable=False),
     sa.Column("signature", sa.Text, nullable=False),
 )
+
+# -- who may do what (ferryman.cmdb.access_sql, ferryman.controller.access) --------------------------------------------
+
+# A principal is a person or a tool with one role and, for a tenant's roles, one tenant; its API tokens are rows of
+# api_tokens whose name is the principal's. A disabled principal's tokens authenticate no more.
+principals = sa.Table(
+    "principals",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(NAME), nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("created_by", sa.String(255), nullable=False),
+    sa.Column("disabled_at", UtcDateTime, nullable=True),
+    sa.Column("disabled_by", sa.String(255), nullable=True),
+)
+
+# Operators' own Cedar policies, added to the built-in roles (validated before they are stored).
+access_policies = sa.Table(
+    "access_policies",
+    metadata,
+    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("created_by", sa.String(255), nullable=False),
+)
+
+# Two-person rule: a dangerous request waits here for a second, different principal. ``fingerprint`` is the SHA-256 of
+# what exactly was asked (action, resource, parameters): the approval is good for that request only.
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("resource", sa.String(255), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("requested_by", sa.String(NAME), nullable=False),
+    sa.Column("approver_role", sa.String(64), nullable=True),
+    sa.Column("single_use", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("requested_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("decided_by", sa.String(NAME), nullable=True),
+    sa.Column("decided_at", UtcDateTime, nullable=True),
+    sa.Column("used_at", UtcDateTime, nullable=True),
+    sa.CheckConstraint("state IN ('pending', 'approved', 'denied', 'used')", name="state_kind"),
+    sa.Index("ix_approvals_state", "state"),
+)

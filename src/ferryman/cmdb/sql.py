@@ -22,6 +22,7 @@ decides anything (no policy, no scheduling), and nothing creates or alters table
 
 from __future__ import annotations
 
+from ferryman.cmdb.access_sql import SqlAccessMixin
 from ferryman.cmdb.credential_sql import SqlCredentialMixin
 from ferryman.cmdb.engine import create_engine, migrate
 from ferryman.cmdb.event_sql import SqlEventMixin
@@ -48,6 +49,7 @@ class SqlRepository(
     SqlImageMixin,
     SqlNetworkMixin,
     SqlIncidentMixin,
+    SqlAccessMixin,
 ):
     """Every CMDB protocol over one SQLAlchemy engine, the migration journal included. Each public method is one
     transaction."""

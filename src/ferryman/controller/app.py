@@ -14,8 +14,8 @@ the loop's dictionaries (a host's last report, a migration's progress).
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import structlog
@@ -26,6 +26,8 @@ from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.networks import NicRequest
 from ferryman.controller import schemas as s
 from ferryman.controller import snapshots
+from ferryman.controller.access import APPROVAL_HEADER, RULES, AccessControl, Principal, Rule, not_found
+from ferryman.controller.access_routes import access_routes
 from ferryman.controller.audit import AuditService
 from ferryman.controller.audit_routes import audit_routes
 from ferryman.controller.compliance import Compliance
@@ -39,6 +41,7 @@ from ferryman.controller.network_routes import network_routes
 from ferryman.controller.networks import NetworkService
 from ferryman.controller.playbooks import PlaybookRunner
 from ferryman.controller.policy_routes import policy_routes
+from ferryman.controller.rollback import guard, rollback_routes
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
 from ferryman.core.models import Event, Host, Severity, Site, VMAction
@@ -46,16 +49,9 @@ from ferryman.core.units import parse_mib, parse_size
 from ferryman.httperrors import install_error_handlers
 from ferryman.pki.identity import check_peer
 from ferryman.security.asgi_tls import peer_certificate
-from ferryman.security.secrets import secret_matches, split_api_token
 from ferryman.wire.vms import runtime_from_dict
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: str
 
 
 def _lifespan(
@@ -100,6 +96,7 @@ def create_app(
     incidents: IncidentService | None = None,
     playbooks: PlaybookRunner | None = None,
     audit: AuditService | None = None,
+    access: AccessControl | None = None,
 ) -> FastAPI:
     """Build the API around ``fleet``; ``background`` is an async callable run for the app's lifetime."""
 
@@ -107,16 +104,34 @@ def create_app(
     app = FastAPI(title="Ferryman controller", version="0.1.0", lifespan=lifespan)
 
     install_error_handlers(app)
+    access = access or AccessControl(fleet.repo, fleet.clock, fleet.audit)
 
-    def person(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise errors.Unauthenticated("missing API token (Authorization: Bearer ...)")
-        token_id, secret = split_api_token(header[7:].strip())
-        found = fleet.repo.find_api_token(token_id)
-        if found is None or found[0].revoked_at is not None or not secret_matches(secret, found[1]):
-            raise errors.Unauthenticated("invalid API token")
-        return Principal(name=f"token:{found[0].name}", role=found[0].role)
+    async def person(request: Request) -> Principal:
+        """The caller, authenticated by its API token and allowed by Cedar to do what this route does."""
+        route = request.scope.get("route")
+        rule = RULES.get((request.method, getattr(route, "path", "")))
+        body: Any = None
+        if rule is not None and rule.needs_body:
+            with contextlib.suppress(ValueError):  # the route's own validation answers a body that is not JSON
+                body = json.loads(await request.body() or b"null")
+        return await run_in_threadpool(
+            _admit,
+            request.headers.get("authorization", ""),
+            request.headers.get(APPROVAL_HEADER),
+            rule,
+            dict(request.path_params),
+            dict(request.query_params),
+            body,
+        )
+
+    def _admit(
+        header: str, approval: str | None, rule: Rule | None, params: dict[str, str], query: dict[str, str], body: Any
+    ) -> Principal:
+        who = access.authenticate(header, approval)
+        if rule is None:  # a route missing from the table is closed, never open by omission
+            raise errors.Forbidden("this route has no access rule")
+        access.admit(who, rule, params, query, body)
+        return who
 
     def agent_host(request: Request) -> Host:
         der = peer_certificate(request.scope)
@@ -135,17 +150,19 @@ def create_app(
     AgentHost = Annotated[Host, Depends(agent_host)]
 
     if migrations is not None:  # before the VM routes: /vms/{name}/migrate must win over /vms/{name}/{action}
-        _migrations(app, fleet, migrations, Person)
+        _migrations(app, fleet, migrations, access, Person)
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
     _registry_routes(app, fleet, images, networks, incidents, Person)
     if playbooks is not None:  # before the host routes: /hosts/{name}/compromise
         playbook_routes(app, playbooks, Person)
     _sites_and_hosts(app, fleet, Person)
+    rollback_routes(app, fleet, access, Person)  # before the VM routes, as above
     _vms(app, fleet, Person)
     _events(app, fleet, Person)
     if audit is not None:
         audit_routes(app, audit, Person)
+    access_routes(app, access, Person)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -293,8 +310,12 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return s.VMOut.of(vm, await run_in_threadpool(fleet.repo.current_placement, vm.id))
 
     @app.get("/api/v1/vms", response_model=list[s.VMOut])
-    def list_vms(_: Person, tenant: str | None = None, host: str | None = None) -> list[s.VMOut]:
+    def list_vms(who: Person, tenant: str | None = None, host: str | None = None) -> list[s.VMOut]:
         out = []
+        if who.tenant is not None:  # a tenant's principal sees its tenant's VMs only
+            if tenant not in (None, who.tenant):
+                return []
+            tenant = who.tenant
         for vm in fleet.repo.list_vms():
             placement = fleet.repo.current_placement(vm.id)
             if tenant and vm.tenant != tenant:
@@ -305,9 +326,11 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return out
 
     @app.get("/api/v1/vms/{name}", response_model=s.VMDetail)
-    def show_vm(name: str, _: Person) -> s.VMDetail:
+    def show_vm(name: str, who: Person) -> s.VMDetail:
         vm, placement = fleet.get_vm(name)
         neighbours = fleet.repo.neighbours_of_vm(vm.id, fleet.clock.now()) if placement else []
+        if who.tenant is not None:  # other tenants' VMs are not a tenant's to know (the report names no one)
+            neighbours = [n for n in neighbours if n.tenant == who.tenant]
         base = s.VMOut.of(vm, placement).model_dump()
         nics = [s.NicOut.of(n) for n in fleet.repo.nics_of(vm.id)]
         return s.VMDetail(**base, canary=vm.canary, neighbours=[s.NeighbourOut.of(n) for n in neighbours], nics=nics)
@@ -339,7 +362,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
 def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     @app.get("/api/v1/events", response_model=list[s.EventOut])
     def list_events(
-        _: Person,
+        who: Person,
         since: str | None = None,
         kind: str | None = None,
         vm: str | None = None,
@@ -347,6 +370,12 @@ def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         severity: str | None = None,
         limit: int = 200,
     ) -> list[s.EventOut]:
+        own = None
+        if who.tenant is not None:  # a tenant's principal reads its own VMs' events only, without free text
+            mine = {v.name: v.id for v in fleet.repo.list_vms(include_deleted=True) if v.tenant == who.tenant}
+            if vm and vm not in mine and vm not in mine.values():
+                raise not_found("Vm", vm)
+            own = list(mine.values())
         vm_id = fleet.repo.get_vm(vm).id if vm else None
         try:
             min_sev = Severity(severity) if severity else None
@@ -359,7 +388,10 @@ def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             host=host,
             min_severity=min_sev,
             limit=max(1, min(limit, 5000)),
+            vm_ids=own,
         )
+        if own is not None:
+            return [s.EventOut.of(dataclasses.replace(e, message=e.kind, principal="", data={})) for e in events]
         return [s.EventOut.of(e) for e in events]
 
     @app.get("/api/v1/alarms", response_model=list[s.AlarmOut])
@@ -376,7 +408,7 @@ def _migration_out(fleet: Fleet, svc: MigrationService, r: MigrationRecord) -> d
     return out
 
 
-def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) -> None:
+def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, access: AccessControl, Person: Any) -> None:
     @app.post("/api/v1/vms/{name}/migrate", response_model=s.MigrationOut, status_code=202)
     async def migrate(name: str, body: s.MigrateIn, who: Person) -> dict[str, Any]:
         record = await svc.request(
@@ -422,7 +454,7 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, Person: Any) 
 
     @app.post("/api/v1/vms/{name}/restore")
     async def restore_vm(name: str, body: s.RestoreIn, who: Person) -> dict[str, Any]:
-        return await snapshots.restore(fleet, name, body.tag, who.name)
+        return await snapshots.restore(fleet, name, body.tag, who.name, guard(fleet, access, who))
 
     @app.post("/api/v1/hosts/{name}/drain")
     async def drain(name: str, who: Person) -> dict[str, Any]:

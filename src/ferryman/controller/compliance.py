@@ -57,8 +57,9 @@ from ferryman.scheduler.planner import Plan, plan_remediation
 
 log = structlog.get_logger(__name__)
 
-BREAK_GLASS_ROLES = frozenset({"admin"})
-"""Roles whose tokens may force a placement against hard rules (audited as an alarm)."""
+BREAK_GLASS_ROLES = frozenset({"admin", "fleet-admin", "security-officer"})
+"""Roles that may force a placement against hard rules (audited as an alarm): a second check behind the API's Cedar
+action ``placement:force`` and its two-person rule; ``admin`` is the controller's own automatic requests."""
 IN_FLIGHT_LIMIT = 100_000  # unfinished migrations admission reads (the governor keeps far fewer running at once)
 KEPT_CHANGES = 10_000
 """CMDB changes remembered for indexes under construction; one built while more happened reads the fleet again."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
+from ferryman.cmdb.access import PrincipalRecord
 from ferryman.cmdb.event_sql import SqlAuditLog
 from ferryman.cmdb.impact_sql import SqlImpact
 from ferryman.cmdb.sql import open_repository
@@ -71,7 +72,9 @@ def ensure_admin_token(settings: ControllerSettings, fleet: Fleet, clock: Clock)
     if fleet.repo.get_setting("bootstrap_admin_token") is not None:
         return
     token, token_id, secret_hash = make_api_token()
-    fleet.repo.add_api_token(token_id, "admin", "admin", secret_hash, clock.now())
+    fleet.repo.add_api_token(token_id, "admin", "fleet-admin", secret_hash, clock.now())
+    if not any(p.name == "admin" for p in fleet.repo.list_principals()):
+        fleet.repo.add_principal(PrincipalRecord("admin", "fleet-admin", None, clock.now(), "system"))
     fd = os.open(settings.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(token + "\n")

@@ -19,8 +19,10 @@ from ferryman.controller.compliance import Compliance, Preview
 from ferryman.controller.fleet import Fleet
 from ferryman.controller.migrations import MigrationService
 from ferryman.controller.reports import tenant_report
+from ferryman.controller.rollback import awaiting_remediation
 from ferryman.core import errors
 from ferryman.core.clock import parse_time
+from ferryman.core.models import Event
 from ferryman.core.units import parse_mib
 from ferryman.policy.schema import PolicyErrors
 
@@ -52,15 +54,6 @@ class HostPatchIn(BaseModel):
     patch_level: int | None = Field(default=None, ge=0)
     role: str | None = None
     memory_mb: int | None = Field(default=None, ge=64)
-
-
-POLICY_ROLES = frozenset({"admin"})
-"""Roles whose tokens may apply or clear placement policies."""
-
-
-def _may_change_policies(role: str) -> None:
-    if role not in POLICY_ROLES:
-        raise errors.Forbidden(f"changing placement policies needs the role {', '.join(sorted(POLICY_ROLES))}")
 
 
 def _vm_names(fleet: Fleet) -> dict[str, str]:
@@ -110,13 +103,11 @@ def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: Migra
         }
         if body.dry_run:
             return out
-        _may_change_policies(who.role)
         version = compliance.install(candidate, who.name)
         return {**out, "applied": True, "version": version.version}
 
     @app.post("/api/v1/policies/clear")
     def clear(who: Person) -> dict[str, Any]:
-        _may_change_policies(who.role)
         return {"version": compliance.clear(who.name).version}
 
     @app.get("/api/v1/policies")
@@ -173,9 +164,10 @@ def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: M
     @app.get("/api/v1/compliance/violations")
     def violations(_: Person, all: bool = False) -> list[dict[str, Any]]:
         names = vm_names()
-        return [
+        found = [
             {**dataclasses.asdict(v), "vm": names.get(v.vm_id)} for v in fleet.repo.list_violations(open_only=not all)
         ]
+        return found + [remediation_out(vm_id, mark, names) for vm_id, mark in awaiting_remediation(fleet).items()]
 
     @app.post("/api/v1/compliance/check")
     def check(_: Person) -> dict[str, Any]:
@@ -232,6 +224,22 @@ def compliance_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: M
             raise errors.InvalidInput("nothing to change")
         host = fleet.update_host(name, who.name, **changes)
         return dataclasses.asdict(host)
+
+
+def remediation_out(vm_id: str, mark: Event, names: dict[str, str]) -> dict[str, Any]:
+    """A VM restored below its security baseline, as a violation (open until it is marked remediated)."""
+    return {
+        "id": None,
+        "vm_id": vm_id,
+        "vm": names.get(vm_id),
+        "policy": "rollback-guard",
+        "rule": "remediation_needed",
+        "host": None,
+        "message": mark.message,
+        "first_seen": mark.time,
+        "last_seen": mark.time,
+        "resolved_at": None,
+    }
 
 
 def _plan_out(compliance: Compliance, names: dict[str, str]) -> dict[str, Any]:

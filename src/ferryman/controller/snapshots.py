@@ -11,14 +11,18 @@ told about the change (its state belongs to the loop).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from ferryman.controller.fleet import Fleet
+from ferryman.controller.rollback import mark_for_remediation
 from ferryman.core import errors
 from ferryman.core.models import VM, Host, Severity, VMAction, VMState, next_vm_state
-from ferryman.wire.vms import Restored
+from ferryman.wire.vms import Restored, SnapshotInfo
+
+Guard = Callable[[VM, str, str], list[str]]
 
 # the VM runs after a restore: the lifecycle action that gets it there from each state
 RESTORABLE = {
@@ -67,13 +71,31 @@ async def list_snapshots(fleet: Fleet, name: str) -> list[dict[str, Any]]:
     return [{**s.model_dump(), "host": host.name} for s in found]
 
 
-async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> dict[str, Any]:
-    """Restore ``name`` from its snapshot ``tag`` (default: the newest) on its host; the VM runs afterwards."""
+def _chosen(found: list[SnapshotInfo], tag: str | None, vm: VM) -> SnapshotInfo:
+    """The snapshot ``tag`` names (default: the newest)."""
+    candidates = [s for s in found if tag is None or s.tag == tag]
+    if not candidates:
+        raise errors.NotFound(f"{vm.name} has no snapshot {tag}" if tag else f"{vm.name} has no snapshot")
+    return max(candidates, key=lambda s: s.taken_at)
+
+
+async def restore(
+    fleet: Fleet, name: str, tag: str | None, principal: str, guard: Guard | None = None
+) -> dict[str, Any]:
+    """Restore ``name`` from its snapshot ``tag`` (default: the newest) on its host; the VM runs afterwards.
+
+    ``guard`` sees the VM and the snapshot chosen before anything changes: it raises to refuse, or returns why the
+    restore goes below the VM's security baseline (approved), and the VM is then marked for remediation."""
     vm, host = await run_in_threadpool(_restorable, fleet, name, tag, principal)
+    below: list[str] = []
     fleet.reconciler.note_change(vm.id)
     try:
         # a VM booted from an image boots from it again (its disk may be an overlay on it): it must still be usable
         image = await run_in_threadpool(fleet.image_ref, vm)
+        if guard is not None:
+            chosen = _chosen(await fleet.agents.snapshots(host, vm.id), tag, vm)
+            tag = chosen.tag
+            below = await run_in_threadpool(guard, vm, chosen.tag, chosen.taken_at)
         if image is not None and fleet.images is not None:
             await fleet.images.ensure_on(host, image)
         out = await fleet.agents.restore(host, vm.id, fleet.lease(vm, host.name), tag, fleet.disk_key(vm, host.name))
@@ -90,6 +112,8 @@ async def restore(fleet: Fleet, name: str, tag: str | None, principal: str) -> d
         raise
     vm, receipts = await run_in_threadpool(_record_restore, fleet, vm, host.name, out)
     fleet.reconciler.note_change(vm.id)
+    if below:
+        await run_in_threadpool(mark_for_remediation, fleet, vm, out.tag, below, principal)
     await run_in_threadpool(
         fleet.audit,
         "vm.restored",

@@ -82,6 +82,11 @@ class PolicyRefused(Forbidden):
         self.reasons = list(reasons or [])
 
 
+class ApprovalRequired(Forbidden):
+    """A dangerous request needs a second, different principal's approval first (two-person rule); the message names
+    the approval request just made and how to use it once approved."""
+
+
 class PKIError(PermanentError):
     """A certificate, key or signing operation failed."""
 

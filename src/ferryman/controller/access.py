@@ -1,0 +1,548 @@
+"""Access control of the controller's API: who the caller is, whether Cedar lets it do what the route does, and the
+two-person rule for the dangerous requests.
+
+Every route of ``/api/v1`` is in :data:`RULES` with the action it performs and where its resource comes from (a path
+parameter, a query parameter, a field of the JSON body, or the fleet as a whole); a route missing from the table is
+refused, so a new route cannot be open by omission. A tenant's principal that asks about a resource of another tenant
+gets the same ``404`` as for one that does not exist, and the denial is audited with what it was. Listings are
+filtered to the principal's tenant by the routes themselves (:func:`visible_tenant`).
+
+Dangerous requests (a placement forced against policy, an evidence export, a disk key destroyed by hand; a restore
+below the VM's baseline and disabling the last fleet-admin, decided by their routes) wait for a second principal:
+the first try records an approval request and fails with :class:`~ferryman.core.errors.ApprovalRequired` naming it;
+once another principal approved it, the same request repeated with the approval's id (header
+``X-Ferryman-Approval``) goes through. An approval is bound to its requester and to exactly what was asked (a hash
+of action, resource and parameters), expires, and is used once (an evidence export's serves every artefact of the
+incident until it expires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ferryman.cmdb.access import AccessPolicyRecord, ApprovalRecord, PrincipalRecord
+from ferryman.cmdb.repository import Repository
+from ferryman.core import errors
+from ferryman.core.clock import Clock
+from ferryman.core.models import Severity, check_name
+from ferryman.security.authz import (
+    FLEET,
+    ROLES,
+    TENANT_ROLES,
+    Authoriser,
+    PolicySource,
+    Resource,
+    Subject,
+    check_policy,
+)
+from ferryman.security.secrets import make_api_token, secret_matches, split_api_token
+
+log = structlog.get_logger(__name__)
+
+APPROVAL_HEADER = "x-ferryman-approval"
+APPROVAL_TTL = dt.timedelta(hours=1)
+ADMIN_ROLE = "fleet-admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: ``name`` is how the audit log names it (``token:alice``)."""
+
+    id: str
+    role: str
+    tenant: str | None = None
+    approval: int | None = None  # the approval the request presents (X-Ferryman-Approval)
+
+    @property
+    def name(self) -> str:
+        return f"token:{self.id}"
+
+    @property
+    def subject(self) -> Subject:
+        return Subject(self.id, self.role, self.tenant)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a route does: its Cedar action, the type of its resource and where the resource's id comes from
+    (``path:<param>``, ``query:<param>``, ``body:<field>``; None for the fleet as a whole). ``force`` names a body
+    field that, when true, also needs ``placement:force`` and a second principal; ``approval`` marks a route that
+    always needs one (``multi`` when it may serve several requests until it expires)."""
+
+    action: str
+    kind: str = "Fleet"
+    source: str | None = None
+    force: str | None = None
+    approval: str | None = None  # None | "once" | "multi"
+
+    @property
+    def needs_body(self) -> bool:
+        return self.force is not None or (self.source or "").startswith("body:")
+
+
+def _vm(action: str, param: str = "name", **kw: Any) -> Rule:
+    return Rule(action, "Vm", f"path:{param}", **kw)
+
+
+def _host(action: str) -> Rule:
+    return Rule(action, "Host", "path:name")
+
+
+def _incident(action: str, **kw: Any) -> Rule:
+    return Rule(action, "Incident", "path:incident_id", **kw)
+
+
+RULES: dict[tuple[str, str], Rule] = {
+    # sites and hosts
+    ("GET", "/api/v1/sites"): Rule("site:read"),
+    ("POST", "/api/v1/sites"): Rule("site:write"),
+    ("GET", "/api/v1/hosts"): Rule("host:read"),
+    ("POST", "/api/v1/hosts"): Rule("host:write"),
+    ("GET", "/api/v1/hosts/{name}"): _host("host:read"),
+    ("PATCH", "/api/v1/hosts/{name}"): _host("host:write"),
+    ("POST", "/api/v1/hosts/{name}/enrol-token"): _host("host:write"),
+    ("POST", "/api/v1/hosts/{name}/revoke"): _host("host:revoke"),
+    ("GET", "/api/v1/hosts/{name}/neighbours"): _host("host:read"),
+    ("GET", "/api/v1/hosts/{name}/history"): _host("host:read"),
+    ("POST", "/api/v1/hosts/{name}/drain"): _host("host:drain"),
+    ("POST", "/api/v1/hosts/{name}/compromise"): _host("host:compromise"),
+    # VMs
+    ("GET", "/api/v1/vms"): Rule("vm:read"),
+    ("POST", "/api/v1/vms"): Rule("vm:create", "Tenant", "body:tenant", force="force"),
+    ("GET", "/api/v1/vms/{name}"): _vm("vm:read"),
+    ("DELETE", "/api/v1/vms/{name}"): _vm("vm:delete"),
+    ("GET", "/api/v1/vms/{name}/history"): _vm("vm:read"),
+    ("GET", "/api/v1/vms/{name}/nics"): _vm("vm:read"),
+    ("GET", "/api/v1/vms/{name}/keys"): _vm("key:read"),
+    ("POST", "/api/v1/vms/{name}/keys/destroy"): _vm("key:destroy", approval="once"),
+    ("POST", "/api/v1/vms/{name}/{action}"): _vm("vm:operate"),
+    ("POST", "/api/v1/vms/{name}/migrate"): _vm("vm:migrate", force="force"),
+    ("GET", "/api/v1/vms/{name}/snapshots"): _vm("vm:snapshot"),
+    ("POST", "/api/v1/vms/{name}/restore"): _vm("vm:restore"),
+    ("POST", "/api/v1/vms/{name}/isolate"): _vm("vm:isolate"),
+    ("POST", "/api/v1/vms/{name}/unisolate"): _vm("vm:isolate"),
+    ("POST", "/api/v1/vms/{name}/baseline"): _vm("vm:remediate"),
+    ("POST", "/api/v1/vms/{name}/remediated"): _vm("vm:remediate"),
+    # events, migrations
+    ("GET", "/api/v1/events"): Rule("event:read"),
+    ("GET", "/api/v1/alarms"): Rule("alarm:read"),
+    ("GET", "/api/v1/migrations"): Rule("migration:read"),
+    ("GET", "/api/v1/migrations/{migration_id}"): Rule("migration:read", "Migration", "path:migration_id"),
+    ("POST", "/api/v1/migrations/{migration_id}/cancel"): Rule("migration:cancel", "Migration", "path:migration_id"),
+    # images
+    ("GET", "/api/v1/blobs/{digest}"): Rule("image:read"),
+    ("PUT", "/api/v1/blobs/{digest}"): Rule("image:write"),
+    ("GET", "/api/v1/images"): Rule("image:read"),
+    ("POST", "/api/v1/images"): Rule("image:write"),
+    ("GET", "/api/v1/images/{name}"): Rule("image:read", "Image", "path:name"),
+    ("POST", "/api/v1/images/{name}/verify"): Rule("image:read", "Image", "path:name"),
+    ("POST", "/api/v1/images/{name}/revoke"): Rule("image:write", "Image", "path:name"),
+    ("POST", "/api/v1/images/{name}/push"): Rule("image:push", "Image", "path:name"),
+    ("GET", "/api/v1/image-keys"): Rule("image:read"),
+    ("POST", "/api/v1/image-keys"): Rule("image:write"),
+    ("DELETE", "/api/v1/image-keys/{name}"): Rule("image:write"),
+    # networks
+    ("GET", "/api/v1/networks"): Rule("network:read"),
+    ("POST", "/api/v1/networks"): Rule("network:write", "Tenant", "body:tenant"),
+    ("GET", "/api/v1/networks/{name}"): Rule("network:read", "Network", "path:name"),
+    # incidents, evidence, playbooks
+    ("POST", "/api/v1/alerts/{source}"): Rule("alert:ingest"),
+    ("GET", "/api/v1/incidents"): Rule("incident:read"),
+    ("POST", "/api/v1/incidents"): Rule("incident:write"),
+    ("GET", "/api/v1/incidents/{incident_id}"): _incident("incident:read"),
+    ("POST", "/api/v1/incidents/{incident_id}/close"): _incident("incident:write"),
+    ("POST", "/api/v1/incidents/{incident_id}/capture"): _incident("incident:write"),
+    ("GET", "/api/v1/incidents/{incident_id}/evidence"): _incident("evidence:read"),
+    ("GET", "/api/v1/incidents/{incident_id}/evidence/{capture}/{artefact}"): _incident(
+        "evidence:export", approval="multi"
+    ),
+    ("GET", "/api/v1/incidents/{incident_id}/impact"): _incident("incident:read"),
+    ("GET", "/api/v1/incidents/{incident_id}/playbook"): _incident("incident:read"),
+    ("GET", "/api/v1/playbook"): Rule("incident:read"),
+    ("PUT", "/api/v1/playbook"): Rule("incident:write"),
+    ("GET", "/api/v1/capacity/quarantine"): Rule("capacity:read"),
+    # placement policies and compliance
+    ("POST", "/api/v1/policies/validate"): Rule("policy:read"),
+    ("POST", "/api/v1/policies/apply"): Rule("policy:write"),
+    ("POST", "/api/v1/policies/clear"): Rule("policy:write"),
+    ("GET", "/api/v1/policies"): Rule("policy:read"),
+    ("GET", "/api/v1/policies/versions"): Rule("policy:read"),
+    ("GET", "/api/v1/policies/{name}"): Rule("policy:read", "Policy", "path:name"),
+    ("POST", "/api/v1/place"): Rule("compliance:read", "Tenant", "body:tenant"),
+    ("GET", "/api/v1/compliance/violations"): Rule("compliance:read"),
+    ("POST", "/api/v1/compliance/check"): Rule("compliance:write"),
+    ("GET", "/api/v1/compliance/plan"): Rule("compliance:read"),
+    ("POST", "/api/v1/compliance/plan/execute"): Rule("compliance:write"),
+    ("GET", "/api/v1/compliance/report"): Rule("report:read", "Tenant", "query:tenant"),
+    # the audit log
+    ("GET", "/api/v1/audit/verify"): Rule("audit:read"),
+    ("GET", "/api/v1/audit/export"): Rule("audit:read"),
+    ("POST", "/api/v1/audit/checkpoints"): Rule("audit:sign"),
+    # principals, roles, access policies, approvals
+    ("GET", "/api/v1/principals"): Rule("principal:read"),
+    ("POST", "/api/v1/principals"): Rule("principal:write"),
+    ("GET", "/api/v1/principals/{name}"): Rule("principal:read", "Principal", "path:name"),
+    ("POST", "/api/v1/principals/{name}/disable"): Rule("principal:write", "Principal", "path:name"),
+    ("POST", "/api/v1/principals/{name}/tokens"): Rule("principal:write", "Principal", "path:name"),
+    ("GET", "/api/v1/roles"): Rule("principal:read"),
+    ("GET", "/api/v1/roles/{name}"): Rule("principal:read"),
+    ("GET", "/api/v1/access-policies"): Rule("principal:read"),
+    ("PUT", "/api/v1/access-policies/{name}"): Rule("principal:write"),
+    ("DELETE", "/api/v1/access-policies/{name}"): Rule("principal:write"),
+    ("GET", "/api/v1/approvals"): Rule("approval:read"),
+    ("POST", "/api/v1/approvals/{approval_id}/approve"): Rule("approval:decide", "Approval", "path:approval_id"),
+    ("POST", "/api/v1/approvals/{approval_id}/deny"): Rule("approval:decide", "Approval", "path:approval_id"),
+}
+
+TENANT_KINDS = frozenset({"Vm", "Network", "Incident", "Tenant"})
+"""Resource types that belong to a tenant: a tenant's principal learns nothing of another tenant's."""
+
+
+def visible_tenant(who: Principal) -> str | None:
+    """The one tenant a listing may show ``who`` (None: every tenant)."""
+    return who.tenant
+
+
+_NOUNS = {"Vm": "VM", "Network": "network", "Incident": "incident", "Tenant": "tenant"}
+
+
+def not_found(kind: str, ident: str) -> errors.NotFound:
+    """The one answer a tenant's principal gets for a resource that is not its tenant's or does not exist (worded as
+    the CMDB words a missing one)."""
+    what = f"incident {ident}" if kind == "Incident" else f"{_NOUNS.get(kind, kind.lower())} {ident!r}"
+    return errors.NotFound(f"{what} not found")
+
+
+def fingerprint(action: str, resource: str, params: dict[str, Any]) -> str:
+    text = json.dumps({"action": action, "resource": resource, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class AccessControl:
+    """Authentication, Cedar authorisation and the two-person rule, over the CMDB's principals and approvals."""
+
+    def __init__(
+        self, repo: Repository, clock: Clock, audit: Callable[..., Any], *, approval_ttl: dt.timedelta = APPROVAL_TTL
+    ) -> None:
+        self.repo = repo
+        self.clock = clock
+        self.audit = audit
+        self.approval_ttl = approval_ttl
+        self._lock = threading.Lock()
+        self._authoriser = self._load()
+
+    def _load(self) -> Authoriser:
+        return Authoriser(PolicySource(p.name, p.text) for p in self.repo.list_access_policies())
+
+    def reload(self) -> None:
+        with self._lock:
+            self._authoriser = self._load()
+
+    # -- who -----------------------------------------------------------------------------------------------------------
+
+    def authenticate(self, header: str, approval: str | None = None) -> Principal:
+        if not header.lower().startswith("bearer "):
+            raise errors.Unauthenticated("missing API token (Authorization: Bearer ...)")
+        token_id, secret = split_api_token(header[7:].strip())
+        found = self.repo.find_api_token(token_id)
+        if found is None or found[0].revoked_at is not None or not secret_matches(secret, found[1]):
+            raise errors.Unauthenticated("invalid API token")
+        try:
+            principal = self.repo.get_principal(found[0].name)
+        except errors.NotFound:
+            raise errors.Unauthenticated("invalid API token") from None
+        if not principal.active:
+            raise errors.Unauthenticated("invalid API token")
+        presented = None
+        if approval:
+            if not approval.strip().isdigit():
+                raise errors.InvalidInput(f"bad approval id {approval!r} (a number)")
+            presented = int(approval)
+        return Principal(principal.name, principal.role, principal.tenant, presented)
+
+    # -- may it ------------------------------------------------------------------------------------------------------
+
+    def decide(self, who: Principal, action: str, resource: Resource) -> bool:
+        with self._lock:
+            authoriser = self._authoriser
+        return authoriser.decide(who.subject, action, resource).allowed
+
+    def authorise(self, who: Principal, action: str, resource: Resource, *, hidden: bool = False) -> None:
+        """Allow or raise: NotFound for a tenant principal's view of another tenant's resource (``hidden``),
+        Forbidden otherwise. Denials are audited."""
+        with self._lock:
+            authoriser = self._authoriser
+        decision = authoriser.decide(who.subject, action, resource)
+        if decision.allowed:
+            return
+        why = f"; forbidden by {', '.join(decision.policies)}" if decision.policies else ""
+        self.audit(
+            "authz.denied",
+            f"{who.id} ({who.role}) may not {action} on {resource}{why}",
+            who.name,
+            severity=Severity.WARNING,
+            action=action,
+            resource=str(resource),
+            tenant=resource.tenant,
+        )
+        foreign = who.tenant is not None and resource.kind in TENANT_KINDS and resource.tenant != who.tenant
+        if hidden or (foreign and resource.id != FLEET):
+            raise not_found(resource.kind, resource.id)
+        raise errors.Forbidden(f"{who.id} ({who.role}) may not {action} on {resource}")
+
+    def admit(self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any) -> None:
+        """The route-level check: the rule's action on the resource the request names, then force and approvals."""
+        resource = self.resource(who, rule, params, query, body)
+        self.authorise(who, rule.action, resource)
+        if rule.force and isinstance(body, dict) and body.get(rule.force) is True:
+            self.authorise(who, "placement:force", resource)
+            self.require_approval(
+                who,
+                rule.action,
+                str(resource),
+                {k: v for k, v in body.items()},
+                f"{rule.action} on {resource} against placement policy (--force)",
+            )
+        if rule.approval:
+            self.require_approval(
+                who, rule.action, str(resource), {}, f"{rule.action} on {resource}", single_use=rule.approval == "once"
+            )
+
+    def resource(
+        self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any
+    ) -> Resource:
+        if rule.source is None:
+            return Resource("Fleet")
+        where, _, key = rule.source.partition(":")
+        if where == "path":
+            ident = params.get(key)
+        elif where == "query":
+            ident = query.get(key)
+        else:
+            ident = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(ident, str) or not ident:
+            return Resource(rule.kind)  # the route's own validation says what is missing
+        if rule.kind not in TENANT_KINDS:
+            return Resource(rule.kind, ident)
+        try:
+            tenant = self._tenant_of(rule.kind, ident)
+        except (errors.NotFound, errors.InvalidInput):
+            if who.tenant is not None:
+                raise not_found(rule.kind, ident) from None
+            return Resource(rule.kind, ident)  # the route says what is missing, in its own words
+        resource = Resource(rule.kind, ident, tenant)
+        if who.tenant is not None and tenant != who.tenant:
+            self.authorise(who, rule.action, resource, hidden=True)  # audited, and a 404 unless a policy allows it
+        return resource
+
+    def _tenant_of(self, kind: str, ident: str) -> str | None:
+        if kind == "Tenant":
+            return ident
+        if kind == "Vm":
+            return self.repo.get_vm(ident).tenant
+        if kind == "Network":
+            return self.repo.get_network(ident).tenant
+        if not ident.isdigit():
+            raise errors.InvalidInput(f"bad incident id {ident!r}")
+        incident = self.repo.get_incident(int(ident))
+        return self.repo.get_vm(incident.vm_id).tenant if incident.vm_id else None
+
+    # -- two-person rule -----------------------------------------------------------------------------------------------
+
+    def require_approval(
+        self,
+        who: Principal,
+        action: str,
+        resource: str,
+        params: dict[str, Any],
+        reason: str,
+        *,
+        approver_role: str | None = None,
+        single_use: bool = True,
+    ) -> None:
+        """Return if ``who`` presents an approval for exactly this request that a second principal granted (using
+        it up when single-use); otherwise record a new approval request and raise ApprovalRequired naming it."""
+        digest = fingerprint(action, resource, params)
+        now = self.clock.now()
+        if who.approval is not None:
+            self._present(who, action, resource, digest, now, single_use)
+            return
+        record = self.repo.add_approval(
+            ApprovalRecord(
+                id=0,
+                action=action,
+                resource=resource,
+                fingerprint=digest,
+                reason=reason,
+                requested_by=who.id,
+                approver_role=approver_role,
+                single_use=single_use,
+                state="pending",
+                requested_at=now,
+                expires_at=now + self.approval_ttl,
+            )
+        )
+        self.audit(
+            "approval.requested",
+            f"{who.id} asks for approval {record.id}: {reason}",
+            who.name,
+            severity=Severity.WARNING,
+            approval=record.id,
+            action=action,
+            resource=resource,
+        )
+        by = f"a {approver_role}" if approver_role else "another principal"
+        raise errors.ApprovalRequired(
+            f"{reason} needs a second person: approval {record.id} requested (expires "
+            f"{record.expires_at:%Y-%m-%d %H:%M:%S}Z); {by} runs `ferryman approval approve {record.id}`, "
+            f"then repeat the command as `ferryman --approval {record.id} ...`"
+        )
+
+    def _present(
+        self, who: Principal, action: str, resource: str, digest: str, now: dt.datetime, single_use: bool
+    ) -> None:
+        try:
+            record = self.repo.get_approval(who.approval or 0)
+        except errors.NotFound:
+            raise errors.Forbidden(f"approval {who.approval} does not exist") from None
+        problem = None
+        if record.requested_by != who.id:
+            problem = f"approval {record.id} was requested by another principal"
+        elif record.fingerprint != digest:
+            problem = f"approval {record.id} is for another request ({record.action} on {record.resource})"
+        elif record.state == "pending":
+            problem = f"approval {record.id} still waits for a second principal"
+        elif record.state == "denied":
+            problem = f"approval {record.id} was denied by {record.decided_by}"
+        elif record.state == "used":
+            problem = f"approval {record.id} has been used already"
+        elif record.expires_at <= now:
+            problem = f"approval {record.id} expired at {record.expires_at:%Y-%m-%d %H:%M:%S}Z"
+        elif single_use and not self.repo.use_approval(record.id, now):
+            problem = f"approval {record.id} has been used already"
+        if problem is not None:
+            self.audit("approval.refused", problem, who.name, severity=Severity.WARNING, approval=record.id)
+            raise errors.Forbidden(problem)
+        self.audit(
+            "approval.used",
+            f"{who.id} uses approval {record.id} ({record.action} on {record.resource}, approved by "
+            f"{record.decided_by})",
+            who.name,
+            severity=Severity.WARNING,
+            approval=record.id,
+        )
+
+    def decide_approval(self, who: Principal, approval_id: int, approve: bool) -> ApprovalRecord:
+        record = self.repo.get_approval(approval_id)
+        if record.requested_by == who.id:
+            self.audit(
+                "approval.refused",
+                f"{who.id} tried to decide its own approval request {approval_id}",
+                who.name,
+                severity=Severity.ALARM,
+                approval=approval_id,
+            )
+            raise errors.Forbidden(
+                f"approval {approval_id} was requested by {who.id}: the two-person rule needs a different principal"
+            )
+        if approve and record.approver_role and who.role != record.approver_role:
+            raise errors.Forbidden(f"approval {approval_id} must be granted by a {record.approver_role}")
+        if record.state != "pending":
+            raise errors.Conflict(f"approval {approval_id} is {record.state}, not pending")
+        if record.expires_at <= self.clock.now():
+            raise errors.Conflict(f"approval {approval_id} has expired")
+        state = "approved" if approve else "denied"
+        if not self.repo.decide_approval(approval_id, state, who.id, self.clock.now()):
+            raise errors.Conflict(f"approval {approval_id} was decided or expired meanwhile")
+        self.audit(
+            f"approval.{state}",
+            f"{who.id} {state} approval {approval_id} of {record.requested_by}: {record.reason}",
+            who.name,
+            severity=Severity.WARNING,
+            approval=approval_id,
+        )
+        return self.repo.get_approval(approval_id)
+
+    # -- principals ----------------------------------------------------------------------------------------------------
+
+    def create_principal(self, name: str, role: str, tenant: str | None, by: Principal) -> tuple[PrincipalRecord, str]:
+        check_name("principal", name)
+        if role not in ROLES:
+            raise errors.InvalidInput(f"unknown role {role!r} (use {', '.join(ROLES)})")
+        if role in TENANT_ROLES and not tenant:
+            raise errors.InvalidInput(f"the role {role} needs --tenant")
+        if role not in TENANT_ROLES and tenant:
+            raise errors.InvalidInput(f"the role {role} is fleet-wide: it takes no --tenant")
+        if tenant:
+            check_name("tenant", tenant)
+        record = self.repo.add_principal(PrincipalRecord(name, role, tenant, self.clock.now(), by.name))
+        token = self._issue(record)
+        self.audit(
+            "principal.created",
+            f"principal {name} ({role}{', tenant ' + tenant if tenant else ''}) created",
+            by.name,
+            severity=Severity.WARNING,
+            role=role,
+            tenant=tenant,
+        )
+        return record, token
+
+    def _issue(self, record: PrincipalRecord) -> str:
+        token, token_id, secret_hash = make_api_token()
+        self.repo.add_api_token(token_id, record.name, record.role, secret_hash, self.clock.now())
+        return token
+
+    def rotate_token(self, name: str, by: Principal) -> str:
+        record = self.repo.get_principal(name)
+        if not record.active:
+            raise errors.Conflict(f"principal {name} is disabled")
+        revoked = self.repo.revoke_tokens_of(name, self.clock.now())
+        token = self._issue(record)
+        self.audit(
+            "principal.token_rotated", f"{name}: new token, {revoked} revoked", by.name, severity=Severity.WARNING
+        )
+        return token
+
+    def disable_principal(self, name: str, by: Principal) -> PrincipalRecord:
+        record = self.repo.get_principal(name)
+        if record.active and record.role == ADMIN_ROLE and self.repo.active_principals(ADMIN_ROLE) == [name]:
+            self.require_approval(
+                by, "principal:write", f"Principal::{name}", {"disable": name}, "disabling the last fleet-admin"
+            )
+        disabled = self.repo.disable_principal(name, self.clock.now(), by.name)
+        self.audit(
+            "principal.disabled", f"principal {name} disabled, its tokens revoked", by.name, severity=Severity.WARNING
+        )
+        return disabled
+
+    def principal_view(self, record: PrincipalRecord) -> dict[str, Any]:
+        tokens = [t for t in self.repo.list_api_tokens() if t.name == record.name]
+        return {
+            **dataclasses.asdict(record),
+            "active": record.active,
+            "tokens": [{"id": t.id, "created_at": t.created_at, "revoked_at": t.revoked_at} for t in tokens],
+        }
+
+    # -- operators' policies -------------------------------------------------------------------------------------------
+
+    def put_policy(self, name: str, text: str, by: Principal) -> None:
+        check_name("access policy", name)
+        check_policy(text)
+        Authoriser([PolicySource(name, text)])  # parses with the built-in roles too
+        self.repo.put_access_policy(AccessPolicyRecord(name, text, self.clock.now(), by.name))
+        self.reload()
+        self.audit("authz.policy_set", f"access policy {name} set", by.name, severity=Severity.WARNING, text=text)
+
+    def delete_policy(self, name: str, by: Principal) -> None:
+        self.repo.delete_access_policy(name)
+        self.reload()
+        self.audit("authz.policy_deleted", f"access policy {name} deleted", by.name, severity=Severity.WARNING)
