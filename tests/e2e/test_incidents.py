@@ -126,7 +126,15 @@ def test_capture_seals_evidence_that_verifies_and_exports(lab: Any, suspect: dic
     verified = lab.cli_json("incident", "evidence", incident_id, "--verify")
     assert verified["verification"]["ok"] and len(verified["verification"]["artefacts"]) == 2
     export = tmp_path / "export"
-    lab.cli("incident", "evidence", incident_id, "--export", str(export))
+    # an export of plaintext evidence waits for a second person (two-person rule), and only its requester uses it
+    asked = lab.cli("incident", "evidence", incident_id, "--export", str(export), check=False)
+    officer = lab.as_principal("officer", "security-officer")
+    approval = lab.approved(asked, officer)
+    stolen = officer.cli(
+        "--approval", approval, "incident", "evidence", incident_id, "--export", str(tmp_path / "x"), check=False
+    )
+    assert "requested by another principal" in one_line_error(stolen)
+    lab.cli("--approval", approval, "incident", "evidence", incident_id, "--export", str(export))
     core = (export / f"{out['capture']}.memory").read_bytes()
     assert core[:4] == b"\x7fELF" and struct.unpack_from("<H", core, 16)[0] == 4  # ET_CORE
     assert canary in core

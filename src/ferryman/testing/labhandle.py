@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -50,6 +51,26 @@ class LabHandle:
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
+
+    def as_principal(self, name: str, role: str, tenant: str | None = None) -> LabHandle:
+        """The same lab driven with the token of principal ``name`` (created with ``role`` the first time)."""
+        token_file = self.dir / "principals" / f"{name}.token"
+        if not token_file.exists():
+            args = ["principal", "create", name, "--role", role, *(["--tenant", tenant] if tenant else [])]
+            token = self.cli(*args).stdout.strip()
+            token_file.parent.mkdir(mode=0o700, exist_ok=True)
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+        env = {k: v for k, v in self.env.items() if k != "FERRYMAN_TOKEN_FILE"}
+        return LabHandle(self.lab, {**env, "FERRYMAN_TOKEN": token_file.read_text().strip()})
+
+    def approved(self, proc: subprocess.CompletedProcess[str], approver: LabHandle) -> str:
+        """The approval id a refused dangerous command asked for, approved by ``approver`` (another principal)."""
+        error = one_line_error(proc)
+        match = re.search(r"approval (\d+) requested", error)
+        assert match is not None, error
+        approver.cli("approval", "approve", match.group(1))
+        return match.group(1)
 
     def host_pki(self, name: str) -> tuple[Path, Path, Path]:
         """(certificate, key, CA) of a lab host."""
