@@ -18,6 +18,7 @@ from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.core.clock import SystemClock
 from ferryman.core.errors import HypervisorError, NotFound, StorageError
 from ferryman.lab.records import missing_seqs, read_last_seq, read_records
+from ferryman.testing.labhandle import one_line_error
 from ferryman.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
@@ -431,6 +432,35 @@ def test_rolled_back_vm_can_be_restored_from_its_pre_migration_snapshot(lab):
     assert any(r["path"].endswith("disk0.qcow2.replaced.partial") for r in done["data"]["receipts"]), done
     lab.cli("vm", "delete", "snap-1")
     assert not (lab.lab.host_dir("host-a") / "snapshots" / vm["id"]).exists()
+
+
+def test_a_restore_below_the_security_baseline_needs_a_security_officer_then_remediation(lab):
+    """Rollback guard: once the guest's baseline moved past the snapshot (patched, credentials rotated), a restore
+    waits for a security officer's approval (not the requester's, not another admin's); the restored VM is listed in
+    compliance until it is marked remediated."""
+    vm = create(lab, "guard-1", "host-a")
+    wait_for(lambda: read_last_seq(vm_disk(lab, "host-a", vm["id"])) >= 3, 30, "records on the source")
+    hook = install_hook(lab, "host-b", "pre-migrate-destination", "10-veto", "exit 1")
+    try:
+        code, m = migrate(lab, "guard-1", "--to", "host-b")
+    finally:
+        hook.unlink()
+    assert code == 1 and m["outcome"] == "rolled_back", m
+    lab.cli("vm", "baseline", "guard-1", "--reason", "openssl patched, ssh host keys rotated")
+    asked = lab.cli("vm", "restore", "guard-1", "--yes", check=False)
+    assert "before its security baseline" in one_line_error(asked) and "vm.baseline" in asked.stderr
+    other_admin = lab.as_principal("admin-2", "fleet-admin")
+    approval = re.search(r"approval (\d+) requested", asked.stderr).group(1)
+    assert "two-person rule" in one_line_error(lab.cli("approval", "approve", approval, check=False))
+    assert "security-officer" in one_line_error(other_admin.cli("approval", "approve", approval, check=False))
+    lab.approved(asked, lab.as_principal("officer", "security-officer"))
+    restored = json.loads(lab.cli("--approval", approval, "vm", "restore", "guard-1", "--yes", "--json").stdout)
+    assert restored["state"] == "running"
+    due = [v for v in lab.cli_json("compliance", "check") if v["vm"] == "guard-1"]
+    assert [(v["policy"], v["rule"]) for v in due] == [("rollback-guard", "remediation_needed")], due
+    lab.cli("vm", "remediated", "guard-1", "--reason", "patched again after the restore")
+    assert not [v for v in lab.cli_json("compliance", "check") if v["vm"] == "guard-1"]
+    lab.cli("vm", "delete", "guard-1")
 
 
 def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):

@@ -91,13 +91,17 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def world(template: Path, tmp_path: Path) -> Iterator[World]:
-    root = tmp_path / "controller"
+def open_world(template: Path, root: Path) -> World:
+    """A controller over a copy of the template's data directory at ``root``."""
     shutil.copytree(template, root)
     settings = ControllerSettings.load(root, "127.0.0.1:1", None)
     app, fleet, _ = build(settings)
     saved = json.loads((root / "world.json").read_text())
-    client = TestClient(app, raise_server_exceptions=False)
-    yield World(client, saved["tokens"], fleet, saved["incidents"])
-    fleet.repo.close()
+    return World(TestClient(app, raise_server_exceptions=False), saved["tokens"], fleet, saved["incidents"])
+
+
+@pytest.fixture
+def world(template: Path, tmp_path: Path) -> Iterator[World]:
+    opened = open_world(template, tmp_path / "controller")
+    yield opened
+    opened.fleet.repo.close()

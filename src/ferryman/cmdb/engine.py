@@ -107,9 +107,11 @@ def db_errors() -> Iterator[None]:
     except sa_exc.DataError as err:
         raise InvalidInput(f"the CMDB cannot store a value: {_reason(err)}") from err
     except sa_exc.StatementError as err:
-        if isinstance(err.orig, ValueError | TypeError):
+        if isinstance(err.orig, ValueError | TypeError | OverflowError):
             raise InvalidInput(f"the CMDB cannot store a value: {err.orig}") from err
         raise
+    except OverflowError as err:  # a number out of the column's range, refused by the driver before SQL sees it
+        raise InvalidInput(f"the CMDB cannot store a value: {err}") from err
 
 
 def _reason(err: sa_exc.StatementError) -> str:

@@ -505,7 +505,13 @@ def _parse(texts: Mapping[str, str]) -> tuple[list[Policy], dict[str, PolicySour
 
 def _documents(file: str, text: str) -> Iterator[tuple[Any, dict[Loc, int], list[PolicyError]]]:
     """Each non-empty YAML document of ``text`` with its line map; a syntax error ends the file."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # the reader refuses control characters here already
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        problem = f"YAML syntax error: {str(err).splitlines()[0]}"
+        yield None, {}, [PolicyError(file, line, "", problem, "valid YAML")]
+        return
     try:
         while True:
             try:
