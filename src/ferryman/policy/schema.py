@@ -508,9 +508,9 @@ def _documents(file: str, text: str) -> Iterator[tuple[Any, dict[Loc, int], list
     try:
         loader = yaml.SafeLoader(text)  # the reader refuses control characters here already
     except yaml.reader.ReaderError as err:
-        line = text.count("\n", 0, err.position) + 1
+        at_line = text.count("\n", 0, err.position) + 1
         problem = f"YAML syntax error: {str(err).splitlines()[0]}"
-        yield None, {}, [PolicyError(file, line, "", problem, "valid YAML")]
+        yield None, {}, [PolicyError(file, at_line, "", problem, "valid YAML")]
         return
     try:
         while True:
