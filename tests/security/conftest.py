@@ -21,7 +21,15 @@ from ferryman.controller.main import build
 from ferryman.controller.settings import ControllerSettings
 from ferryman.core.models import VM, Host, Network, Site, VMState
 
-ROLES = ("fleet-admin", "host-operator", "security-officer", "auditor", "tenant-admin", "tenant-viewer")
+ROLES = (
+    "fleet-admin",
+    "host-operator",
+    "security-officer",
+    "auditor",
+    "tenant-admin",
+    "tenant-viewer",
+    "alert-source",
+)
 
 
 @dataclass

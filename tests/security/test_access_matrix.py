@@ -19,9 +19,9 @@ from ferryman.controller.access import RULES
 
 from .conftest import ROLES, World
 
-F, H, S, A, TA, TV = ROLES
-EVERYONE = frozenset(ROLES)
+F, H, S, A, TA, TV, AS = ROLES
 STAFF_READ = frozenset({F, H, S, A})
+EVERYONE = frozenset({F, H, S, A, TA, TV})  # every role but the alert source, which only posts alerts
 
 
 def roles(*names: str) -> frozenset[str]:
@@ -77,7 +77,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/networks"): EVERYONE,
     ("POST", "/api/v1/networks"): roles(F, TA),
     ("GET", "/api/v1/networks/{name}"): EVERYONE,
-    ("POST", "/api/v1/alerts/{source}"): roles(F, S),
+    ("POST", "/api/v1/alerts/{source}"): roles(F, S, AS),
     ("GET", "/api/v1/incidents"): roles(F, S, A),
     ("POST", "/api/v1/incidents"): roles(F, S),
     ("GET", "/api/v1/incidents/{incident_id}"): roles(F, S, A),

@@ -196,6 +196,10 @@ ROLES: dict[str, tuple[str, str]] = {
         "read-only, everything including the audit log; no evidence export",
         'permit (principal in Role::"auditor", action in Action::"read", resource);\n',
     ),
+    "alert-source": (
+        "a detection tool (Suricata, Falco): posts alerts, nothing else",
+        'permit (principal in Role::"alert-source", action == Action::"alert:ingest", resource);\n',
+    ),
 }
 
 TENANT_ROLES = frozenset({"tenant-admin", "tenant-viewer"})
