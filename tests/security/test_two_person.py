@@ -88,6 +88,10 @@ def test_an_approval_expires_and_binds_exactly_what_was_asked(world: World) -> N
     # a tenant's admin may not force at all: no approval is even asked for
     tenant = world.client.post("/api/v1/vms", json=force, headers=world.headers(TENANT))
     assert tenant.status_code == 403 and tenant.json()["error"] == "Forbidden"
+    # nor choose the host (and with it its neighbours)
+    chosen = {"name": "near-1", "tenant": "acme", "memory": "128", "host": "h1"}
+    placed = world.client.post("/api/v1/vms", json=chosen, headers=world.headers(TENANT))
+    assert placed.status_code == 403 and "cannot choose the host" in placed.json()["detail"]
     bogus = world.client.post("/api/v1/vms", json=force, headers=world.headers(ADMIN, "abc"))
     assert bogus.status_code == 400
 

@@ -288,6 +288,8 @@ def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
 def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
     @app.post("/api/v1/vms", response_model=s.VMOut, status_code=201)
     async def create_vm(body: s.VMIn, who: Person) -> s.VMOut:
+        if who.tenant is not None and body.host is not None:  # choosing a host is choosing one's neighbours
+            raise errors.Forbidden("a tenant's principal cannot choose the host: placement decides it")
         req = VMRequest(
             name=body.name,
             tenant=body.tenant,
