@@ -58,6 +58,9 @@ def test_quarantine_hosts_take_no_normal_placements(plab: LabHandle) -> None:
     create(plab, "pb-normal", "host-a")
     proc = plab.cli("vm", "migrate", "pb-normal", "--to", "host-c", check=False)
     assert proc.returncode == 1 and "takes no normal placements" in proc.stderr
+    # the one quarantine host drained: pb-normal would no longer fit in quarantine; the drain says so, and audits it
+    assert "breaks the quarantine reserve" in plab.cli("host", "drain", "host-c").stderr
+    assert plab.cli_json("events", "--kind", "host.reserve_broken", "--limit", "5")
     plab.cli("vm", "delete", "pb-normal")
     capacity = plab.cli_json("incident", "capacity")
     assert [h["name"] for h in capacity["hosts"]] == ["host-c"] and capacity["reserve"] == 1

@@ -203,6 +203,8 @@ def host_drain(
 ) -> None:
     """Migrate every VM away from a host, within the throttles."""
     result = api().post(f"/api/v1/hosts/{name}/drain")
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if wait:
         result["migrations"] = [follow(api(), m["id"], timeout, quiet=json_) for m in result["migrations"]]
     if json_:

@@ -150,7 +150,7 @@ def create_app(
     AgentHost = Annotated[Host, Depends(agent_host)]
 
     if migrations is not None:  # before the VM routes: /vms/{name}/migrate must win over /vms/{name}/{action}
-        _migrations(app, fleet, migrations, access, Person)
+        _migrations(app, fleet, migrations, access, Person, playbooks.reserve_without if playbooks else None)
         if compliance is not None:
             policy_routes(app, fleet, compliance, migrations, Person)
     _registry_routes(app, fleet, images, networks, incidents, Person)
@@ -410,7 +410,14 @@ def _migration_out(fleet: Fleet, svc: MigrationService, r: MigrationRecord) -> d
     return out
 
 
-def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, access: AccessControl, Person: Any) -> None:
+def _migrations(
+    app: FastAPI,
+    fleet: Fleet,
+    svc: MigrationService,
+    access: AccessControl,
+    Person: Any,
+    reserve_check: Callable[[str], str | None] | None,
+) -> None:
     @app.post("/api/v1/vms/{name}/migrate", response_model=s.MigrationOut, status_code=202)
     async def migrate(name: str, body: s.MigrateIn, who: Person) -> dict[str, Any]:
         record = await svc.request(
@@ -460,6 +467,11 @@ def _migrations(app: FastAPI, fleet: Fleet, svc: MigrationService, access: Acces
 
     @app.post("/api/v1/hosts/{name}/drain")
     async def drain(name: str, who: Person) -> dict[str, Any]:
+        warning = await run_in_threadpool(reserve_check, name) if reserve_check is not None else None
+        if warning is not None:
+            await run_in_threadpool(
+                fleet.audit, "host.reserve_broken", warning, who.name, host=name, severity=Severity.WARNING
+            )
         started, refused = await svc.drain(name, who.name)
         out = await run_in_threadpool(lambda: [_migration_out(fleet, svc, r) for r in started])
-        return {"host": name, "migrations": out, "refused": refused}
+        return {"host": name, "migrations": out, "refused": refused, "warnings": [warning] if warning else []}

@@ -255,6 +255,22 @@ class PlaybookRunner:
             raise errors.Conflict(f"the quarantine migration of {vm_name} ended {outcome}")
         return f"{vm_name} quarantined on {record.destination} (migration {record.id[:8]})"
 
+    def reserve_without(self, host_name: str) -> str | None:
+        """What taking ``host_name`` out (a drain) does to the quarantine reserve: a warning if it breaks it."""
+        playbook = self.playbook()
+        capacity = quarantine_capacity(self.incidents, playbook.quarantine_role, playbook.reserve)
+        lost = next((h for h in capacity.hosts if h["name"] == host_name), None)
+        if lost is None:
+            return None
+        left = capacity.headroom_mb - lost["free_mb"]
+        if left >= 0:
+            return None
+        return (
+            f"draining {host_name} breaks the quarantine reserve: {playbook.reserve} quarantine(s) of "
+            f"{capacity.largest_vm_mb} MiB no longer fit on the other {playbook.quarantine_role} hosts "
+            f"({left} MiB of headroom)"
+        )
+
     async def _outcome(self, migration_id: str) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MIGRATION_WITHIN_S
