@@ -160,6 +160,8 @@ def test_impact_names_neighbours_and_a_tenant_view_names_no_other_tenant(lab: An
     text = json.dumps(report)
     neighbours = [v["name"] for v in lab.cli_json("vm", "list", "--host", "host-a") if v["name"] != "suspect"]
     assert neighbours and all(name in text for name in neighbours)
+    table = lab.cli("incident", "impact", str(opened["id"]), "--since", "-1h").stdout
+    assert "impact of an incident at VM suspect" in table and all(name in table for name in neighbours)
     others = {v["tenant"] for v in lab.cli_json("vm", "list")} - {"acme"}
     view = json.dumps(lab.cli_json("incident", "impact", str(opened["id"]), "--since", "-1h", "--tenant", "acme"))
     for vm in lab.cli_json("vm", "list"):

@@ -174,9 +174,46 @@ def incident_impact(
 ) -> None:
     """Present and past neighbours since T, other tenants touched, the host chain, VMs of the same image."""
     out = api().get(f"/api/v1/incidents/{incident_id}/impact", since=since, tenant=tenant)
-    if json_ or tenant is not None:
+    if json_ or tenant is not None:  # a tenant's view is a document to hand over as it is
         return emit_json(out)
-    emit_json(out)
+    _print_impact(out)
+
+
+def _until(value: str | None) -> str:
+    return short_time(value) if value else "now"
+
+
+def _print_impact(out: dict[str, Any]) -> None:
+    window = out["window"]
+    subject = f"VM {out['vm']['name']} ({out['vm']['tenant']})" if out["vm"] else f"host {out['host']}"
+    print(f"impact of an incident at {subject}, from {short_time(window['since'])} to {_until(window['until'])}")
+    print(f"tenants touched: {', '.join(out['tenants_touched']) or 'none'}")
+    stays = out["host_chain"]
+    if stays:
+        table(
+            "host chain",
+            ["HOST", "FROM", "TO"],
+            [[r["host"], short_time(r["resident_from"]), _until(r["resident_to"])] for r in stays],
+        )
+    residents = out["co_residents"] or out["host_residents"]
+    begin, end = ("overlap_from", "overlap_to") if out["co_residents"] else ("resident_from", "resident_to")
+    table(
+        "neighbours" if out["co_residents"] else "VMs on the host",
+        ["VM", "TENANT", "HOST", "FROM", "TO"],
+        [
+            [
+                r["vm_name"] + (" (deleted)" if r["deleted"] else ""),
+                r["tenant"],
+                r["host"],
+                short_time(r[begin]),
+                _until(r[end]),
+            ]
+            for r in residents
+        ],
+    )
+    for title, key in (("same image", "same_image"), ("same baseline (OS and version)", "same_baseline")):
+        if out[key]:
+            table(title, ["VM", "TENANT", "IMAGE"], [[m["vm_name"], m["tenant"], m["image"]] for m in out[key]])
 
 
 @incident_app.command("close")
