@@ -182,3 +182,11 @@ def test_temporal_queries_reject_bad_input(history: SqlRepository) -> None:
         history.vms_ever_on_host("h9")
     with pytest.raises(NotFound):
         history.host_chain("id-nope")
+
+
+def test_open_placements_are_each_vms_current_placement(history: SqlRepository) -> None:
+    """The fleet listing's one query agrees with asking VM by VM; a deleted VM has none."""
+    placed = history.open_placements()
+    assert {vm_id: p.host for vm_id, p in placed.items()} == {"id-a": "h2", "id-c": "h3", "id-d": "h3", "id-e": "h1"}
+    for vm_id, placement in placed.items():
+        assert history.current_placement(vm_id) == placement

@@ -285,6 +285,12 @@ class SqlInventoryMixin(SqlBase):
             row = _open_placement(conn, vm_id)
         return None if row is None else _placement(row)
 
+    def open_placements(self) -> dict[str, Placement]:
+        """Every VM's current placement, by VM id, in one query (a listing of the fleet)."""
+        query = sa.select(placements).where(placements.c.valid_to.is_(None))
+        with self._read() as conn:
+            return {r.vm_id: _placement(r) for r in conn.execute(query)}
+
     def placements_on(self, host: str, at: dt.datetime | None = None) -> list[Placement]:
         """Open placements on ``host`` (``at`` None), or those valid at the instant ``at``."""
         query = sa.select(placements).where(placements.c.host == host).order_by(*_PLACEMENT_ORDER)

@@ -94,6 +94,7 @@ class VMRepository(Protocol):
     def set_vm_state(self, vm_id: str, state: VMState) -> VM: ...
     def delete_vm(self, vm_id: str, at: dt.datetime) -> VM: ...  # state=deleted + close placement, one transaction
     def current_placement(self, vm_id: str) -> Placement | None: ...
+    def open_placements(self) -> dict[str, Placement]: ...  # every VM's current placement, by VM id
     def placements_on(self, host: str, at: dt.datetime | None = None) -> list[Placement]: ...  # None = now/open
     def host_chain(self, vm_id: str) -> list[Placement]: ...  # every placement, oldest first
     def move_vm(self, vm_id: str, to_host: str, at: dt.datetime) -> tuple[VM, Placement]: ...  # generation+1

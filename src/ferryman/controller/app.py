@@ -318,8 +318,9 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
             if tenant not in (None, who.tenant):
                 return []
             tenant = who.tenant
+        placed = fleet.repo.open_placements()
         for vm in fleet.repo.list_vms():
-            placement = fleet.repo.current_placement(vm.id)
+            placement = placed.get(vm.id)
             if tenant and vm.tenant != tenant:
                 continue
             if host and (placement is None or placement.host != host):
