@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from ferryman.cmdb.images import ImageRecord, SigningKeyRecord
 from ferryman.cmdb.incidents import IncidentRecord
+from ferryman.controller import access
 from ferryman.controller.main import build
 from ferryman.controller.settings import ControllerSettings
 from ferryman.core.models import VM, Host, Network, Site, VMState
@@ -51,6 +53,12 @@ def _seed(fleet: Any) -> dict[str, str]:
     now = fleet.clock.now()
     repo.add_site(Site("dc1", 3))
     repo.add_host(Host("h1", "127.0.0.1", 1, "dc1", "z1", "10.0.0.0/24", "kvm", "qemu", "7.2", 1, underlay="192.0.2.1"))
+    repo.add_signing_key(SigningKeyRecord("pub", "-----BEGIN PUBLIC KEY-----", "sha256:" + "2" * 64, now, "x"))
+    repo.add_image(
+        ImageRecord(
+            "lab", "sha256:" + "1" * 64, 1 << 20, "qcow2", 1 << 30, "debian", "12", "pub", "c2ln", "firmware", now, "x"
+        )
+    )
     ids = {}
     for tenant, vm_name in (("acme", "acme-web"), ("globex", "globex-db")):
         repo.ensure_tenant(tenant)
@@ -106,6 +114,12 @@ def open_world(template: Path, root: Path) -> World:
     app, fleet, _ = build(settings)
     saved = json.loads((root / "world.json").read_text())
     return World(TestClient(app, raise_server_exceptions=False), saved["tokens"], fleet, saved["incidents"])
+
+
+@pytest.fixture(autouse=True)
+def every_denial_audited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests count audited denials: none is folded into a summary here (the limit has a test of its own)."""
+    monkeypatch.setattr(access, "DENIALS_AUDITED", 10**9)
 
 
 @pytest.fixture

@@ -232,6 +232,9 @@ def test_a_tenant_learns_nothing_of_another_tenant(world: World) -> None:
                 leaked = [s for s in secrets_of_globex if s in text]
                 assert not leaked, (role, key, own, leaked, text[:300])
     headers = {"Authorization": f"Bearer {world.tokens[TA]}"}
+    image = world.client.get("/api/v1/images/lab", headers=headers).json()
+    assert image["vm_names"] == ["acme-web"] and image["vms"] == 1  # the image's other users are not acme's to know
+    assert [i["vms"] for i in world.client.get("/api/v1/images", headers=headers).json()] == [1]
     other = world.client.get("/api/v1/vms/globex-db", headers=headers).json()["detail"]
     missing = world.client.get("/api/v1/vms/no-such-vm", headers=headers).json()["detail"]
     assert other.replace("globex-db", "X") == missing.replace("no-such-vm", "X")

@@ -61,8 +61,11 @@ class AccessRepository(Protocol):
     def get_principal(self, name: str) -> PrincipalRecord: ...  # NotFound
     def list_principals(self) -> list[PrincipalRecord]: ...
 
-    def disable_principal(self, name: str, at: dt.datetime, by: str) -> PrincipalRecord:
-        """Disable the principal and revoke its tokens in one transaction (again: keeps the first time)."""
+    def disable_principal(
+        self, name: str, at: dt.datetime, by: str, *, keep_one_of: str | None = None
+    ) -> PrincipalRecord:
+        """Disable the principal and revoke its tokens in one transaction (again: keeps the first time). With
+        ``keep_one_of``, Conflict instead if that would leave no active principal of that role."""
         ...
 
     def active_principals(self, role: str) -> list[str]: ...

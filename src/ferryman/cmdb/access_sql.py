@@ -43,11 +43,20 @@ class SqlAccessMixin(SqlBase):
         with self._read() as conn:
             return [_principal(r) for r in conn.execute(sa.select(principals).order_by(principals.c.name))]
 
-    def disable_principal(self, name: str, at: dt.datetime, by: str) -> PrincipalRecord:
+    def disable_principal(
+        self, name: str, at: dt.datetime, by: str, *, keep_one_of: str | None = None
+    ) -> PrincipalRecord:
         at = _utc(at)
         with self._write() as conn:
             query = sa.select(principals).where(principals.c.name == name)
             row = first_or_not_found(conn, query, f"principal {name!r}", lock=True)
+            if row.disabled_at is None and keep_one_of is not None and row.role == keep_one_of:
+                active = sa.select(principals.c.name).where(
+                    principals.c.role == keep_one_of, principals.c.disabled_at.is_(None)
+                )
+                others = [n for n in conn.scalars(active.with_for_update()) if n != name]
+                if not others:
+                    raise Conflict(f"{name} is the last active {keep_one_of}: disabling it needs a second person")
             if row.disabled_at is None:
                 conn.execute(
                     sa.update(principals).where(principals.c.name == name).values(disabled_at=at, disabled_by=by)

@@ -5,7 +5,7 @@ Every route of ``/api/v1`` is in :data:`RULES` with the action it performs and w
 parameter, a query parameter, a field of the JSON body, or the fleet as a whole); a route missing from the table is
 refused, so a new route cannot be open by omission. A tenant's principal that asks about a resource of another tenant
 gets the same ``404`` as for one that does not exist, and the denial is audited with what it was. Listings are
-filtered to the principal's tenant by the routes themselves (:func:`visible_tenant`).
+filtered to the principal's tenant by the routes themselves.
 
 Dangerous requests (a placement forced against policy, an evidence export, a disk key destroyed by hand; a restore
 below the VM's baseline and disabling the last fleet-admin, decided by their routes) wait for a second principal:
@@ -22,12 +22,15 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from ferryman.cmdb.access import AccessPolicyRecord, ApprovalRecord, PrincipalRecord
 from ferryman.cmdb.repository import Repository
@@ -49,6 +52,9 @@ from ferryman.security.secrets import make_api_token, secret_matches, split_api_
 log = structlog.get_logger(__name__)
 
 APPROVAL_HEADER = "x-ferryman-approval"
+NUMBER = re.compile(r"[0-9]{1,18}")  # an id of ours: digits only, within a 64-bit column
+DENIALS_AUDITED = 30  # per principal and minute; more are counted in one summary entry
+INT_ID = TypeAdapter(int)
 APPROVAL_TTL = dt.timedelta(hours=1)
 ADMIN_ROLE = "fleet-admin"
 
@@ -61,6 +67,7 @@ class Principal:
     role: str
     tenant: str | None = None
     approval: int | None = None  # the approval the request presents (X-Ferryman-Approval)
+    token_id: str | None = None  # the API token it authenticated with
 
     @property
     def name(self) -> str:
@@ -207,11 +214,6 @@ TENANT_KINDS = frozenset({"Vm", "Network", "Incident", "Tenant"})
 """Resource types that belong to a tenant: a tenant's principal learns nothing of another tenant's."""
 
 
-def visible_tenant(who: Principal) -> str | None:
-    """The one tenant a listing may show ``who`` (None: every tenant)."""
-    return who.tenant
-
-
 _NOUNS = {"Vm": "VM", "Network": "network", "Incident": "incident", "Tenant": "tenant"}
 
 
@@ -220,6 +222,15 @@ def not_found(kind: str, ident: str) -> errors.NotFound:
     the CMDB words a missing one)."""
     what = f"incident {ident}" if kind == "Incident" else f"{_NOUNS.get(kind, kind.lower())} {ident!r}"
     return errors.NotFound(f"{what} not found")
+
+
+def _waiting(record: ApprovalRecord, approver_role: str | None) -> str:
+    by = f"a {approver_role}" if approver_role else "another principal"
+    return (
+        f"{record.reason} needs a second person: approval {record.id} requested (expires "
+        f"{record.expires_at:%Y-%m-%d %H:%M:%S}Z); {by} runs `ferryman approval approve {record.id}`, "
+        f"then repeat the command as `ferryman --approval {record.id} ...`"
+    )
 
 
 def fingerprint(action: str, resource: str, params: dict[str, Any]) -> str:
@@ -238,6 +249,7 @@ class AccessControl:
         self.audit = audit
         self.approval_ttl = approval_ttl
         self._lock = threading.Lock()
+        self._denials: dict[str, tuple[float, int, int]] = {}  # principal -> (minute start, denials, suppressed)
         self._authoriser = self._load()
 
     def _load(self) -> Authoriser:
@@ -264,10 +276,10 @@ class AccessControl:
             raise errors.Unauthenticated("invalid API token")
         presented = None
         if approval:
-            if not approval.strip().isdigit():
-                raise errors.InvalidInput(f"bad approval id {approval!r} (a number)")
-            presented = int(approval)
-        return Principal(principal.name, principal.role, principal.tenant, presented)
+            if NUMBER.fullmatch(approval.strip()) is None:
+                raise errors.InvalidInput("bad approval id (a number, as `ferryman approval list` shows it)")
+            presented = int(approval.strip())
+        return Principal(principal.name, principal.role, principal.tenant, presented, token_id)
 
     # -- may it ------------------------------------------------------------------------------------------------------
 
@@ -285,36 +297,60 @@ class AccessControl:
         if decision.allowed:
             return
         why = f"; forbidden by {', '.join(decision.policies)}" if decision.policies else ""
-        self.audit(
-            "authz.denied",
-            f"{who.id} ({who.role}) may not {action} on {resource}{why}",
-            who.name,
-            severity=Severity.WARNING,
-            action=action,
-            resource=str(resource),
-            tenant=resource.tenant,
-        )
+        self.denied(who, f"{who.id} ({who.role}) may not {action} on {resource}{why}", action, resource)
         foreign = who.tenant is not None and resource.kind in TENANT_KINDS and resource.tenant != who.tenant
         if hidden or (foreign and resource.id != FLEET):
             raise not_found(resource.kind, resource.id)
         raise errors.Forbidden(f"{who.id} ({who.role}) may not {action} on {resource}")
 
+    def denied(self, who: Principal, message: str, action: str, resource: Resource | None = None) -> None:
+        """Audit a denial: each of a principal's first :data:`DENIALS_AUDITED` in a minute, then one summary entry
+        counting the rest (a flood of refused requests must not flood the audit log)."""
+        now = time.monotonic()
+        with self._lock:
+            start, count, suppressed = self._denials.get(who.id, (now, 0, 0))
+            if now - start >= 60.0:
+                start, count, summary, suppressed = now, 0, suppressed, 0
+            else:
+                summary = 0
+            count += 1
+            if count > DENIALS_AUDITED:
+                suppressed += 1
+            self._denials[who.id] = (start, count, suppressed)
+        if summary:
+            self.audit(
+                "authz.denied_suppressed",
+                f"{summary} more denials of {who.id} in the minute before, not audited one by one",
+                who.name,
+                severity=Severity.WARNING,
+                count=summary,
+            )
+        if count <= DENIALS_AUDITED:
+            where = {} if resource is None else {"resource": str(resource), "tenant": resource.tenant}
+            self.audit("authz.denied", message, who.name, severity=Severity.WARNING, action=action, **where)
+
     def admit(self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any) -> None:
         """The route-level check: the rule's action on the resource the request names, then force and approvals."""
         resource = self.resource(who, rule, params, query, body)
         self.authorise(who, rule.action, resource)
-        if rule.force and isinstance(body, dict) and body.get(rule.force) is True:
+        # anything but an absent or false force is a force (fail closed: the route refuses what is not a boolean)
+        if rule.force and isinstance(body, dict) and body.get(rule.force) not in (None, False):
             self.authorise(who, "placement:force", resource)
             self.require_approval(
                 who,
                 rule.action,
-                str(resource),
-                {k: v for k, v in body.items()},
+                resource.identity,
+                dict(body),
                 f"{rule.action} on {resource} against placement policy (--force)",
             )
         if rule.approval:
             self.require_approval(
-                who, rule.action, str(resource), {}, f"{rule.action} on {resource}", single_use=rule.approval == "once"
+                who,
+                rule.action,
+                resource.identity,
+                {},
+                f"{rule.action} on {resource}",
+                single_use=rule.approval == "once",
             )
 
     def resource(
@@ -334,27 +370,35 @@ class AccessControl:
         if rule.kind not in TENANT_KINDS:
             return Resource(rule.kind, ident)
         try:
-            tenant = self._tenant_of(rule.kind, ident)
+            resource = self._canonical(rule.kind, ident)
         except (errors.NotFound, errors.InvalidInput):
             if who.tenant is not None:
                 raise not_found(rule.kind, ident) from None
             return Resource(rule.kind, ident)  # the route says what is missing, in its own words
-        resource = Resource(rule.kind, ident, tenant)
-        if who.tenant is not None and tenant != who.tenant:
+        if who.tenant is not None and resource.tenant != who.tenant:
             self.authorise(who, rule.action, resource, hidden=True)  # audited, and a 404 unless a policy allows it
         return resource
 
-    def _tenant_of(self, kind: str, ident: str) -> str | None:
+    def _canonical(self, kind: str, ident: str) -> Resource:
+        """The resource as the route will find it, however the request spelled it (a VM by its id or its name, an
+        incident id with a sign or a fraction), named canonically, with its tenant: what Cedar decides on is what
+        the route acts on."""
         if kind == "Tenant":
-            return ident
+            return Resource(kind, ident, ident)
         if kind == "Vm":
-            return self.repo.get_vm(ident).tenant
+            vm = self.repo.get_vm(ident)
+            return Resource(kind, vm.name, vm.tenant, key=vm.id)
         if kind == "Network":
-            return self.repo.get_network(ident).tenant
-        if not ident.isdigit():
+            network = self.repo.get_network(ident)
+            return Resource(kind, network.name, network.tenant)
+        try:
+            number = INT_ID.validate_python(ident)
+        except ValidationError:
+            raise errors.InvalidInput(f"bad incident id {ident!r}") from None
+        if not 0 < number < 2**63:
             raise errors.InvalidInput(f"bad incident id {ident!r}")
-        incident = self.repo.get_incident(int(ident))
-        return self.repo.get_vm(incident.vm_id).tenant if incident.vm_id else None
+        incident = self.repo.get_incident(number)
+        return Resource(kind, str(incident.id), incident.tenant)
 
     # -- two-person rule -----------------------------------------------------------------------------------------------
 
@@ -374,8 +418,18 @@ class AccessControl:
         digest = fingerprint(action, resource, params)
         now = self.clock.now()
         if who.approval is not None:
-            self._present(who, action, resource, digest, now, single_use)
+            self._present(who, digest, now)
             return
+        waiting = next(
+            (
+                a
+                for a in self.repo.list_approvals(state="pending")
+                if a.requested_by == who.id and a.fingerprint == digest and a.expires_at > now
+            ),
+            None,
+        )
+        if waiting is not None:  # asked again: the same request, not a new one
+            raise errors.ApprovalRequired(_waiting(waiting, approver_role))
         record = self.repo.add_approval(
             ApprovalRecord(
                 id=0,
@@ -400,16 +454,9 @@ class AccessControl:
             action=action,
             resource=resource,
         )
-        by = f"a {approver_role}" if approver_role else "another principal"
-        raise errors.ApprovalRequired(
-            f"{reason} needs a second person: approval {record.id} requested (expires "
-            f"{record.expires_at:%Y-%m-%d %H:%M:%S}Z); {by} runs `ferryman approval approve {record.id}`, "
-            f"then repeat the command as `ferryman --approval {record.id} ...`"
-        )
+        raise errors.ApprovalRequired(_waiting(record, approver_role))
 
-    def _present(
-        self, who: Principal, action: str, resource: str, digest: str, now: dt.datetime, single_use: bool
-    ) -> None:
+    def _present(self, who: Principal, digest: str, now: dt.datetime) -> None:
         try:
             record = self.repo.get_approval(who.approval or 0)
         except errors.NotFound:
@@ -427,7 +474,9 @@ class AccessControl:
             problem = f"approval {record.id} has been used already"
         elif record.expires_at <= now:
             problem = f"approval {record.id} expired at {record.expires_at:%Y-%m-%d %H:%M:%S}Z"
-        elif single_use and not self.repo.use_approval(record.id, now):
+        elif not self._still_active(record.decided_by):
+            problem = f"approval {record.id} was granted by {record.decided_by}, who is disabled since"
+        elif record.single_use and not self.repo.use_approval(record.id, now):
             problem = f"approval {record.id} has been used already"
         if problem is not None:
             self.audit("approval.refused", problem, who.name, severity=Severity.WARNING, approval=record.id)
@@ -440,6 +489,20 @@ class AccessControl:
             severity=Severity.WARNING,
             approval=record.id,
         )
+
+    def _still_active(self, name: str | None) -> bool:
+        try:
+            return name is not None and self.repo.get_principal(name).active
+        except errors.NotFound:
+            return False
+
+    def _newer_than(self, who: Principal, at: dt.datetime) -> bool:
+        """Whether ``who`` (its principal or the token it uses) came into being after ``at``: such a principal could
+        have been made, or had its token reset, by the requester to approve its own request."""
+        if self.repo.get_principal(who.id).created_at >= at:
+            return True
+        found = self.repo.find_api_token(who.token_id) if who.token_id else None
+        return found is None or found[0].created_at >= at
 
     def decide_approval(self, who: Principal, approval_id: int, approve: bool) -> ApprovalRecord:
         record = self.repo.get_approval(approval_id)
@@ -455,7 +518,16 @@ class AccessControl:
                 f"approval {approval_id} was requested by {who.id}: the two-person rule needs a different principal"
             )
         if approve and record.approver_role and who.role != record.approver_role:
-            raise errors.Forbidden(f"approval {approval_id} must be granted by a {record.approver_role}")
+            problem = f"approval {approval_id} must be granted by a {record.approver_role}"
+            self.denied(who, f"{who.id} ({who.role}): {problem}", "approval:decide")
+            raise errors.Forbidden(problem)
+        if approve and self._newer_than(who, record.requested_at):
+            problem = (
+                f"approval {approval_id} is older than {who.id}'s principal or token: a principal created, or given "
+                "a new token, after a request cannot approve it"
+            )
+            self.denied(who, f"{who.id} ({who.role}): {problem}", "approval:decide")
+            raise errors.Forbidden(problem)
         if record.state != "pending":
             raise errors.Conflict(f"approval {approval_id} is {record.state}, not pending")
         if record.expires_at <= self.clock.now():
@@ -514,11 +586,14 @@ class AccessControl:
 
     def disable_principal(self, name: str, by: Principal) -> PrincipalRecord:
         record = self.repo.get_principal(name)
-        if record.active and record.role == ADMIN_ROLE and self.repo.active_principals(ADMIN_ROLE) == [name]:
+        last = record.active and record.role == ADMIN_ROLE and self.repo.active_principals(ADMIN_ROLE) == [name]
+        if last:
             self.require_approval(
                 by, "principal:write", f"Principal::{name}", {"disable": name}, "disabling the last fleet-admin"
             )
-        disabled = self.repo.disable_principal(name, self.clock.now(), by.name)
+        # checked again in the disabling transaction: two admins disabling each other at once leave one
+        keep = None if last else ADMIN_ROLE
+        disabled = self.repo.disable_principal(name, self.clock.now(), by.name, keep_one_of=keep)
         self.audit(
             "principal.disabled", f"principal {name} disabled, its tokens revoked", by.name, severity=Severity.WARNING
         )
@@ -537,7 +612,15 @@ class AccessControl:
     def put_policy(self, name: str, text: str, by: Principal) -> None:
         check_name("access policy", name)
         check_policy(text)
-        Authoriser([PolicySource(name, text)])  # parses with the built-in roles too
+        others = [PolicySource(p.name, p.text) for p in self.repo.list_access_policies() if p.name != name]
+        candidate = Authoriser([*others, PolicySource(name, text)])  # parses with the built-in roles too
+        admins = self.repo.active_principals(ADMIN_ROLE)
+        if not any(
+            candidate.decide(Subject(a, ADMIN_ROLE), "principal:write", Resource("Fleet")).allowed for a in admins
+        ):
+            raise errors.InvalidInput(
+                "this policy would leave no active fleet-admin able to manage principals and access policies"
+            )
         self.repo.put_access_policy(AccessPolicyRecord(name, text, self.clock.now(), by.name))
         self.reload()
         self.audit("authz.policy_set", f"access policy {name} set", by.name, severity=Severity.WARNING, text=text)

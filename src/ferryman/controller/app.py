@@ -111,8 +111,9 @@ def create_app(
         route = request.scope.get("route")
         rule = RULES.get((request.method, getattr(route, "path", "")))
         body: Any = None
-        if rule is not None and rule.needs_body:
-            with contextlib.suppress(ValueError):  # the route's own validation answers a body that is not JSON
+        is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+        if rule is not None and rule.needs_body and is_json:  # a route reads no other body as its model
+            with contextlib.suppress(ValueError, RecursionError):  # the route's validation answers bad JSON
                 body = json.loads(await request.body() or b"null")
         return await run_in_threadpool(
             _admit,
@@ -129,6 +130,7 @@ def create_app(
     ) -> Principal:
         who = access.authenticate(header, approval)
         if rule is None:  # a route missing from the table is closed, never open by omission
+            access.denied(who, f"{who.id} ({who.role}) called a route without an access rule", "none")
             raise errors.Forbidden("this route has no access rule")
         access.admit(who, rule, params, query, body)
         return who

@@ -147,17 +147,20 @@ def image_routes(app: FastAPI, images: ImageService, Person: Any) -> None:
         return image_out(image, keys(), vms=0)
 
     @app.get("/api/v1/images")
-    def list_images(_: Person) -> list[dict[str, Any]]:
+    def list_images(who: Person) -> list[dict[str, Any]]:
         known = keys()
         counts: dict[str, int] = {}
         for vm in repo.list_vms():
-            counts[vm.image] = counts.get(vm.image, 0) + 1
+            if who.tenant is None or vm.tenant == who.tenant:  # a tenant counts its own VMs only
+                counts[vm.image] = counts.get(vm.image, 0) + 1
         return [image_out(i, known, counts.get(i.name, 0)) for i in repo.list_images()]
 
     @app.get("/api/v1/images/{name}")
-    def show_image(name: str, _: Person) -> dict[str, Any]:
+    def show_image(name: str, who: Person) -> dict[str, Any]:
         image = repo.get_image(name)
-        vms = sorted(vm.name for vm in repo.list_vms() if vm.image == name)
+        vms = sorted(
+            vm.name for vm in repo.list_vms() if vm.image == name and who.tenant in (None, vm.tenant)
+        )  # a tenant's principal sees its own VMs of the image, never another tenant's
         return {**image_out(image, keys(), len(vms)), "vm_names": vms}
 
     @app.post("/api/v1/images/{name}/verify")

@@ -11,7 +11,7 @@ import datetime as dt
 
 from ferryman.controller.fleet import Fleet
 from ferryman.core import errors
-from ferryman.core.models import Severity
+from ferryman.core.models import Event, Severity
 from ferryman.policy.facts import profile_security_level
 from ferryman.policy.report import (
     ReportHost,
@@ -53,10 +53,13 @@ def tenant_report(fleet: Fleet, tenant: str, start: dt.datetime, end: dt.datetim
     ]
     levels = {site.name: site.security_level for site in repo.list_sites()}
     hosts = [ReportHost(h.name, h.site, levels.get(h.site, 0)) for h in repo.list_hosts() if h.name in used_hosts]
-    incidents = [
-        ReportIncident(e.time, e.kind, e.severity.value, e.vm, e.host)
-        for e in repo.list_events(since=start, until=end, min_severity=Severity.WARNING, limit=MAX_INCIDENTS)
-    ]
+    # the events about the hosts the tenant used and the VMs it met there, read per host and for those VMs: a flood
+    # of events elsewhere in the fleet (denied requests, say) never pushes them out of the report
+    found: dict[int | None, Event] = {}
+    for query in [{"host": h} for h in sorted(used_hosts)] + [{"vm_ids": sorted(seen)}]:
+        for e in repo.list_events(since=start, until=end, min_severity=Severity.WARNING, limit=MAX_INCIDENTS, **query):
+            found[e.id] = e
+    incidents = [ReportIncident(e.time, e.kind, e.severity.value, e.vm, e.host) for _, e in sorted(found.items())]
     ordered = sorted(
         placements.values(), key=lambda p: (p.valid_from, p.host, every_vm[p.vm_id].created_at or p.valid_from)
     )

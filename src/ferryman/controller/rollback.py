@@ -68,7 +68,7 @@ def guard(fleet: Fleet, access: AccessControl, who: Principal) -> Callable[[VM, 
             access.require_approval(
                 who,
                 "vm:restore",
-                f"Vm::{vm.name}",
+                f"Vm::{vm.id}",  # the VM itself: a later VM of the same name is another request
                 {"tag": tag},
                 f"restoring {vm.name} from snapshot {tag} taken {taken_at}, before its security baseline "
                 f"({'; '.join(reasons)})",

@@ -6,7 +6,7 @@ import datetime as dt
 import ipaddress
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from ferryman.cmdb.key_store import DiskKeyRecord
 from ferryman.cmdb.repository import Alarm, Neighbour
@@ -165,7 +165,7 @@ class VMIn(_In):
     dirty_kib_per_s: int = Field(default=256, ge=0, le=1 << 20)
     record_interval_ms: int = Field(default=1000, ge=50, le=600_000)
     resident_mib: int = Field(default=0, ge=0, le=1 << 20)  # lab guest: RAM it fills with data at boot
-    force: bool = False  # break glass: against hard placement rules (role permitting; audited)
+    force: StrictBool = False  # break glass: against hard placement rules (two-person rule; audited)
     encrypted: bool = False  # LUKS-encrypted disks under per-copy keys the controller holds
     image: str | None = None  # the registry image to boot (None: the hosts' own boot image)
     full_copy: bool = False  # the first disk is a full copy of the image, not an overlay on it
@@ -353,7 +353,7 @@ class MigrateIn(_In):
     to: str
     shared_storage: bool = False
     bandwidth_mib_s: int | None = Field(default=None, ge=1)
-    force: bool = False  # break glass: against hard placement rules (role permitting; audited)
+    force: StrictBool = False  # break glass: against hard placement rules (two-person rule; audited)
 
 
 class MigrationProgressOut(BaseModel):

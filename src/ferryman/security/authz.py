@@ -79,8 +79,8 @@ ACTIONS: dict[str, Action] = {
         Action("migration:cancel", False, "cancel a migration"),
         Action("event:read", True, "read events"),
         Action("alarm:read", True, "read alarms"),
-        Action("policy:read", True, "list placement policies, validate and preview them"),
-        Action("policy:write", False, "apply or clear placement policies"),
+        Action("policy:read", True, "list and show placement policies, validate policy files"),
+        Action("policy:write", False, "apply (or preview an apply of) and clear placement policies"),
         Action("compliance:read", True, "read violations and the remediation plan, query a placement"),
         Action("compliance:write", False, "run a compliance check, execute the remediation plan"),
         Action("report:read", True, "read a tenant's co-location report"),
@@ -242,9 +242,15 @@ class Resource:
     kind: str
     id: str = FLEET
     tenant: str | None = None
+    key: str | None = None  # its stable identity where the id is a name that may be reused (a VM's id)
 
     def __str__(self) -> str:
         return f"{self.kind}::{self.id}"
+
+    @property
+    def identity(self) -> str:
+        """What an approval binds: the resource itself, not whatever bears its name later."""
+        return f"{self.kind}::{self.key or self.id}"
 
 
 @dataclass(frozen=True)
@@ -273,9 +279,11 @@ def check_policy(text: str) -> None:
     if not text.strip():
         raise errors.InvalidInput("an access policy must not be empty")
     try:
-        _count(text)
+        parsed = json.loads(cedarpy.policies_to_json_str(text))
     except ValueError as err:
         raise errors.InvalidInput(f"the policy does not parse: {err}") from None
+    if parsed.get("templates"):
+        raise errors.InvalidInput("policy templates (?principal, ?resource) are not supported: write static policies")
     result = cedarpy.validate_policies(text, _SCHEMA)
     if not result.validation_passed:
         found = "; ".join(str(e) for e in result.errors) or "invalid"
@@ -310,10 +318,10 @@ class Authoriser:
         if resource.kind != "Principal" or resource.id != who.name:
             attrs = {"tenant": resource.tenant} if resource.tenant else {}
             entities.append({"uid": _uid(resource.kind, resource.id), "attrs": attrs, "parents": []})
-        request = {
-            "principal": f'Principal::"{_escape(who.name)}"',
-            "action": f'Action::"{action}"',
-            "resource": f'{resource.kind}::"{_escape(resource.id)}"',
+        request = {  # uids as JSON: any id, however odd its characters, stands for itself
+            "principal": _uid("Principal", who.name),
+            "action": _uid("Action", action),
+            "resource": _uid(resource.kind, resource.id),
             "context": {},
         }
         result = cedarpy.is_authorized(request, self._policies, entities, _SCHEMA)
@@ -327,7 +335,3 @@ class Authoriser:
         if reason.startswith("policy") and reason[6:].isdigit() and int(reason[6:]) < len(self._owners):
             return self._owners[int(reason[6:])]
         return reason
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
