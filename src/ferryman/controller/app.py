@@ -160,8 +160,8 @@ def create_app(
         playbook_routes(app, playbooks, Person)
     _sites_and_hosts(app, fleet, Person)
     rollback_routes(app, fleet, access, Person)  # before the VM routes, as above
-    _vms(app, fleet, Person)
-    _events(app, fleet, Person)
+    _vms(app, fleet, access, Person)
+    _events(app, fleet, access, Person)
     if audit is not None:
         audit_routes(app, audit, Person)
     access_routes(app, access, Person)
@@ -287,11 +287,13 @@ def _sites_and_hosts(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return [s.PlacementOut.of(p) for p in fleet.repo.vms_ever_on_host(name)]
 
 
-def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
+def _vms(app: FastAPI, fleet: Fleet, access: AccessControl, Person: Any) -> None:
     @app.post("/api/v1/vms", response_model=s.VMOut, status_code=201)
     async def create_vm(body: s.VMIn, who: Person) -> s.VMOut:
         if who.tenant is not None and body.host is not None:  # choosing a host is choosing one's neighbours
-            raise errors.Forbidden("a tenant's principal cannot choose the host: placement decides it")
+            problem = "a tenant's principal cannot choose the host: placement decides it"
+            await run_in_threadpool(access.denied, who, f"{who.id} ({who.role}): {problem}", "vm:create")
+            raise errors.Forbidden(problem)
         req = VMRequest(
             name=body.name,
             tenant=body.tenant,
@@ -364,7 +366,7 @@ def _vms(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         return s.VMOut.of(vm, None)
 
 
-def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
+def _events(app: FastAPI, fleet: Fleet, access: AccessControl, Person: Any) -> None:
     @app.get("/api/v1/events", response_model=list[s.EventOut])
     def list_events(
         who: Person,
@@ -379,6 +381,7 @@ def _events(app: FastAPI, fleet: Fleet, Person: Any) -> None:
         if who.tenant is not None:  # a tenant's principal reads its own VMs' events only, without free text
             mine = {v.name: v.id for v in fleet.repo.list_vms(include_deleted=True) if v.tenant == who.tenant}
             if vm and vm not in mine and vm not in mine.values():
+                access.denied(who, f"{who.id} ({who.role}) asked for the events of VM {vm!r}", "event:read")
                 raise not_found("Vm", vm)
             own = list(mine.values())
         vm_id = fleet.repo.get_vm(vm).id if vm else None
