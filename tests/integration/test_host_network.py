@@ -397,6 +397,35 @@ def test_ensure_segment_twice_adds_each_peer_once(topo: Topology):
     assert knobs.split() == ["1", "1", "1", "1"]
 
 
+def test_segments_follow_the_controllers_peers_and_go_when_unused(topo: Topology):
+    """A host that joins is flooded to, one that left is not any more; the segment a tap uses stays (and carries
+    traffic), one no tap uses is removed with its VXLAN device."""
+    a = topo.port(topo.a, NIC_A)
+    b = topo.port(topo.b, NIC_B)
+    topo.a.ensure_segment(200, PEERS)  # a segment no NIC of this host uses
+    assert {s.vni: s.taps for s in topo.a.segments()} == {NIC_A.vni: [f"fmt-{NIC_A.id}"], 200: []}
+    changes = topo.a.sync_segments([*PEERS, "192.0.2.9", HOST_A])
+    assert "segment 200 removed (no NIC uses it)" in changes
+    assert f"segment {NIC_A.vni}: peer 192.0.2.9 added" in changes
+    assert "fmbr200" not in sh("ip", "-n", topo.ns_a, "link", "show") and "fmvx200" not in sh(
+        "ip", "-n", topo.ns_a, "link", "show"
+    )
+    [segment] = topo.a.segments()
+    assert segment.peers == [HOST_B, "192.0.2.9"]  # never the host itself
+    assert topo.a.sync_segments([*PEERS, "192.0.2.9"]) == []  # nothing to do twice
+    mark = marker()
+    a.send(a.udp_to(b, mark))
+    b.until(mark)
+    # host B leaves the overlay: A floods to it no more, and its frames stop arriving there
+    assert topo.a.sync_segments(["192.0.2.9"]) == [f"segment {NIC_A.vni}: peer {HOST_B} removed"]
+    lost = marker()
+    broadcast = ethernet(
+        "ff:ff:ff:ff:ff:ff", NIC_A.mac, 0x0806, arp(1, NIC_A.mac, NIC_A.ipv4, "00:00:00:00:00:00", NIC_B.ipv4) + lost
+    )
+    a.send(broadcast)
+    assert not any(lost in frame for frame in b.frames(1.0))
+
+
 def test_a_second_tap_for_the_same_nic_is_refused(topo: Topology):
     """Opening a NIC's tap while another fd holds it fails instead of sharing it; the first tap keeps working."""
     a = topo.port(topo.a, NIC_A)

@@ -3,8 +3,8 @@ with another hash on its host, a NIC table that belongs on another host, and any
 
 from __future__ import annotations
 
-from ferryman.controller.networks import network_findings, nic_spec
-from ferryman.core.models import VM, Network, Nic, VMState
+from ferryman.controller.networks import network_findings, nic_spec, underlay_peers
+from ferryman.core.models import VM, Host, HostState, Network, Nic, VMState
 from ferryman.wire.network import NetworkReport, NicState
 
 H1 = "sha256:" + "1" * 64
@@ -98,3 +98,25 @@ def test_nic_spec_carries_the_network_and_peers() -> None:
         3,
     )
     assert spec.isolated and spec.peers == ("192.0.2.2",)
+
+
+def test_a_hosts_overlay_peers_are_the_other_enrolled_hosts_with_an_underlay() -> None:
+    """What each report's answer tells a host to flood to: not itself, not a pending host, not one whose
+    certificates are revoked, not a host without an underlay address."""
+
+    def host(name: str, underlay: str, state: HostState = HostState.ENROLLED) -> Host:
+        return Host(
+            name, "127.0.0.1", 1, "s", "z", "10.0.0.0/24", "kvm", "qemu", "7.2", 1, underlay=underlay, state=state
+        )
+
+    hosts = [
+        host("a", "192.0.2.1"),
+        host("b", "192.0.2.3"),
+        host("c", "192.0.2.2"),
+        host("d", "192.0.2.4", HostState.PENDING),
+        host("e", "192.0.2.5"),
+        host("f", ""),
+    ]
+    assert underlay_peers(hosts, "a", revoked={"e"}) == ("192.0.2.2", "192.0.2.3")
+    assert underlay_peers(hosts, "f", revoked={"e"}) == ("192.0.2.1", "192.0.2.2", "192.0.2.3")
+    assert underlay_peers(hosts, "f") == ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.5")

@@ -57,16 +57,21 @@ class Reporter:
             self._events.append(event)
             self._wake.set()
 
-    async def _post(self, path: str, body: dict[str, Any]) -> bool:
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The controller's answer, or None if it did not take the report."""
         try:
             response = await self._client.post(path, json=body)
         except httpx.TransportError as err:
             log.warning("controller unreachable", path=path, error=str(err))
-            return False
+            return None
         if response.status_code != 200:
             log.warning("controller refused report", path=path, status=response.status_code, body=response.text[:200])
-            return False
-        return True
+            return None
+        try:
+            answer = response.json()
+        except ValueError:
+            return {}
+        return answer if isinstance(answer, dict) else {}
 
     async def _push_once(self) -> None:
         if self._events:
@@ -76,7 +81,7 @@ class Reporter:
                     {"vm_id": e.vm_id, "event": e.event, "data": e.data, "timestamp": e.timestamp} for e in batch
                 ]
             }
-            if await self._post("/agent/v1/events", body):
+            if await self._post("/agent/v1/events", body) is not None:
                 for _ in batch:
                     self._events.popleft()
         try:
@@ -92,4 +97,10 @@ class Reporter:
         else:
             if network is not None:
                 report["network"] = network.model_dump(mode="json")
-        await self._post("/agent/v1/report", report)
+        answer = await self._post("/agent/v1/report", report)
+        peers = answer.get("underlay_peers") if answer else None
+        if isinstance(peers, list) and all(isinstance(p, str) for p in peers):
+            try:  # the overlay as the controller knows it: new hosts flooded to, departed ones no more
+                await self._driver.sync_segments(peers)
+            except Exception as err:  # the next report tries again
+                log.error("segment sync failed", error=str(err))

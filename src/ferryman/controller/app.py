@@ -204,7 +204,8 @@ def _agent_reports(app: FastAPI, fleet: Fleet, AgentHost: Any) -> None:
         vms = [runtime_from_dict(r.model_dump()) for r in body.vms]
         fleet.reconciler.accept(host.name, vms, body.network)
         fleet.reconciler.run()
-        return s.ReportAck(host=host.name, accepted=len(vms))
+        peers = await run_in_threadpool(fleet.underlay_peers, host) if host.underlay else None
+        return s.ReportAck(host=host.name, accepted=len(vms), underlay_peers=peers)
 
     @app.post("/agent/v1/events", response_model=s.ReportAck)
     def agent_events(body: s.AgentEventsIn, host: AgentHost) -> s.ReportAck:

@@ -23,7 +23,7 @@ from ferryman.cmdb.networks import NicRequest
 from ferryman.cmdb.repository import HostCertificate, Neighbour, Repository
 from ferryman.controller.agent_client import AgentClient
 from ferryman.controller.keys import Copy, DiskKeys
-from ferryman.controller.networks import NetworkService
+from ferryman.controller.networks import NetworkService, revoked_hosts, underlay_peers
 from ferryman.controller.offload import blocking
 from ferryman.controller.reconcile import Reconciler
 from ferryman.core import errors
@@ -329,6 +329,10 @@ class Fleet:
 
     def is_revoked(self, serial: int) -> bool:
         return certificate_revoked(self.repo, serial)
+
+    def underlay_peers(self, host: Host) -> list[str]:
+        """What ``host`` floods its overlay segments to (see :func:`ferryman.controller.networks.underlay_peers`)."""
+        return list(underlay_peers(self.repo.list_hosts(), host.name, revoked_hosts(self.repo)))
 
     def host_usage(self) -> list[HostUsage]:
         vms = {vm.id: vm for vm in self.repo.list_vms()}

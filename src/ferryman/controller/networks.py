@@ -19,7 +19,7 @@ import structlog
 from ferryman.cmdb.networks import NicRequest
 from ferryman.cmdb.repository import Repository
 from ferryman.core import errors
-from ferryman.core.models import VM, HostState, Network, Nic, NicSpec, Severity, VMState, check_name
+from ferryman.core.models import VM, Host, HostState, Network, Nic, NicSpec, Severity, VMState, check_name
 from ferryman.network import ipam
 from ferryman.wire.network import NetworkReport, NicState
 
@@ -141,10 +141,7 @@ class NetworkService:
         nics = self.repo.nics_of(vm_id)
         if not nics:
             return ()
-        hosts = self.repo.list_hosts()
-        peers = tuple(
-            sorted(h.underlay for h in hosts if h.name != host and h.underlay and h.state is HostState.ENROLLED)
-        )
+        peers = underlay_peers(self.repo.list_hosts(), host, revoked_hosts(self.repo))
         networks = {name: self.repo.get_network(name) for name in {n.network for n in nics}}
         return tuple(nic_spec(nic, networks[nic.network], peers) for nic in nics)
 
@@ -200,6 +197,26 @@ class NetworkService:
         if not nics:
             raise errors.Conflict(f"{vm.name} has no NICs to isolate")
         return [self.repo.update_nic(nic.id, isolated=isolated) for nic in nics]
+
+
+def underlay_peers(hosts: Sequence[Host], host: str, revoked: Iterable[str] = ()) -> tuple[str, ...]:
+    """The overlay peers of ``host``: the underlay address of every other enrolled host that has one, but for the
+    ``revoked`` hosts (no live certificate any more): a pending or revoked host is nobody's peer, its segments
+    receive no tenant frames."""
+    out = set(revoked)
+    return tuple(
+        sorted(
+            h.underlay
+            for h in hosts
+            if h.name != host and h.underlay and h.state is HostState.ENROLLED and h.name not in out
+        )
+    )
+
+
+def revoked_hosts(repo: Repository) -> set[str]:
+    """Enrolled hosts none of whose certificates is live any more (revoked, e.g. a compromised host)."""
+    live = {c.host for c in repo.list_certificates() if c.revoked_at is None}
+    return {h.name for h in repo.list_hosts() if h.state is HostState.ENROLLED and h.name not in live}
 
 
 def nic_spec(nic: Nic, network: Network, peers: tuple[str, ...]) -> NicSpec:

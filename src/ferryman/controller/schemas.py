@@ -347,6 +347,8 @@ class AgentEventsIn(BaseModel):
 class ReportAck(BaseModel):
     host: str
     accepted: int
+    # a host on the overlay: the underlay addresses of every other enrolled host it floods its segments to
+    underlay_peers: list[str] | None = None
 
 
 class MigrateIn(_In):

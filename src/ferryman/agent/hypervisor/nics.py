@@ -90,6 +90,13 @@ class VMNics:
         found = [await asyncio.to_thread(network.rules_state, nic.id) for nic in spec.nics]
         return [_state(rules) for rules in found if rules is not None]
 
+    async def sync_segments(self, peers: Sequence[str]) -> list[str]:
+        """Flood every segment here to exactly ``peers`` and remove the segments no tap uses (see
+        :meth:`HostNetwork.sync_segments`); what changed."""
+        if self.network is None:
+            return []
+        return await asyncio.to_thread(self.network.sync_segments, peers)
+
     async def report(self) -> NetworkReport | None:
         if self.network is None:
             return None

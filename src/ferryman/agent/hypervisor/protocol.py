@@ -65,6 +65,10 @@ class Hypervisor(Protocol):
         """Every NIC table on this host and every foreign one (None: this host plumbs no NICs)."""
         ...
 
+    async def sync_segments(self, peers: Sequence[str]) -> builtins.list[str]:
+        """Flood this host's overlay segments to exactly ``peers``; remove those no NIC uses. What changed."""
+        ...
+
     async def list(self) -> builtins.list[VMRuntime]:
         """Every QEMU process of this host, including ones this driver did not start (``managed=False``)."""
         ...

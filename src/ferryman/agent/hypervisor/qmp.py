@@ -467,6 +467,9 @@ class QemuDriver:
     async def network_report(self) -> NetworkReport | None:
         return await self.nics.report()
 
+    async def sync_segments(self, peers: Sequence[str]) -> builtins.list[str]:
+        return await self.nics.sync_segments(peers)
+
     async def execute(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on an attached VM and return its result (for migration and storage code)."""
         return await self._execute(vm_id, command, arguments)

@@ -47,7 +47,7 @@ from ferryman.network.rules import (
     vxlan_name,
 )
 
-__all__ = ["VXLAN_PORT", "HostNetwork", "NetworkReport", "RulesState"]
+__all__ = ["VXLAN_PORT", "HostNetwork", "NetworkReport", "RulesState", "SegmentState"]
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,15 @@ class RulesState:
     hash: str  # sha256:<hex> of `nft -s list table netdev <table>`
     counters: dict[str, int] = field(default_factory=dict)
     tap_present: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """One segment as a host holds it: its VNI, the taps on its bridge, the peers its VXLAN device floods to."""
+
+    vni: int
+    taps: list[str]
+    peers: list[str]
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,9 @@ class HostNetwork:
         self.underlay_ip = None if underlay_ip is None else check_peer(underlay_ip)
         self.underlay_dev = check_ifname(underlay_dev)
         self._canonical = canonical if canonical is not None else _SHARED_CANONICAL
-        self._segment_lock = threading.Lock()  # two NICs of one network opened at once must not both create it
+        # two NICs of one network opened at once must not both create it, and a segment is not removed as unused
+        # between its creation and its first tap (re-entrant: open_tap holds it around ensure_segment)
+        self._segment_lock = threading.RLock()
 
     @property
     def netns(self) -> str | None:
@@ -153,16 +164,62 @@ class HostNetwork:
         """The fd of the NIC's new tap, on its segment's bridge and up; the caller hands it to QEMU and closes its
         own copy. NetworkError if the tap already exists here (another process holds it)."""
         check_nic(nic)
-        self.ensure_segment(nic.vni, nic.peers)
         tap, bridge = tap_name(nic.id), bridge_name(nic.vni)
-        fd = open_tap_in(self._ns, tap, vnet_hdr=vnet_hdr)
-        try:
-            self._ip("link", "set", "dev", tap, "master", bridge, "up", what=f"adding tap {tap} to {bridge}")
-        except BaseException:
-            os.close(fd)  # the tap is non-persistent: it vanishes with its only fd
-            raise
+        with self._segment_lock:
+            self.ensure_segment(nic.vni, nic.peers)
+            fd = open_tap_in(self._ns, tap, vnet_hdr=vnet_hdr)
+            try:
+                self._ip("link", "set", "dev", tap, "master", bridge, "up", what=f"adding tap {tap} to {bridge}")
+            except BaseException:
+                os.close(fd)  # the tap is non-persistent: it vanishes with its only fd
+                raise
         log.info("tap opened", nic=nic.id, tap=tap, bridge=bridge, netns=self.netns)
         return fd
+
+    def segments(self) -> list[SegmentState]:
+        """Every segment here: its VNI, the taps on its bridge and the peers its VXLAN floods to."""
+        self._ns.check_exists()
+        links = self._links()
+        found = []
+        for name, link in sorted(links.items()):
+            vni = _vni_of(name)
+            if vni is None or link.get("linkinfo", {}).get("info_kind") != "bridge":
+                continue
+            taps = sorted(n for n, other in links.items() if other.get("master") == name and n.startswith("fmt-"))
+            vxlan = vxlan_name(vni)
+            peers = sorted(self._flood_entries(vxlan)) if vxlan in links else []
+            found.append(SegmentState(vni, taps, peers))
+        return found
+
+    def sync_segments(self, peers: Iterable[str]) -> list[str]:
+        """Bring every segment here to what the controller says: flood to exactly ``peers`` (a host that left or
+        was revoked receives no more tenant frames, a new one starts to), and remove a segment no tap uses any more
+        (its bridge and VXLAN device). What changed, one line each."""
+        wanted = sorted({check_peer(peer) for peer in peers if peer != self.underlay_ip})
+        changes: list[str] = []
+        with self._segment_lock:
+            for segment in self.segments():
+                bridge, vxlan = bridge_name(segment.vni), vxlan_name(segment.vni)
+                if not segment.taps:
+                    if segment.peers or vxlan in self._links():
+                        self._ip("link", "del", "dev", vxlan, what=f"removing VXLAN device {vxlan}")
+                    self._ip("link", "del", "dev", bridge, what=f"removing bridge {bridge}")
+                    changes.append(f"segment {segment.vni} removed (no NIC uses it)")
+                    continue
+                if self.underlay_ip is None:
+                    continue
+                for peer in sorted(set(segment.peers) - set(wanted)):
+                    self._ns.run(
+                        self._ns.bridge("fdb", "del", _ALL_ZEROS, "dev", vxlan, "dst", peer),
+                        f"removing peer {peer} from the flood list of {vxlan}",
+                    )
+                    changes.append(f"segment {segment.vni}: peer {peer} removed")
+                missing = sorted(set(wanted) - set(segment.peers))
+                self._add_flood_entries(vxlan, missing)
+                changes += [f"segment {segment.vni}: peer {peer} added" for peer in missing]
+        for change in changes:
+            log.info("segment synced", change=change, netns=self.netns)
+        return changes
 
     # --- rules ----------------------------------------------------------------------------------------------------
 
@@ -264,19 +321,34 @@ class HostNetwork:
                 f"expected {want}: remove it or fix the host's underlay settings"
             )
 
-    def _add_flood_entries(self, vxlan: str, peers: list[str]) -> None:
+    def _flood_entries(self, vxlan: str) -> set[str]:
+        """The peers the VXLAN device floods to (its all-zeros FDB entries)."""
         out = self._ns.run(self._ns.bridge("-j", "fdb", "show", "dev", vxlan), f"listing the FDB of {vxlan}")
         try:
             entries = json.loads(out or "[]")
         except ValueError as err:
             raise NetworkError(f"bridge printed JSON that cannot be read in {self._ns.where}: {err}") from err
-        present = {e.get("dst") for e in entries if isinstance(e, dict) and e.get("mac") == _ALL_ZEROS}
+        return {str(e["dst"]) for e in entries if isinstance(e, dict) and e.get("mac") == _ALL_ZEROS and e.get("dst")}
+
+    def _add_flood_entries(self, vxlan: str, peers: list[str]) -> None:
+        present = self._flood_entries(vxlan)
         for peer in peers:
             if peer not in present:
                 self._ns.run(
                     self._ns.bridge("fdb", "append", _ALL_ZEROS, "dev", vxlan, "dst", peer),
                     f"adding peer {peer} to the flood list of {vxlan}",
                 )
+
+
+def _vni_of(name: str) -> int | None:
+    """The VNI of a segment's bridge name (``fmbr<vni>``), or None for any other interface."""
+    digits = name.removeprefix("fmbr")
+    if digits == name or not digits.isascii() or not digits.isdigit():
+        return None
+    try:
+        return check_vni(int(digits))
+    except InvalidInput:
+        return None
 
 
 def _nic_id_of(family: str, table: str) -> str | None:
