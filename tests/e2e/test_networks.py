@@ -32,6 +32,11 @@ def netns(host: str) -> str:
     return f"fm{LAB_PORT}-{host}"
 
 
+def links(host: str) -> str:
+    proc = subprocess.run(["ip", "-n", netns(host), "-br", "link"], capture_output=True, text=True, timeout=30)
+    return proc.stdout
+
+
 def nft(host: str, *args: str, check: bool = True) -> str:
     proc = subprocess.run(
         ["ip", "netns", "exec", netns(host), "nft", *args], capture_output=True, text=True, timeout=30, check=False
@@ -274,6 +279,10 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     assert table in nft("host-c", "list", "tables")
     assert table not in nft("host-a", "list", "tables")  # the retired source's rules are gone
     assert a.pings("10.50.1.11") and b.pings("10.50.1.10")
+    # host-a holds no NIC of the network any more: its segment goes within a report or two
+    bridge = f"fmbr{lab.cli_json('network', 'show', 'acme-prod')['vni']}"
+    wait_for(lambda: bridge not in links("host-a"), 30, f"{bridge} to leave host-a")
+    assert bridge in links("host-c") and bridge in links("host-b")
 
 
 def test_network_cli_error_paths(lab: Any, guests: dict[str, Guest]) -> None:
