@@ -127,8 +127,8 @@ def test_capture_seals_evidence_that_verifies_and_exports(lab: Any, suspect: dic
     assert verified["verification"]["ok"] and len(verified["verification"]["artefacts"]) == 2
     export = tmp_path / "export"
     # an export of plaintext evidence waits for a second person (two-person rule), and only its requester uses it
+    officer = lab.as_principal("officer", "security-officer")  # before the request: a later one could not approve it
     asked = lab.cli("incident", "evidence", incident_id, "--export", str(export), check=False)
-    officer = lab.as_principal("officer", "security-officer")
     approval = lab.approved(asked, officer)
     stolen = officer.cli(
         "--approval", approval, "incident", "evidence", incident_id, "--export", str(tmp_path / "x"), check=False

@@ -447,13 +447,15 @@ def test_a_restore_below_the_security_baseline_needs_a_security_officer_then_rem
         hook.unlink()
     assert code == 1 and m["outcome"] == "rolled_back", m
     lab.cli("vm", "baseline", "guard-1", "--reason", "openssl patched, ssh host keys rotated")
+    # the principals who may approve exist before the request (one created after it could not approve it)
+    other_admin = lab.as_principal("admin-2", "fleet-admin")
+    officer = lab.as_principal("officer", "security-officer")
     asked = lab.cli("vm", "restore", "guard-1", "--yes", check=False)
     assert "before its security baseline" in one_line_error(asked) and "vm.baseline" in asked.stderr
-    other_admin = lab.as_principal("admin-2", "fleet-admin")
     approval = re.search(r"approval (\d+) requested", asked.stderr).group(1)
     assert "two-person rule" in one_line_error(lab.cli("approval", "approve", approval, check=False))
     assert "security-officer" in one_line_error(other_admin.cli("approval", "approve", approval, check=False))
-    lab.approved(asked, lab.as_principal("officer", "security-officer"))
+    lab.approved(asked, officer)
     restored = json.loads(lab.cli("--approval", approval, "vm", "restore", "guard-1", "--yes", "--json").stdout)
     assert restored["state"] == "running"
     due = [v for v in lab.cli_json("compliance", "check") if v["vm"] == "guard-1"]
