@@ -154,3 +154,33 @@ def test_a_flood_of_denials_is_audited_once_a_minute_after_the_first(
     assert world.client.get("/api/v1/hosts", headers=world.headers(VIEWER)).status_code == 403
     summary = world.fleet.repo.list_events(kind_prefix="authz.denied_suppressed", limit=5)
     assert len(summary) == 1 and summary[0].data["count"] == 35
+
+
+def test_an_approval_dies_with_its_approver(world: World) -> None:
+    body = {"reason": "tenant left"}
+    url = "/api/v1/vms/acme-web/keys/destroy"
+    approval = _approval_id(world.client.post(url, json=body, headers=world.headers(ADMIN)))
+    assert world.client.post(f"/api/v1/approvals/{approval}/approve", headers=world.headers(OFFICER)).status_code == 200
+    assert (
+        world.client.post("/api/v1/principals/securityofficer/disable", headers=world.headers(ADMIN)).status_code == 200
+    )
+    refused = world.client.post(url, json=body, headers=world.headers(ADMIN, approval))
+    assert refused.status_code == 403 and "disabled since" in refused.json()["detail"]
+
+
+def test_a_flood_of_denials_does_not_push_a_neighbours_incident_out_of_the_tenant_report(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ferryman.controller import reports
+    from ferryman.core.models import Severity
+
+    monkeypatch.setattr(reports, "MAX_INCIDENTS", 5)
+    world.fleet.audit(
+        "vm.crashed", "globex-db crashed", "system", vm="id-globex-db", host="h1", severity=Severity.ALARM
+    )
+    for _ in range(10):  # newer than the neighbour's incident, and more than a report reads at once
+        assert world.client.get("/api/v1/hosts", headers=world.headers(VIEWER)).status_code == 403
+    report = world.client.get("/api/v1/compliance/report?tenant=acme&since=-1d", headers=world.headers(VIEWER))
+    assert report.status_code == 200, report.text
+    assert [i["kind"] for i in report.json()["incidents"]] == ["vm.crashed"]
+    assert "globex" not in report.text
