@@ -479,8 +479,17 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
     repo = open_repository(f"sqlite:///{lab.dir / 'controller' / 'cmdb.sqlite'}")
     old_ticket = repo.get_migration(first["id"]).data["ticket"]
 
-    # the second migration waits here, its destination prepared on host-b
-    hold = install_hook(lab, "host-a", "pre-migrate-source", "20-hold", "sleep 12")
+    # the second migration waits here, its destination prepared on host-b, until the test lets it go (or 20 s pass:
+    # hooks run at most 30 s)
+    held = lab.dir / "hold-old-1"
+    held.touch()
+    hold = install_hook(
+        lab,
+        "host-a",
+        "pre-migrate-source",
+        "20-hold",
+        f"i=0; while [ -e {held} ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done",
+    )
     try:
 
         def start() -> dict | None:  # the governor backs off a few seconds after the vetoed attempt
@@ -498,6 +507,7 @@ def test_an_old_ticket_cannot_discard_another_migrations_destination(lab):
             assert response.status_code == 200, response.text
         assert incoming.exists() and prepared.exists()
     finally:
+        held.unlink(missing_ok=True)
         hold.unlink()
     done = wait_for(
         lambda: (m := lab.cli_json("migration", "show", second["id"]))["outcome"] and m, 300, "the second migration"

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +64,11 @@ def _loop_devices_usable() -> bool:
 
 
 @pytest.fixture(scope="session")
-def fault_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
-    """Controller with failpoints on port 21443, host-a and host-b (agents on 21444), no VM yet."""
+def fault_lab(
+    tmp_path_factory: pytest.TempPathFactory, release_after_last_user: Callable[[str, Callable[[], None]], None]
+) -> Iterator[FaultLab]:
+    """Controller with failpoints on port 21443, host-a and host-b (agents on 21444), no VM yet; shut down after
+    the last case."""
     base = tmp_path_factory.mktemp("faults")
     failpoints = base / "failpoints"
     failpoints.mkdir()
@@ -80,11 +83,10 @@ def fault_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
             # the matrix disrupts one host pair on purpose, case after case: the breaker would stop it after three
             controller_env={"FERRYMAN_FAILPOINTS_DIR": str(failpoints), "FERRYMAN_GOVERNOR_BREAKER_THRESHOLD": "1000"},
         )
-        try:
-            lab.up(hosts=2, vms=0, port=PORT, agent_port=AGENT_PORT)
-            yield FaultLab(lab, failpoints, mount)
-        finally:
-            lab.down(quiet=True)
+        stack.callback(lab.down, quiet=True)
+        lab.up(hosts=2, vms=0, port=PORT, agent_port=AGENT_PORT)
+        release_after_last_user("fault_lab", stack.close)
+        yield FaultLab(lab, failpoints, mount)
 
 
 def _cell(check: str | None) -> str:

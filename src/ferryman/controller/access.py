@@ -283,11 +283,6 @@ class AccessControl:
 
     # -- may it ------------------------------------------------------------------------------------------------------
 
-    def decide(self, who: Principal, action: str, resource: Resource) -> bool:
-        with self._lock:
-            authoriser = self._authoriser
-        return authoriser.decide(who.subject, action, resource).allowed
-
     def authorise(self, who: Principal, action: str, resource: Resource, *, hidden: bool = False) -> None:
         """Allow or raise: NotFound for a tenant principal's view of another tenant's resource (``hidden``),
         Forbidden otherwise. Denials are audited."""
