@@ -15,6 +15,7 @@ from typing import Any
 
 from ferryman.client import Api
 from ferryman.lab.lab import Lab, LabState
+from ferryman.testing.cliserver import run_cli
 
 
 @dataclass
@@ -36,15 +37,9 @@ class LabHandle:
         return self.lab.api()
 
     def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        """Run the real ``ferryman`` command against the lab."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "ferryman.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        """Run the real ``ferryman`` command against the lab, each time a process of its own (forked from a process
+        that has imported the CLI once: :mod:`ferryman.testing.cliserver`)."""
+        proc = run_cli(args, self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"ferryman {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
