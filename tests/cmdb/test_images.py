@@ -43,8 +43,16 @@ def image(name: str = "debian-12", **changes: object) -> ImageRecord:
 def test_images_round_trip_and_names_are_unique(repo: SqlRepository) -> None:
     repo.add_signing_key(key())
     stored = repo.add_image(image())
-    kernel = image("tiny", boot="kernel", kernel_digest=D2, kernel_size=10, initrd_digest=D3, initrd_size=20,
-                   cmdline="console=ttyS0", guest_agent=True)
+    kernel = image(
+        "tiny",
+        boot="kernel",
+        kernel_digest=D2,
+        kernel_size=10,
+        initrd_digest=D3,
+        initrd_size=20,
+        cmdline="console=ttyS0",
+        guest_agent=True,
+    )
     repo.add_image(kernel)
     assert repo.get_image("debian-12") == stored
     assert repo.get_image("tiny") == kernel and [a.role for a in kernel.artefacts()] == ["disk", "kernel", "initrd"]

@@ -38,9 +38,7 @@ def runner(repo: SqlRepository, agents: FakeAgents, pause: object = None) -> Mig
 
 
 def start(fleet: SqlRepository, mid: str) -> m.MigrationState:
-    vm = VM(
-        id="id-web", name="web", tenant="acme", memory_mb=128, vcpus=1, disk_bytes=1 << 26, image="lab", canary="c"
-    )
+    vm = VM(id="id-web", name="web", tenant="acme", memory_mb=128, vcpus=1, disk_bytes=1 << 26, image="lab", canary="c")
     fleet.add_vm(vm, "h1", T0)
     state = m.initial(mid, vm.id, "h1", "h2", False)
     fleet.add_migration(

@@ -44,8 +44,20 @@ def signed(lab, publisher: Path, image: Path) -> Path:
 def test_import_list_show_verify_a_signed_image(lab, publisher: Path, tmp_path: Path) -> None:
     image = disk(tmp_path / "e2e.qcow2")
     sig = signed(lab, publisher, image)
-    proc = lab.cli("image", "import", "e2e-img", str(image), "--os", "debian", "--version", "12.8", "--signature",
-                   str(sig), "--key", "e2e-pub")
+    proc = lab.cli(
+        "image",
+        "import",
+        "e2e-img",
+        str(image),
+        "--os",
+        "debian",
+        "--version",
+        "12.8",
+        "--signature",
+        str(sig),
+        "--key",
+        "e2e-pub",
+    )
     assert "imported e2e-img: debian 12.8" in proc.stdout and "uploading disk" in proc.stderr
     listed = {i["name"]: i for i in lab.cli_json("image", "list")}
     row = listed["e2e-img"]
@@ -56,11 +68,25 @@ def test_import_list_show_verify_a_signed_image(lab, publisher: Path, tmp_path: 
     assert shown["verification"]["ok"] and shown["vm_names"] == []
     assert "e2e-img" in lab.cli("image", "list").stdout
     # the same file under another name: nothing is uploaded again
-    again = lab.cli("image", "import", "e2e-img-2", str(image), "--os", "debian", "--version", "12.8",
-                    "--signature", str(sig))
+    again = lab.cli(
+        "image", "import", "e2e-img-2", str(image), "--os", "debian", "--version", "12.8", "--signature", str(sig)
+    )
     assert "on the controller already" in again.stderr
-    error = one_line_error(lab.cli("image", "import", "e2e-img", str(image), "--os", "debian", "--version", "12.8",
-                                   "--signature", str(sig), check=False))
+    error = one_line_error(
+        lab.cli(
+            "image",
+            "import",
+            "e2e-img",
+            str(image),
+            "--os",
+            "debian",
+            "--version",
+            "12.8",
+            "--signature",
+            str(sig),
+            check=False,
+        )
+    )
     assert "exists already" in error
     # sent ahead of use: the host checks it on arrival and keeps it; a second push sends nothing
     pushed = lab.cli_json("image", "push", "e2e-img", "--host", "host-c")
@@ -88,8 +114,18 @@ def test_a_signature_of_other_bytes_an_unknown_key_or_a_bad_file_is_one_clear_er
 
 def test_revoke_then_the_image_is_listed_revoked_and_unusable(lab, publisher, tmp_path):
     image = disk(tmp_path / "old.qcow2", "8M")
-    lab.cli("image", "import", "e2e-old", str(image), "--os", "debian", "--version", "11.2", "--signature",
-            str(signed(lab, publisher, image)))
+    lab.cli(
+        "image",
+        "import",
+        "e2e-old",
+        str(image),
+        "--os",
+        "debian",
+        "--version",
+        "11.2",
+        "--signature",
+        str(signed(lab, publisher, image)),
+    )
     revoked = lab.cli_json("image", "revoke", "e2e-old", "--reason", "CVE-2026-1234")
     assert revoked["status"] == "revoked" and revoked["revoked_reason"] == "CVE-2026-1234"
     check = lab.cli("image", "verify", "e2e-old", check=False)
@@ -100,8 +136,18 @@ def test_revoke_then_the_image_is_listed_revoked_and_unusable(lab, publisher, tm
 
 def test_the_image_store_survives_a_controller_restart(lab, publisher, tmp_path):
     image = disk(tmp_path / "keep.qcow2", "12M")  # its own bytes: "e2e-old" (8M) is revoked, and with it its file
-    lab.cli("image", "import", "e2e-keep", str(image), "--os", "debian", "--version", "12.1", "--signature",
-            str(signed(lab, publisher, image)))
+    lab.cli(
+        "image",
+        "import",
+        "e2e-keep",
+        str(image),
+        "--os",
+        "debian",
+        "--version",
+        "12.1",
+        "--signature",
+        str(signed(lab, publisher, image)),
+    )
     lab.lab.restart_controller()
     assert lab.cli_json("image", "verify", "e2e-keep")["ok"]
     assert [k["name"] for k in lab.cli_json("image", "trust", "list") if k["name"] == "e2e-pub"]

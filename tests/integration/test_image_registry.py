@@ -86,8 +86,16 @@ def test_a_kernel_command_line_may_name_only_the_boot_parameters(world: World) -
     kernel = world.upload(world.file("vmlinuz", b"kernel bytes"))
     initrd = world.upload(world.file("initrd", b"initrd bytes"))
     parts = (disk, Artefact("kernel", kernel.digest, kernel.size), Artefact("initrd", initrd.digest, initrd.size))
-    req = ImageImport("tiny", disk.digest, "busybox", "1.35", world.signed(*parts), kernel=kernel.digest,
-                      initrd=initrd.digest, cmdline="console=ttyS0 root=${rootdev}")
+    req = ImageImport(
+        "tiny",
+        disk.digest,
+        "busybox",
+        "1.35",
+        world.signed(*parts),
+        kernel=kernel.digest,
+        initrd=initrd.digest,
+        cmdline="console=ttyS0 root=${rootdev}",
+    )
     with pytest.raises(errors.InvalidInput, match="rootdev"):
         world.service.import_image(req, ADMIN)
 

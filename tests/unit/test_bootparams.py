@@ -50,9 +50,7 @@ def test_each_nic_adds_its_address_and_prefix_length_by_index() -> None:
         nic(1, ipv4="192.168.7.9", cidr="192.168.0.0/16"),
     )
     serial = smbios_serial(dataclasses.replace(SPEC, nics=nics))
-    assert serial == (
-        BASE + ";ip0=10.50.0.20;plen0=24;ip6_0=fd00:50:1::20;plen6_0=64;ip1=192.168.7.9;plen1=16"
-    )
+    assert serial == (BASE + ";ip0=10.50.0.20;plen0=24;ip6_0=fd00:50:1::20;plen6_0=64;ip1=192.168.7.9;plen1=16")
     assert list(nic_words(3, nic(3))) == [("ip3", "10.50.3.20"), ("plen3", "24")]
 
 

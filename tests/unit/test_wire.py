@@ -106,8 +106,19 @@ def test_specs_and_runtimes_convert_both_ways() -> None:
     """The VM spec and runtime travel as the domain dataclasses; an unknown run state reads as other."""
     spec = VMSpec("vm-1", "web-1", 1, 128, (DiskSpec(1 << 26),), "canary", generation=3, encrypted=True)
     assert wv.spec_from_dict(json.loads(json.dumps(wv.spec_to_dict(spec)))) == spec
-    image = ImageRef("debian-12", "sha256:" + "a" * 64, 1 << 20, "qcow2", "c2ln", "PEM", boot="kernel",
-                     kernel="sha256:" + "b" * 64, kernel_size=10, initrd="sha256:" + "c" * 64, initrd_size=20)
+    image = ImageRef(
+        "debian-12",
+        "sha256:" + "a" * 64,
+        1 << 20,
+        "qcow2",
+        "c2ln",
+        "PEM",
+        boot="kernel",
+        kernel="sha256:" + "b" * 64,
+        kernel_size=10,
+        initrd="sha256:" + "c" * 64,
+        initrd_size=20,
+    )
     booted = dataclasses.replace(spec, image=image)
     assert wv.spec_from_dict(json.loads(json.dumps(wv.spec_to_dict(booted)))) == booted
     with pytest.raises(errors.InvalidInput, match="malformed VM spec"):

@@ -5,7 +5,6 @@ Sealed files live in ``<state-dir>/forensics/<capture>/<artefact>.sealed`` (owne
 for their scrub; nothing in them is readable without the controller's keys.
 """
 
-
 import asyncio
 import datetime as dt
 import re

@@ -91,9 +91,7 @@ def nic_words(index: int, nic: NicSpec) -> Iterator[tuple[str, str]]:
     its network), and ``ip6_<i>``, ``plen6_<i>`` if it has an IPv6 address. Each address must lie in its prefix."""
     yield from _address_words(str(index), nic, nic.ipv4, nic.cidr, ipaddress.IPv4Address, ipaddress.IPv4Network)
     if nic.ipv6 is not None or nic.cidr6 is not None:
-        yield from _address_words(
-            f"6_{index}", nic, nic.ipv6, nic.cidr6, ipaddress.IPv6Address, ipaddress.IPv6Network
-        )
+        yield from _address_words(f"6_{index}", nic, nic.ipv6, nic.cidr6, ipaddress.IPv6Address, ipaddress.IPv6Network)
 
 
 def _address_words(

@@ -256,4 +256,3 @@ def _run(argv: list[str]) -> str:
     if done.returncode != 0:
         raise GuestBuildError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
     return done.stdout
-

@@ -73,4 +73,3 @@ def write_private_key(path: Path, pem: bytes) -> None:
 def write_certificate(path: Path, pem: bytes) -> None:
     """Write a certificate PEM (public, 0644), atomically."""
     write_atomic(path, pem, mode=0o644)
-

@@ -60,8 +60,12 @@ class ExecResult:
 
 
 async def guest_exec(
+    socket_path: Path,
+    argv: list[str],
+    *,
     # the bound covers connect, sync and every poll, and a caller cannot see those steps: hence a parameter
-    socket_path: Path, argv: list[str], *, timeout: float = 20, stdin: bytes | None = None  # noqa: ASYNC109
+    timeout: float = 20,  # noqa: ASYNC109
+    stdin: bytes | None = None,
 ) -> ExecResult:
     """Run ``argv`` in the guest (``argv[0]`` is looked up on the guest agent's PATH) and wait up to ``timeout``
     seconds, connection and sync included, for it to exit."""

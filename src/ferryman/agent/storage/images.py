@@ -235,4 +235,3 @@ def _check_id(value: str) -> str:
     if not value.replace("-", "").replace("_", "").isalnum() or not value[:1].isalpha():
         raise InvalidInput(f"bad QEMU object id {value!r}: letters, digits, - and _, starting with a letter")
     return value
-
