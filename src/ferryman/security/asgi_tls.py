@@ -37,6 +37,15 @@ class _PeerCertH11Protocol(H11Protocol):
 
         self.app = app
 
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, but an idle keep-alive connection is dropped at once. Closing it the TLS way
+        waits for the peer's close_notify, which an idle client pool never sends: the server would sit out its
+        whole graceful-shutdown timeout. A request in progress still finishes first."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.abort()
+        else:
+            super().shutdown()
+
 
 def peer_certificate(scope: Scope) -> bytes | None:
     """The DER certificate the peer presented on this request's connection, if any."""
