@@ -392,6 +392,7 @@ def test_certificate_revocation(fleet: SqlRepository) -> None:
     fleet.add_certificate(cert)
     fleet.add_certificate(HostCertificate(serial=7, host="h2", not_after=at(60), issued_at=at(1)))
     assert fleet.get_certificate(big) == cert
+    assert fleet.hosts_with_live_certificates() == {"h1", "h2"}
     assert fleet.get_certificate(8) is None
     assert [c.serial for c in fleet.list_certificates()] == [big, 7]
     assert fleet.list_certificates(host="h1") == [cert]
@@ -401,6 +402,9 @@ def test_certificate_revocation(fleet: SqlRepository) -> None:
     assert fleet.revoke_certificate(big, at(20)).revoked_at == at(10)
     assert fleet.get_certificate(big) == dataclasses.replace(cert, revoked_at=at(10))
     assert [c.revoked_at for c in fleet.list_certificates(host="h2")] == [None]
+    assert fleet.hosts_with_live_certificates() == {"h2"}
+    fleet.add_certificate(HostCertificate(serial=9, host="h1", not_after=at(90), issued_at=at(30)))  # re-issued
+    assert fleet.hosts_with_live_certificates() == {"h1", "h2"}
     with pytest.raises(NotFound):
         fleet.revoke_certificate(8, at(10))
 

@@ -101,6 +101,11 @@ class SqlCredentialMixin(SqlBase):
         with self._read() as conn:
             return [_certificate(r) for r in conn.execute(query)]
 
+    def hosts_with_live_certificates(self) -> set[str]:
+        query = sa.select(certificates.c.host).where(certificates.c.revoked_at.is_(None)).distinct()
+        with self._read() as conn:
+            return set(conn.scalars(query))
+
     def revoke_certificate(self, serial: int, at: dt.datetime) -> HostCertificate:
         """Revoke at ``at``; revoking again keeps the first revocation time. NotFound for an unknown serial."""
         which = certificates.c.serial == serial

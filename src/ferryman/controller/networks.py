@@ -215,7 +215,7 @@ def underlay_peers(hosts: Sequence[Host], host: str, revoked: Iterable[str] = ()
 
 def revoked_hosts(repo: Repository) -> set[str]:
     """Enrolled hosts none of whose certificates is live any more (revoked, e.g. a compromised host)."""
-    live = {c.host for c in repo.list_certificates() if c.revoked_at is None}
+    live = repo.hosts_with_live_certificates()
     return {h.name for h in repo.list_hosts() if h.state is HostState.ENROLLED and h.name not in live}
 
 
