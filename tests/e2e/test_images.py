@@ -44,20 +44,8 @@ def signed(lab, publisher: Path, image: Path) -> Path:
 def test_import_list_show_verify_a_signed_image(lab, publisher: Path, tmp_path: Path) -> None:
     image = disk(tmp_path / "e2e.qcow2")
     sig = signed(lab, publisher, image)
-    proc = lab.cli(
-        "image",
-        "import",
-        "e2e-img",
-        str(image),
-        "--os",
-        "debian",
-        "--version",
-        "12.8",
-        "--signature",
-        str(sig),
-        "--key",
-        "e2e-pub",
-    )
+    facts_args = ("--os", "debian", "--version", "12.8", "--signature", str(sig))
+    proc = lab.cli("image", "import", "e2e-img", str(image), *facts_args, "--key", "e2e-pub")
     assert "imported e2e-img: debian 12.8" in proc.stdout and "uploading disk" in proc.stderr
     listed = {i["name"]: i for i in lab.cli_json("image", "list")}
     row = listed["e2e-img"]
@@ -68,25 +56,9 @@ def test_import_list_show_verify_a_signed_image(lab, publisher: Path, tmp_path: 
     assert shown["verification"]["ok"] and shown["vm_names"] == []
     assert "e2e-img" in lab.cli("image", "list").stdout
     # the same file under another name: nothing is uploaded again
-    again = lab.cli(
-        "image", "import", "e2e-img-2", str(image), "--os", "debian", "--version", "12.8", "--signature", str(sig)
-    )
+    again = lab.cli("image", "import", "e2e-img-2", str(image), *facts_args)
     assert "on the controller already" in again.stderr
-    error = one_line_error(
-        lab.cli(
-            "image",
-            "import",
-            "e2e-img",
-            str(image),
-            "--os",
-            "debian",
-            "--version",
-            "12.8",
-            "--signature",
-            str(sig),
-            check=False,
-        )
-    )
+    error = one_line_error(lab.cli("image", "import", "e2e-img", str(image), *facts_args, check=False))
     assert "exists already" in error
     # sent ahead of use: the host checks it on arrival and keeps it; a second push sends nothing
     pushed = lab.cli_json("image", "push", "e2e-img", "--host", "host-c")
