@@ -6,9 +6,12 @@ neighbours; and the CLI's error paths are one line each."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +142,7 @@ def test_capture_seals_evidence_that_verifies_and_exports(lab: Any, suspect: dic
     assert core[:4] == b"\x7fELF" and struct.unpack_from("<H", core, 16)[0] == 4  # ET_CORE
     assert canary in core
     assert json.loads((export / f"{out['capture']}.manifest.json").read_text())["capture"] == out["capture"]
+    checked_without_ferryman(export, out["capture"], tmp_path / "offline")
     # one flipped byte in the store fails verification, naming the artefact
     path = store / "disk0.sealed"
     path.chmod(0o600)
@@ -152,6 +156,37 @@ def test_capture_seals_evidence_that_verifies_and_exports(lab: Any, suspect: dic
     custody = [a for a in lab.cli_json("incident", "show", incident_id)["timeline"] if a["kind"] == "custody"]
     assert len(custody) >= 4  # two verifications and two exports, each with its principal
     assert all(a["principal"].startswith("token:") for a in custody)
+
+
+def checked_without_ferryman(export: Path, capture: str, work: Path) -> None:
+    """An export checks with openssl and sha256 alone: the manifest's signature against the signer certificate it
+    names, each artefact against the manifest's hash; one changed byte of the manifest fails."""
+    work.mkdir()
+    manifest_file = export / f"{capture}.manifest.json"
+    manifest = json.loads(manifest_file.read_bytes())
+    signer = export / "signer.pem"
+    der = subprocess.run(["openssl", "x509", "-in", signer, "-outform", "DER"], capture_output=True, check=True)
+    assert manifest["signer"]["certificate_sha256"] == "sha256:" + hashlib.sha256(der.stdout).hexdigest()
+    pub = work / "signer.pub"
+    pub.write_bytes(
+        subprocess.run(["openssl", "x509", "-in", signer, "-pubkey", "-noout"], capture_output=True, check=True).stdout
+    )
+    signature = work / "manifest.sig.der"
+    signature.write_bytes(base64.b64decode((export / f"{capture}.manifest.sig").read_text()))
+
+    def openssl_verify(path: Path) -> subprocess.CompletedProcess[str]:
+        argv = ["openssl", "dgst", "-sha256", "-verify", pub, "-signature", signature, path]
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    good = openssl_verify(manifest_file)
+    assert good.returncode == 0 and "Verified OK" in good.stdout, good
+    forged = work / "forged.json"
+    forged.write_bytes(manifest_file.read_bytes().replace(b'"host-a"', b'"host-b"', 1))
+    assert forged.read_bytes() != manifest_file.read_bytes()
+    assert openssl_verify(forged).returncode != 0
+    for item in manifest["artefacts"]:
+        data = (export / f"{capture}.{item['artefact']}").read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == item["plaintext_sha256"], item["artefact"]
 
 
 def test_impact_names_neighbours_and_a_tenant_view_names_no_other_tenant(lab: Any, suspect: dict[str, Any]) -> None:

@@ -155,8 +155,11 @@ def _export(client: Any, incident_id: int, out: dict[str, Any], directory: Path)
     except OSError as err:
         raise CliError(f"cannot create {directory}: {err.strerror or err}") from err
     for manifest in out["manifests"]:
-        (directory / f"{manifest['capture']}.manifest.json").write_text(manifest["body"])
+        # the exact bytes the signature covers (UTF-8, whatever the locale)
+        (directory / f"{manifest['capture']}.manifest.json").write_bytes(manifest["body"].encode())
         (directory / f"{manifest['capture']}.manifest.sig").write_text(manifest["signature"] + "\n")
+    if out["manifests"]:  # the certificate that checks the signatures, for a verifier without Ferryman (README)
+        (directory / "signer.pem").write_text(out["signer"]["certificate_pem"])
     for e in out["evidence"]:
         dest = directory / f"{e['capture']}.{e['artefact']}"
         size = client.download(f"/api/v1/incidents/{incident_id}/evidence/{e['capture']}/{e['artefact']}", dest)

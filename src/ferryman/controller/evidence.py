@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ferryman.core.errors import FerrymanError, InvalidInput, NotFound, StorageError
 from ferryman.durable import fsync_directory
@@ -33,6 +34,7 @@ from ferryman.forensics.sealed import SealInfo, open_sealed
 from ferryman.pki.ca import CertificateAuthority
 
 MANIFEST_FORMAT = "ferryman-evidence-v1"
+SIGNATURE = "ecdsa-p256-sha256"  # over the manifest's exact bytes; DER signature, base64 in the .sig file
 CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -147,9 +149,19 @@ class EvidenceStore:
 
     # -- manifests ---------------------------------------------------------------------------------------------------
 
+    @property
+    def signer(self) -> dict[str, str]:
+        """Who signs manifests, as a manifest names it: the SHA-256 of the controller CA's certificate (DER) and the
+        algorithm, so that anyone holding :attr:`signer_pem` checks a manifest without Ferryman."""
+        return {"certificate_sha256": sha256_tag(self._ca.cert.public_bytes(Encoding.DER)), "algorithm": SIGNATURE}
+
+    @property
+    def signer_pem(self) -> str:
+        return self._ca.cert_pem.decode()
+
     def sign(self, body: dict[str, Any]) -> tuple[str, str]:
-        """The canonical text of ``body`` and the CA's signature over it (base64)."""
-        text = canonical({"format": MANIFEST_FORMAT, **body})
+        """The canonical text of ``body`` (naming its signer) and the CA's signature over it (base64)."""
+        text = canonical({"format": MANIFEST_FORMAT, "signer": self.signer, **body})
         return text, base64.b64encode(self._ca.sign(text.encode())).decode()
 
     def signature_ok(self, text: str, signature: str) -> bool:

@@ -373,6 +373,8 @@ class IncidentService:
             "incident": incident_id,
             "evidence": [evidence_out(e) for e in rows],
             "manifests": [{"capture": m.capture, "body": m.body, "signature": m.signature} for m in manifests],
+            # what checks a manifest's signature without Ferryman: the controller CA's certificate
+            "signer": {**self.store.signer, "certificate_pem": self.store.signer_pem},
         }
         if not verify:
             return out
