@@ -136,6 +136,30 @@ def test_add_vm_refuses_unknown_references_and_duplicates(fleet: SqlRepository) 
     assert fleet.placements_on("h2") == []
 
 
+def test_vm_names_are_unique_per_tenant(fleet: SqlRepository) -> None:
+    """Two tenants may each have a ``web``; a name resolves in a tenant, or is ambiguous fleet-wide; an id is one VM
+    everywhere but in another tenant; the database's own index refuses a second live ``web`` in one tenant."""
+    acme = fleet.add_vm(make_vm("web", vm_id="a-web"), "h1", at(0))
+    globex = fleet.add_vm(make_vm("web", tenant="globex", vm_id="g-web"), "h2", at(0))
+    assert fleet.get_vm("web", tenant="acme") == acme
+    assert fleet.get_vm("web", tenant="globex") == globex
+    with pytest.raises(InvalidInput, match=r"several tenants: acme \(a-web\), globex \(g-web\)"):
+        fleet.get_vm("web")
+    assert fleet.get_vm("g-web") == globex
+    with pytest.raises(NotFound):
+        fleet.get_vm("g-web", tenant="acme")
+    with pytest.raises(NotFound):
+        fleet.get_vm("web", tenant="initech")
+    with pytest.raises(Conflict, match="tenant 'acme' has a VM named 'web' already"):
+        fleet.add_vm(make_vm("web", vm_id="a-web-2"), "h1", at(1))
+    fleet.delete_vm("g-web", at(2))
+    assert fleet.get_vm("web") == acme  # the one live VM of the name
+    assert fleet.get_vm("web", tenant="globex").state is VMState.DELETED  # its most recently deleted
+    with fleet.engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
+        values = dataclasses.asdict(make_vm("web", vm_id="a-web-3")) | {"state": "running", "created_at": at(3)}
+        conn.execute(sa.insert(metadata.tables["vms"]).values(**values))
+
+
 def test_times_are_aware_utc_in_and_out(fleet: SqlRepository) -> None:
     """A time given in UTC+02:00 is stored as the same instant and comes back in UTC; naive times are refused."""
     plus_two = dt.timezone(dt.timedelta(hours=2))

@@ -113,7 +113,7 @@ def test_vm_lifecycle_commands(lab):
         (("vm", "create", "bad-1", "--tenant", "acme", "--disk", "12X"), "bad size '12X'"),
         (("vm", "create", "bad-2", "--tenant", "acme", "--memory", "lots"), "bad size 'lots'"),
         (("vm", "create", "Bad_Name", "--tenant", "acme"), "bad VM name"),
-        (("vm", "create", "web-1", "--tenant", "acme"), "already exists"),
+        (("vm", "create", "web-1", "--tenant", "acme"), "tenant acme has a VM named web-1 already"),
         (("vm", "create", "x-1", "--tenant", "acme", "--host", "host-z"), "host 'host-z' not found"),
         (("vm", "create", "x-2", "--tenant", "acme", "--profile", "novalue"), "bad --profile"),
         (("vm", "create", "x-3", "--tenant", "acme", "--memory", "128", "--resident-mib", "64"), "bad resident set"),

@@ -221,9 +221,10 @@ class SqlInventoryMixin(SqlBase):
                 raise NotFound(f"tenant {vm.tenant!r} not found")
             if conn.scalar(sa.select(vms.c.id).where(vms.c.id == vm.id)) is not None:
                 raise Conflict(f"a VM with id {vm.id!r} already exists")
-            taken = conn.scalar(sa.select(vms.c.id).where(vms.c.name == vm.name, vms.c.state != VMState.DELETED.value))
+            live = vms.c.state != VMState.DELETED.value
+            taken = conn.scalar(sa.select(vms.c.id).where(vms.c.tenant == vm.tenant, vms.c.name == vm.name, live))
             if taken is not None:
-                raise Conflict(f"VM name {vm.name!r} is taken by VM {taken!r}")
+                raise Conflict(f"tenant {vm.tenant!r} has a VM named {vm.name!r} already ({taken})")
             values = {f.name: getattr(created, f.name) for f in dataclasses.fields(VM)} | {"state": created.state.value}
             conn.execute(sa.insert(vms).values(**values))
             conn.execute(
@@ -231,18 +232,24 @@ class SqlInventoryMixin(SqlBase):
             )
         return created
 
-    def get_vm(self, name_or_id: str) -> VM:
-        """The VM with this id; else the non-deleted VM with this name; else the most recently deleted one."""
+    def get_vm(self, name_or_id: str, *, tenant: str | None = None) -> VM:
+        """The VM with this id; else the live VM with this name; else the most recently deleted one of this name.
+
+        Names are unique within a tenant only: ``tenant`` resolves a name (and admits an id) in that tenant alone, so
+        another tenant's VM is not found; without it, a name that live VMs of several tenants carry is ambiguous
+        (InvalidInput naming each by tenant and id)."""
+        own = [] if tenant is None else [vms.c.tenant == tenant]
         with self._read() as conn:
-            row = conn.execute(sa.select(vms).where(vms.c.id == name_or_id)).first()
+            row = conn.execute(sa.select(vms).where(vms.c.id == name_or_id, *own)).first()
             if row is None:
-                deleted_last = sa.case((vms.c.state == VMState.DELETED.value, 1), else_=0)
-                row = conn.execute(
-                    sa.select(vms)
-                    .where(vms.c.name == name_or_id)
-                    .order_by(deleted_last, vms.c.deleted_at.desc(), vms.c.created_at.desc())
-                    .limit(1)
-                ).first()
+                named = sa.select(vms).where(vms.c.name == name_or_id, *own)
+                live = conn.execute(named.where(vms.c.state != VMState.DELETED.value).order_by(vms.c.tenant)).all()
+                if len(live) > 1:
+                    which = ", ".join(f"{r.tenant} ({r.id})" for r in live)
+                    raise InvalidInput(f"VM name {name_or_id!r} is used in several tenants: {which}; name it by id")
+                row = live[0] if live else None
+            if row is None:
+                row = conn.execute(named.order_by(vms.c.deleted_at.desc(), vms.c.created_at.desc()).limit(1)).first()
         if row is None:
             raise NotFound(f"VM {name_or_id!r} not found")
         return _vm(row)

@@ -89,7 +89,7 @@ class VMRepository(Protocol):
     """VMs and their temporal placements."""
 
     def add_vm(self, vm: VM, host: str, at: dt.datetime) -> VM: ...  # VM row + first placement, one transaction
-    def get_vm(self, name_or_id: str) -> VM: ...  # NotFound; deleted VMs are found too
+    def get_vm(self, name_or_id: str, *, tenant: str | None = None) -> VM: ...  # NotFound; deleted VMs too
     def list_vms(self, *, include_deleted: bool = False) -> list[VM]: ...
     def set_vm_state(self, vm_id: str, state: VMState) -> VM: ...
     def delete_vm(self, vm_id: str, at: dt.datetime) -> VM: ...  # state=deleted + close placement, one transaction

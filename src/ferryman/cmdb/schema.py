@@ -8,7 +8,8 @@ Invariants the database itself guards (the repository checks them too, to raise 
 
 - at most one open placement (``valid_to IS NULL``) per VM: partial unique index ``uq_placements_open_vm``;
 - a placement never ends before it starts, and a VM has one placement per generation;
-- VM names are unique among VMs that are not deleted: partial unique index ``uq_vms_live_name``;
+- VM names are unique within their tenant among VMs that are not deleted: partial unique index
+  ``uq_vms_live_tenant_name`` (two tenants may each have a ``web-1``);
 - at most one open alarm per (kind, vm_id, host), NULLs compared as equal: ``uq_alarms_open_key``;
 - at most one active migration (``outcome IS NULL``) per VM: partial unique index ``uq_migrations_active_vm``; a
   migration is finished exactly when it has an outcome; a step's ``seq`` is positive and unique per migration.
@@ -146,7 +147,7 @@ vms = sa.Table(
     sa.CheckConstraint("generation >= 1", name="generation_positive"),
     sa.Index("ix_vms_name", "name"),
     sa.Index("ix_vms_image", "image"),  # impact: VMs of the same image
-    _unique_where("uq_vms_live_name", "name", where=f"state <> '{VM_DELETED}'"),
+    _unique_where("uq_vms_live_tenant_name", "tenant", "name", where=f"state <> '{VM_DELETED}'"),
 )
 
 placements = sa.Table(

@@ -283,9 +283,12 @@ class AccessControl:
 
     # -- may it ------------------------------------------------------------------------------------------------------
 
-    def authorise(self, who: Principal, action: str, resource: Resource, *, hidden: bool = False) -> None:
-        """Allow or raise: NotFound for a tenant principal's view of another tenant's resource (``hidden``),
-        Forbidden otherwise. Denials are audited."""
+    def authorise(
+        self, who: Principal, action: str, resource: Resource, *, hidden: bool = False, asked: str | None = None
+    ) -> None:
+        """Allow or raise: NotFound for a tenant principal's view of another tenant's resource (``hidden``), naming
+        it as the request did (``asked``: an id must not come back as the name it has), Forbidden otherwise. Denials
+        are audited."""
         with self._lock:
             authoriser = self._authoriser
         decision = authoriser.decide(who.subject, action, resource)
@@ -295,7 +298,7 @@ class AccessControl:
         self.denied(who, f"{who.id} ({who.role}) may not {action} on {resource}{why}", action, resource)
         foreign = who.tenant is not None and resource.kind in TENANT_KINDS and resource.tenant != who.tenant
         if hidden or (foreign and resource.id != FLEET):
-            raise not_found(resource.kind, resource.id)
+            raise not_found(resource.kind, asked or resource.id)
         raise errors.Forbidden(f"{who.id} ({who.role}) may not {action} on {resource}")
 
     def denied(self, who: Principal, message: str, action: str, resource: Resource | None = None) -> None:
@@ -324,8 +327,9 @@ class AccessControl:
             where = {} if resource is None else {"resource": str(resource), "tenant": resource.tenant}
             self.audit("authz.denied", message, who.name, severity=Severity.WARNING, action=action, **where)
 
-    def admit(self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any) -> None:
-        """The route-level check: the rule's action on the resource the request names, then force and approvals."""
+    def admit(self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any) -> Resource:
+        """The route-level check: the rule's action on the resource the request names, then force and approvals.
+        Returns the resource as it was decided on (a VM with its id as ``key``)."""
         resource = self.resource(who, rule, params, query, body)
         self.authorise(who, rule.action, resource)
         # anything but an absent or false force is a force (fail closed: the route refuses what is not a boolean)
@@ -347,6 +351,7 @@ class AccessControl:
                 f"{rule.action} on {resource}",
                 single_use=rule.approval == "once",
             )
+        return resource
 
     def resource(
         self, who: Principal, rule: Rule, params: dict[str, str], query: dict[str, str], body: Any
@@ -365,23 +370,30 @@ class AccessControl:
         if rule.kind not in TENANT_KINDS:
             return Resource(rule.kind, ident)
         try:
-            resource = self._canonical(rule.kind, ident)
+            resource = self._canonical(rule.kind, ident, who.tenant)
         except (errors.NotFound, errors.InvalidInput):
             if who.tenant is not None:
                 raise not_found(rule.kind, ident) from None
             return Resource(rule.kind, ident)  # the route says what is missing, in its own words
         if who.tenant is not None and resource.tenant != who.tenant:
-            self.authorise(who, rule.action, resource, hidden=True)  # audited, and a 404 unless a policy allows it
+            # audited, and a 404 unless a policy allows it
+            self.authorise(who, rule.action, resource, hidden=True, asked=ident)
         return resource
 
-    def _canonical(self, kind: str, ident: str) -> Resource:
+    def _canonical(self, kind: str, ident: str, tenant: str | None) -> Resource:
         """The resource as the route will find it, however the request spelled it (a VM by its id or its name, an
         incident id with a sign or a fraction), named canonically, with its tenant: what Cedar decides on is what
-        the route acts on."""
+        the route acts on. A VM's name is looked up in the caller's tenant first (names are unique per tenant); a
+        tenant's principal naming what only another tenant has reaches the audited denial below."""
         if kind == "Tenant":
             return Resource(kind, ident, ident)
         if kind == "Vm":
-            vm = self.repo.get_vm(ident)
+            try:
+                vm = self.repo.get_vm(ident, tenant=tenant)
+            except errors.NotFound:
+                if tenant is None:
+                    raise
+                vm = self.repo.get_vm(ident)
             return Resource(kind, vm.name, vm.tenant, key=vm.id)
         if kind == "Network":
             network = self.repo.get_network(ident)

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import structlog
@@ -49,6 +49,7 @@ from ferryman.core.units import parse_mib, parse_size
 from ferryman.httperrors import install_error_handlers
 from ferryman.pki.identity import check_peer
 from ferryman.security.asgi_tls import peer_certificate
+from ferryman.security.authz import Resource
 from ferryman.wire.vms import runtime_from_dict
 
 log = structlog.get_logger(__name__)
@@ -106,34 +107,7 @@ def create_app(
     install_error_handlers(app)
     access = access or AccessControl(fleet.repo, fleet.clock, fleet.audit)
 
-    async def person(request: Request) -> Principal:
-        """The caller, authenticated by its API token and allowed by Cedar to do what this route does."""
-        route = request.scope.get("route")
-        rule = RULES.get((request.method, getattr(route, "path", "")))
-        body: Any = None
-        is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-        if rule is not None and rule.needs_body and is_json:  # a route reads no other body as its model
-            with contextlib.suppress(ValueError, RecursionError):  # the route's validation answers bad JSON
-                body = json.loads(await request.body() or b"null")
-        return await run_in_threadpool(
-            _admit,
-            request.headers.get("authorization", ""),
-            request.headers.get(APPROVAL_HEADER),
-            rule,
-            dict(request.path_params),
-            dict(request.query_params),
-            body,
-        )
-
-    def _admit(
-        header: str, approval: str | None, rule: Rule | None, params: dict[str, str], query: dict[str, str], body: Any
-    ) -> Principal:
-        who = access.authenticate(header, approval)
-        if rule is None:  # a route missing from the table is closed, never open by omission
-            access.denied(who, f"{who.id} ({who.role}) called a route without an access rule", "none")
-            raise errors.Forbidden("this route has no access rule")
-        access.admit(who, rule, params, query, body)
-        return who
+    person = _authenticated(access)
 
     def agent_host(request: Request) -> Host:
         der = peer_certificate(request.scope)
@@ -178,6 +152,46 @@ def create_app(
     _agent_reports(app, fleet, AgentHost)
 
     return app
+
+
+def _authenticated(access: AccessControl) -> Callable[[Request], Awaitable[Principal]]:
+    """The dependency every API route takes: the caller, authenticated by its API token and allowed by Cedar to do
+    what the route does."""
+
+    async def person(request: Request) -> Principal:
+        """The caller, authenticated by its API token and allowed by Cedar to do what this route does."""
+        route = request.scope.get("route")
+        rule = RULES.get((request.method, getattr(route, "path", "")))
+        body: Any = None
+        is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+        if rule is not None and rule.needs_body and is_json:  # a route reads no other body as its model
+            with contextlib.suppress(ValueError, RecursionError):  # the route's validation answers bad JSON
+                body = json.loads(await request.body() or b"null")
+        who, resource = await run_in_threadpool(
+            _admit,
+            request.headers.get("authorization", ""),
+            request.headers.get(APPROVAL_HEADER),
+            rule,
+            dict(request.path_params),
+            dict(request.query_params),
+            body,
+        )
+        where, _, param = (rule.source or "").partition(":") if rule is not None else ("", "", "")
+        if resource.kind == "Vm" and resource.key is not None and where == "path":
+            # the route acts on the VM that was decided on: a name resolves in the caller's tenant, an id anywhere
+            request.scope["path_params"][param] = resource.key
+        return who
+
+    def _admit(
+        header: str, approval: str | None, rule: Rule | None, params: dict[str, str], query: dict[str, str], body: Any
+    ) -> tuple[Principal, Resource]:
+        who = access.authenticate(header, approval)
+        if rule is None:  # a route missing from the table is closed, never open by omission
+            access.denied(who, f"{who.id} ({who.role}) called a route without an access rule", "none")
+            raise errors.Forbidden("this route has no access rule")
+        return who, access.admit(who, rule, params, query, body)
+
+    return person
 
 
 def _registry_routes(
@@ -380,12 +394,16 @@ def _events(app: FastAPI, fleet: Fleet, access: AccessControl, Person: Any) -> N
     ) -> list[s.EventOut]:
         own = None
         if who.tenant is not None:  # a tenant's principal reads its own VMs' events only, without free text
-            mine = {v.name: v.id for v in fleet.repo.list_vms(include_deleted=True) if v.tenant == who.tenant}
-            if vm and vm not in mine and vm not in mine.values():
+            own = [v.id for v in fleet.repo.list_vms(include_deleted=True) if v.tenant == who.tenant]
+        vm_id = None
+        if vm:
+            try:
+                vm_id = fleet.repo.get_vm(vm, tenant=who.tenant).id
+            except errors.NotFound:
+                if who.tenant is None:
+                    raise
                 access.denied(who, f"{who.id} ({who.role}) asked for the events of VM {vm!r}", "event:read")
-                raise not_found("Vm", vm)
-            own = list(mine.values())
-        vm_id = fleet.repo.get_vm(vm).id if vm else None
+                raise not_found("Vm", vm) from None
         try:
             min_sev = Severity(severity) if severity else None
         except ValueError:

@@ -414,11 +414,11 @@ class Fleet:
         if req.networks and self.networks is None:
             raise errors.InvalidInput("this controller manages no networks: it cannot give VMs NICs")
         try:
-            existing = self.repo.get_vm(req.name)
+            existing = self.repo.get_vm(req.name, tenant=req.tenant)
         except errors.NotFound:
             return
         if existing.state is not VMState.DELETED:
-            raise errors.Conflict(f"a VM named {req.name} already exists")
+            raise errors.Conflict(f"tenant {req.tenant} has a VM named {req.name} already")
 
     async def create_vm(self, req: VMRequest, principal: str) -> VM:
         """Choose a host, record the VM there (CMDB work in a worker thread), then ask its agent to boot it."""

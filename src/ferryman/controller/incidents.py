@@ -219,12 +219,15 @@ class IncidentService:
 
     def _map(self, alert: Alert) -> tuple[Subject | None, str]:
         """The VM (by name or id, MAC, or address of a live NIC) or the host an alert is about."""
+        unmapped = "no VM, address or host of the fleet in it"
         if alert.vm is not None:
             try:
-                vm = self.repo.get_vm(alert.vm)
+                vm: VM | None = self.repo.get_vm(alert.vm)
             except errors.NotFound:
                 return None, f"no VM {alert.vm!r}"
-            if vm.state is not VMState.DELETED:
+            except errors.InvalidInput:  # a name several tenants use: never guess which; its addresses may tell
+                vm, unmapped = None, f"VM name {alert.vm!r} is used in several tenants"
+            if vm is not None and vm.state is not VMState.DELETED:
                 return Subject(vm, None), ""
         nics = self.repo.all_live_nics() if alert.ips or alert.macs else []
         for mac in alert.macs:
@@ -243,7 +246,7 @@ class IncidentService:
             except errors.NotFound:
                 return None, f"no host {alert.host!r}"
             return Subject(None, alert.host), ""
-        return None, "no VM, address or host of the fleet in it"
+        return None, unmapped
 
     # -- forensic capture --------------------------------------------------------------------------------------------
 

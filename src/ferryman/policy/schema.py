@@ -13,6 +13,7 @@ A document (one file may hold several, separated by ``---``)::
     name: acme-production            # [a-z0-9][a-z0-9-]*, unique across the set
     description: "..."
     select: {tenants: [acme], profile: {environment: production}, vms: [web-1]}   # AND of the given fields
+                                     # (VM names are per tenant: vms matches them in every tenant selected)
     require: {<rules>}               # hard: a VM violating one is in violation and refused at admission
     prefer: [{weight: 10, <rules>}]  # soft: a host scores the weights of the entries it satisfies
     migration: {allowed_targets: [host-a], cooldown: 10m, auto_balance: false}

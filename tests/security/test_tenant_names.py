@@ -1,0 +1,99 @@
+"""VM names are a tenant's own: a name another tenant uses is no answer to anything a tenant asks.
+
+A fleet-wide unique name was an existence oracle: a refused create told acme that globex had a VM of that name. Now
+each tenant has its own names; a tenant's principal resolves a name in its tenant, a fleet-wide principal gets an
+ambiguity naming every tenant's VM of that name, and an id is always one VM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferryman.core.models import VM, VMState
+
+from .conftest import World
+
+ADMIN, TENANT, VIEWER = "fleet-admin", "tenant-admin", "tenant-viewer"
+
+
+def _same_name_in_both(world: World) -> None:
+    now = world.fleet.clock.now()
+    for tenant in ("acme", "globex"):
+        vm = VM(f"id-{tenant}-w", "web", tenant, 128, 1, 1 << 30, "lab", f"c-{tenant}", state=VMState.RUNNING)
+        world.fleet.repo.add_vm(vm, "h1", now)
+        world.fleet.audit("vm.note", f"web of {tenant} did something", "system", vm=vm.id, host="h1")
+
+
+def _get(world: World, path: str, role: str, **params: Any) -> Any:
+    return world.client.get(path, params=params, headers=world.headers(role))
+
+
+def test_a_tenant_may_use_a_name_another_tenant_uses(world: World) -> None:
+    """The create is refused for what it is (no host can run it here), not for globex's name: nothing says that
+    globex has a VM of this name."""
+    body = {"name": "globex-db", "tenant": "acme", "memory": "128M", "disk": "1G", "image": "lab"}
+    out = world.client.post("/api/v1/vms", json=body, headers=world.headers(TENANT))
+    assert out.status_code != 409 and "globex" not in out.text, out.text
+    ours = body | {"name": "acme-web"}
+    taken = world.client.post("/api/v1/vms", json=ours, headers=world.headers(TENANT))
+    assert taken.status_code == 409 and "acme-web" in taken.json()["detail"], taken.text
+
+
+def test_a_name_resolves_in_the_callers_tenant(world: World) -> None:
+    _same_name_in_both(world)
+    for role in (TENANT, VIEWER):
+        shown = _get(world, "/api/v1/vms/web", role)
+        assert shown.status_code == 200 and shown.json()["id"] == "id-acme-w", shown.text
+        nics = _get(world, "/api/v1/vms/web/nics", role)
+        assert nics.status_code == 200, nics.text
+        history = _get(world, "/api/v1/vms/web/history", role)
+        assert history.status_code == 200 and {p["vm_id"] for p in history.json()} == {"id-acme-w"}
+        events = _get(world, "/api/v1/events", role, vm="web")
+        assert events.status_code == 200 and {e["vm"] for e in events.json()} == {"id-acme-w"}, events.text
+        assert "globex" not in shown.text + history.text + events.text
+
+
+def test_a_fleet_wide_principal_is_told_the_name_is_ambiguous(world: World) -> None:
+    _same_name_in_both(world)
+    out = _get(world, "/api/v1/vms/web", ADMIN)
+    assert out.status_code == 400, out.text
+    detail = out.json()["detail"]
+    assert "acme (id-acme-w)" in detail and "globex (id-globex-w)" in detail and "by id" in detail
+    events = _get(world, "/api/v1/events", ADMIN, vm="web")
+    assert events.status_code == 400, events.text
+    by_id = _get(world, "/api/v1/vms/id-globex-w", ADMIN)
+    assert by_id.status_code == 200 and by_id.json()["tenant"] == "globex", by_id.text
+
+
+def test_another_tenants_vm_by_id_is_not_found_and_audited(world: World) -> None:
+    _same_name_in_both(world)
+    denied_before = len(world.fleet.repo.list_events(kind_prefix="authz.denied"))
+    out = _get(world, "/api/v1/vms/id-globex-w", TENANT)
+    assert out.status_code == 404 and out.json()["detail"] == "VM 'id-globex-w' not found", out.text
+    denials = world.fleet.repo.list_events(kind_prefix="authz.denied")
+    assert len(denials) == denied_before + 1 and denials[0].data["tenant"] == "globex"
+
+
+def test_the_route_acts_on_the_vm_that_was_authorised(world: World) -> None:
+    """The access check resolves the name once and hands the route the VM's id: a VM that takes the name between
+    the check and the route's own lookup is not the one acted on."""
+    _same_name_in_both(world)
+    out = world.client.post("/api/v1/vms/web/stop", headers=world.headers(TENANT))
+    # no agent runs here: the stop reaches acme's VM's host and fails there, globex's VM is untouched
+    assert out.status_code >= 400 and "globex" not in out.text, out.text
+    requested = world.fleet.repo.list_events(kind_prefix="vm.stop_requested")
+    assert [e.vm for e in requested] == ["id-acme-w"], requested
+
+
+def test_an_alert_naming_a_name_two_tenants_use_opens_nothing(world: World) -> None:
+    """A sensor that names ``web`` is not guessed at: the alert is unmatched, no tenant's VM gets an incident."""
+    _same_name_in_both(world)
+    before = len(world.fleet.repo.list_incidents())
+    body = {"severity": "high", "rule": "test", "vm": "web"}
+    out = world.client.post("/api/v1/alerts/generic", json=body, headers=world.headers("alert-source"))
+    assert out.status_code == 202 and out.json()["unmatched"] == 1 and out.json()["opened"] == [], out.text
+    assert len(world.fleet.repo.list_incidents()) == before
+    one = world.client.post(
+        "/api/v1/alerts/generic", json=body | {"vm": "id-globex-w"}, headers=world.headers("alert-source")
+    )
+    assert one.status_code == 202 and len(one.json()["opened"]) == 1, one.text
