@@ -46,7 +46,7 @@ def test_segments_are_allocated_and_unique(nets: SqlRepository) -> None:
     assert nets.add_network(net("vlan-net", vni=101, vlan=101)).vni == 101
     with pytest.raises(Conflict, match="segment 101"):
         nets.add_network(net("other", vni=101))
-    with pytest.raises(Conflict, match="exists already"):
+    with pytest.raises(Conflict, match="tenant 'acme' has a network named 'acme-prod' already"):
         nets.add_network(net())
     assert [n.name for n in nets.list_networks("acme")] == ["acme-prod", "vlan-net"]
 
@@ -58,7 +58,7 @@ def test_addresses_skip_the_gateway_and_never_repeat(nets: SqlRepository) -> Non
     assert web.ipv6 == "fd00:50:1::2"  # the same host number in the IPv6 prefix
     assert web.mac != db.mac and web.mac.startswith("52:54:00:")
     assert len(web.id) <= 11 and web.revision == 1 and web.rules_hash is None
-    assert [n.id for n in nets.nics_on("acme-prod")] == [web.id, db.id]
+    assert [n.id for n in nets.nics_on(nets.get_network("acme-prod"))] == [web.id, db.id]
 
 
 def test_an_explicit_address_must_be_free_and_inside(nets: SqlRepository) -> None:
@@ -81,12 +81,29 @@ def test_another_tenants_network_is_not_found(nets: SqlRepository) -> None:
     assert spy.ipv4 == web.ipv4 == "10.50.1.2"
 
 
+def test_network_names_are_unique_per_tenant(nets: SqlRepository) -> None:
+    """globex may name a network as acme did: its own segment, its own addresses (the same ones), its own members;
+    a name several tenants use resolves in a tenant, never fleet-wide."""
+    theirs = nets.add_network(net("acme-prod", "globex"))
+    ours = nets.get_network("acme-prod", tenant="acme")
+    assert theirs.vni != ours.vni and theirs.tenant == "globex"
+    with pytest.raises(InvalidInput, match="several tenants"):
+        nets.get_network("acme-prod")
+    with pytest.raises(NotFound):
+        nets.get_network("acme-prod", tenant="initech")
+    (web,) = nets.add_nics("id-web", [NicRequest("acme-prod")])
+    (spy,) = nets.add_nics("id-spy", [NicRequest("acme-prod")])
+    assert web.ipv4 == spy.ipv4 == "10.50.1.2"
+    assert [n.id for n in nets.nics_on(ours)] == [web.id]
+    assert [n.id for n in nets.nics_on(theirs)] == [spy.id]
+
+
 def test_a_full_network_says_so(nets: SqlRepository) -> None:
     nets.add_network(net("tiny", cidr="10.9.9.0/29"))  # hosts .1-.6, .1 the gateway
     for i in range(5):
         nets.add_vm(vm(f"t{i}"), "h1", T0)
         nets.add_nics(f"id-t{i}", [NicRequest("tiny")])
-    assert {n.ipv4 for n in nets.nics_on("tiny")} == {f"10.9.9.{i}" for i in range(2, 7)}
+    assert {n.ipv4 for n in nets.nics_on(nets.get_network("tiny"))} == {f"10.9.9.{i}" for i in range(2, 7)}
     nets.add_vm(vm("t5"), "h1", T0)
     with pytest.raises(CapacityError, match="no free address"):
         nets.add_nics("id-t5", [NicRequest("tiny")])

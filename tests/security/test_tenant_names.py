@@ -97,3 +97,28 @@ def test_an_alert_naming_a_name_two_tenants_use_opens_nothing(world: World) -> N
         "/api/v1/alerts/generic", json=body | {"vm": "id-globex-w"}, headers=world.headers("alert-source")
     )
     assert one.status_code == 202 and len(one.json()["opened"]) == 1, one.text
+
+
+def test_network_names_are_a_tenants_own_too(world: World) -> None:
+    body = {"name": "globex-net", "tenant": "acme", "cidr": "10.9.0.0/24"}
+    made = world.client.post("/api/v1/networks", json=body, headers=world.headers(TENANT))
+    assert made.status_code == 201 and made.json()["tenant"] == "acme", made.text
+    again = world.client.post("/api/v1/networks", json=body, headers=world.headers(TENANT))
+    assert again.status_code == 409 and "globex" not in again.text.replace("globex-net", ""), again.text
+    for role in (TENANT, VIEWER):
+        mine = _get(world, "/api/v1/networks/globex-net", role, tenant="globex")  # asking for globex's: still ours
+        assert mine.status_code == 200 and mine.json()["tenant"] == "acme", mine.text
+    ambiguous = _get(world, "/api/v1/networks/globex-net", ADMIN)
+    assert ambiguous.status_code == 400 and "--tenant" in ambiguous.json()["detail"], ambiguous.text
+    theirs = _get(world, "/api/v1/networks/globex-net", ADMIN, tenant="globex")
+    assert theirs.status_code == 200 and theirs.json()["tenant"] == "globex", theirs.text
+
+
+def test_a_tenant_cannot_choose_a_segment_id(world: World) -> None:
+    """Segment ids are shared by every tenant: a tenant that could pick one would learn which ones others use."""
+    body = {"name": "lan", "tenant": "acme", "cidr": "10.9.0.0/24", "vlan": 101}
+    out = world.client.post("/api/v1/networks", json=body, headers=world.headers(TENANT))
+    assert out.status_code == 403 and "--vlan" in out.json()["detail"], out.text
+    denials = world.fleet.repo.list_events(kind_prefix="authz.denied")
+    assert denials and "--vlan" in denials[0].message
+    assert world.client.post("/api/v1/networks", json=body, headers=world.headers(ADMIN)).status_code == 201

@@ -66,9 +66,13 @@ def network_list(tenant: Annotated[str | None, typer.Option()] = None, json_: Js
 
 
 @network_app.command("show")
-def network_show(name: str, json_: Json = False) -> None:
+def network_show(
+    name: str,
+    tenant: Annotated[str | None, typer.Option(help="whose network (a name may be used in several tenants)")] = None,
+    json_: Json = False,
+) -> None:
     """Show a network: members (VM, NIC, addresses, host), the hosts it spans, its rules' versions."""
-    net = api().get(f"/api/v1/networks/{name}")
+    net = api().get(f"/api/v1/networks/{name}", tenant=tenant)
     if json_:
         return emit_json(net)
     fields(

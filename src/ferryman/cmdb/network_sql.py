@@ -42,8 +42,9 @@ class SqlNetworkMixin(SqlBase):
             network, created_at=utc(network.created_at, "created_at") if network.created_at else self._clock.now()
         )
         with self._write() as conn:
-            if conn.scalar(sa.select(networks.c.name).where(networks.c.name == network.name)) is not None:
-                raise Conflict(f"a network named {network.name!r} exists already")
+            own = sa.select(networks.c.name).where(networks.c.tenant == network.tenant, networks.c.name == network.name)
+            if conn.scalar(own) is not None:
+                raise Conflict(f"tenant {network.tenant!r} has a network named {network.name!r} already")
             if network.vni == 0:
                 top = conn.scalar(sa.select(sa.func.max(networks.c.vni)).where(networks.c.vni >= FIRST_VNI))
                 network = dataclasses.replace(network, vni=(top or FIRST_VNI - 1) + 1)
@@ -54,10 +55,17 @@ class SqlNetworkMixin(SqlBase):
             conn.execute(sa.insert(networks).values(**dataclasses.asdict(network)))
         return network
 
-    def get_network(self, name: str) -> Network:
+    def get_network(self, name: str, *, tenant: str | None = None) -> Network:
+        query = sa.select(networks).where(networks.c.name == name).order_by(networks.c.tenant)
+        if tenant is not None:
+            query = query.where(networks.c.tenant == tenant)
         with self._read() as conn:
-            query = sa.select(networks).where(networks.c.name == name)
-            return _network(first_or_not_found(conn, query, f"network {name!r}"))
+            rows = conn.execute(query.limit(2)).all()
+        if len(rows) > 1:
+            raise InvalidInput(f"network name {name!r} is used in several tenants: name its tenant (--tenant)")
+        if not rows:
+            raise NotFound(f"network {name!r} not found")
+        return _network(rows[0])
 
     def list_networks(self, tenant: str | None = None) -> list[Network]:
         query = sa.select(networks).order_by(networks.c.name)
@@ -72,13 +80,13 @@ class SqlNetworkMixin(SqlBase):
             vm = vm_row(conn, vm_id)
             macs = set(conn.scalars(sa.select(nics.c.mac).where(_LIVE)))
             for index, request in enumerate(requests):
-                row = conn.execute(
-                    sa.select(networks).where(networks.c.name == request.network).with_for_update()
-                ).first()
-                if row is None or row.tenant != vm.tenant:  # another tenant's network is not named to this one
+                mine = sa.select(networks).where(networks.c.tenant == vm.tenant, networks.c.name == request.network)
+                row = conn.execute(mine.with_for_update()).first()
+                if row is None:  # another tenant's network of this name is not this one's
                     raise NotFound(f"network {request.network!r} not found for tenant {vm.tenant}")
                 net = _network(row)
-                used = list(conn.scalars(sa.select(nics.c.ipv4).where(_LIVE, nics.c.network == net.name)))
+                on_net = (nics.c.tenant == net.tenant, nics.c.network == net.name)
+                used = list(conn.scalars(sa.select(nics.c.ipv4).where(_LIVE, *on_net)))
                 used += [n.ipv4 for n in created if n.network == net.name]
                 ipv4 = ipam.pick_ipv4(net.cidr, used, request.ipv4)
                 mac = ipam.new_mac(macs)
@@ -92,7 +100,7 @@ class SqlNetworkMixin(SqlBase):
                     ipv4=ipv4,
                     ipv6=ipam.ipv6_twin(net.cidr, net.cidr6, ipv4) if net.cidr6 else None,
                 )
-                conn.execute(sa.insert(nics).values(**dataclasses.asdict(nic)))
+                conn.execute(sa.insert(nics).values(**dataclasses.asdict(nic), tenant=vm.tenant))
                 created.append(nic)
         return created
 
@@ -101,8 +109,9 @@ class SqlNetworkMixin(SqlBase):
         with self._read() as conn:
             return [_nic(r) for r in conn.execute(query)]
 
-    def nics_on(self, network: str) -> list[Nic]:
-        query = sa.select(nics).where(_LIVE, nics.c.network == network).order_by(nics.c.ipv4)
+    def nics_on(self, network: Network) -> list[Nic]:
+        on_net = (nics.c.tenant == network.tenant, nics.c.network == network.name)
+        query = sa.select(nics).where(_LIVE, *on_net).order_by(nics.c.ipv4)
         with self._read() as conn:
             return [_nic(r) for r in conn.execute(query)]
 

@@ -24,10 +24,14 @@ class NicRequest:
 
 class NetworkRepository(Protocol):
     def add_network(self, network: Network) -> Network:
-        """Store a new network; ``vni`` 0 allocates the next free VNI. Conflict on a taken name or VNI."""
+        """Store a new network; ``vni`` 0 allocates the next free VNI. Conflict on a name its tenant has already
+        or a taken VNI."""
         ...
 
-    def get_network(self, name: str) -> Network: ...
+    def get_network(self, name: str, *, tenant: str | None = None) -> Network:
+        """The network of this name in ``tenant``; without one, InvalidInput when several tenants use the name."""
+        ...
+
     def list_networks(self, tenant: str | None = None) -> list[Network]: ...
 
     def add_nics(self, vm_id: str, requests: list[NicRequest]) -> list[Nic]:
@@ -39,7 +43,7 @@ class NetworkRepository(Protocol):
         """The VM's live NICs, in device order."""
         ...
 
-    def nics_on(self, network: str) -> list[Nic]:
+    def nics_on(self, network: Network) -> list[Nic]:
         """The live NICs of ``network``."""
         ...
 

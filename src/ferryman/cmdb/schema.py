@@ -416,10 +416,11 @@ images = sa.Table(
 
 # -- virtual networks and their NICs (ferryman.cmdb.networks) -----------------------------------------------------
 
+# a network's name is its tenant's own: two tenants may each have a "prod"
 networks = sa.Table(
     "networks",
     metadata,
-    sa.Column("name", sa.String(NAME), primary_key=True),
+    sa.Column("name", sa.String(NAME), nullable=False),
     sa.Column("tenant", sa.String(NAME), sa.ForeignKey("tenants.name"), nullable=False),
     sa.Column("cidr", sa.String(64), nullable=False),
     sa.Column("cidr6", sa.String(64), nullable=True),
@@ -427,6 +428,7 @@ networks = sa.Table(
     sa.Column("vlan", sa.Integer, nullable=True),
     sa.Column("forensic_port", sa.Integer, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.PrimaryKeyConstraint("tenant", "name"),
     sa.UniqueConstraint("vni"),
     sa.CheckConstraint("vni BETWEEN 1 AND 16777215", name="vni_range"),
 )
@@ -436,7 +438,8 @@ nics = sa.Table(
     metadata,
     sa.Column("id", sa.String(16), primary_key=True),
     sa.Column("vm_id", sa.String(64), sa.ForeignKey("vms.id"), nullable=False),
-    sa.Column("network", sa.String(NAME), sa.ForeignKey("networks.name"), nullable=False),
+    sa.Column("tenant", sa.String(NAME), nullable=False),  # the VM's, which is the network's
+    sa.Column("network", sa.String(NAME), nullable=False),
     sa.Column("index", sa.Integer, nullable=False),
     sa.Column("mac", sa.String(17), nullable=False),
     sa.Column("ipv4", sa.String(64), nullable=False),
@@ -447,11 +450,12 @@ nics = sa.Table(
     sa.Column("rules_hash", sa.String(DIGEST), nullable=True),
     sa.Column("applied_at", UtcDateTime, nullable=True),
     sa.Column("released_at", UtcDateTime, nullable=True),  # the VM was deleted: its addresses are free again
+    sa.ForeignKeyConstraint(["tenant", "network"], ["networks.tenant", "networks.name"]),
     sa.UniqueConstraint("vm_id", "index"),
     sa.CheckConstraint("revision >= 1", name="revision_positive"),
     sa.Index("ix_nics_vm_id", "vm_id"),
     _unique_where("uq_nics_live_mac", "mac", where="released_at IS NULL"),
-    _unique_where("uq_nics_live_ipv4", "network", "ipv4", where="released_at IS NULL"),
+    _unique_where("uq_nics_live_ipv4", "tenant", "network", "ipv4", where="released_at IS NULL"),
 )
 
 # -- incidents, their timelines and evidence (ferryman.cmdb.incidents) ----------------------------------------------

@@ -369,8 +369,9 @@ class AccessControl:
             return Resource(rule.kind)  # the route's own validation says what is missing
         if rule.kind not in TENANT_KINDS:
             return Resource(rule.kind, ident)
+        scope = who.tenant or (query.get("tenant") if rule.kind == "Network" else None)
         try:
-            resource = self._canonical(rule.kind, ident, who.tenant)
+            resource = self._canonical(rule.kind, ident, scope)
         except (errors.NotFound, errors.InvalidInput):
             if who.tenant is not None:
                 raise not_found(rule.kind, ident) from None
@@ -383,8 +384,8 @@ class AccessControl:
     def _canonical(self, kind: str, ident: str, tenant: str | None) -> Resource:
         """The resource as the route will find it, however the request spelled it (a VM by its id or its name, an
         incident id with a sign or a fraction), named canonically, with its tenant: what Cedar decides on is what
-        the route acts on. A VM's name is looked up in the caller's tenant first (names are unique per tenant); a
-        tenant's principal naming what only another tenant has reaches the audited denial below."""
+        the route acts on. A VM's or network's name is looked up in the caller's tenant first (names are unique per
+        tenant); a tenant's principal naming what only another tenant has reaches the audited denial below."""
         if kind == "Tenant":
             return Resource(kind, ident, ident)
         if kind == "Vm":
@@ -396,7 +397,12 @@ class AccessControl:
                 vm = self.repo.get_vm(ident)
             return Resource(kind, vm.name, vm.tenant, key=vm.id)
         if kind == "Network":
-            network = self.repo.get_network(ident)
+            try:
+                network = self.repo.get_network(ident, tenant=tenant)
+            except errors.NotFound:
+                if tenant is None:
+                    raise
+                network = self.repo.get_network(ident)
             return Resource(kind, network.name, network.tenant)
         try:
             number = INT_ID.validate_python(ident)

@@ -58,6 +58,16 @@ def view_out(view: NetworkView) -> dict[str, Any]:
 def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person: Any) -> None:
     @app.post("/api/v1/networks", status_code=201)
     def create_network(body: NetworkIn, who: Person) -> dict[str, Any]:
+        if who.tenant is not None and body.vlan is not None:  # segment ids are the fleet's, shared by every tenant
+            problem = "a tenant's principal cannot choose the segment (--vlan): the fleet allocates it"
+            fleet.audit(
+                "authz.denied",
+                f"{who.id} ({who.role}): {problem}",
+                who.name,
+                severity=Severity.WARNING,
+                action="network:write",
+            )
+            raise errors.Forbidden(problem)
         network = networks.create(
             body.name,
             body.tenant,
@@ -75,11 +85,12 @@ def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person:
             if tenant not in (None, who.tenant):
                 return []
             tenant = who.tenant
-        return [network_out(n, len(fleet.repo.nics_on(n.name))) for n in fleet.repo.list_networks(tenant)]
+        return [network_out(n, len(fleet.repo.nics_on(n))) for n in fleet.repo.list_networks(tenant)]
 
     @app.get("/api/v1/networks/{name}")
-    def show_network(name: str, _: Person) -> dict[str, Any]:
-        return view_out(networks.view(name))
+    def show_network(name: str, who: Person, tenant: str | None = None) -> dict[str, Any]:
+        """A network name is its tenant's own: a tenant's principal finds its own; anyone else may say whose."""
+        return view_out(networks.view(name, who.tenant or tenant))
 
     @app.get("/api/v1/vms/{name}/nics")
     async def vm_nics(name: str, _: Person, live: bool = False) -> list[dict[str, Any]]:

@@ -107,10 +107,10 @@ class NetworkService:
         )
         return network
 
-    def view(self, name: str) -> NetworkView:
-        network = self.repo.get_network(name)
+    def view(self, name: str, tenant: str | None = None) -> NetworkView:
+        network = self.repo.get_network(name, tenant=tenant)
         members = []
-        for nic in self.repo.nics_on(name):
+        for nic in self.repo.nics_on(network):
             vm = self.repo.get_vm(nic.vm_id)
             placement = self.repo.current_placement(vm.id)
             members.append(Member(nic, vm.name, placement.host if placement else None))
@@ -142,7 +142,8 @@ class NetworkService:
         if not nics:
             return ()
         peers = underlay_peers(self.repo.list_hosts(), host, revoked_hosts(self.repo))
-        networks = {name: self.repo.get_network(name) for name in {n.network for n in nics}}
+        tenant = self.repo.get_vm(vm_id).tenant  # a NIC's network is of its VM's tenant
+        networks = {name: self.repo.get_network(name, tenant=tenant) for name in {n.network for n in nics}}
         return tuple(nic_spec(nic, networks[nic.network], peers) for nic in nics)
 
     def check_applied(self, vm_id: str, host: str, applied: Sequence[NicState], *, record_host: bool) -> str:
