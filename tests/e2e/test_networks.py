@@ -11,7 +11,9 @@ VM could run there, and the source's are gone after it retired.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from ferryman.lab import processes
 from ferryman.testing.guest_exec import ExecResult, guest_exec_sync
 from ferryman.testing.labhandle import one_line_error
 from ferryman.testing.wait import wait_for
@@ -293,12 +296,43 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     assert bridge in links("host-c") and bridge in links("host-b")
 
 
+DHCP_SCRIPT = '#!/bin/sh\necho "$1 ip=$ip subnet=$subnet serverid=$serverid lease=$lease" >> /tmp/dhcp.log\n'
+
+
+def test_every_guest_gets_its_address_by_dhcp_from_its_host(lab: Any, guests: dict[str, Guest]) -> None:
+    """What a cloud image does at boot: busybox udhcpc in each guest (its script only records the lease, the
+    address stays as it is). Each host answers its own NICs with the CMDB's address: net-a's from host-c, where the
+    migration above took it; the other tenant's guest on the same prefix gets its own address, not acme's."""
+    for name, ip in (("net-a", "10.50.1.10"), ("net-b", "10.50.1.11"), ("spy", "10.50.1.12")):
+        assert dhcp_lease(guests[name]) == f"bound ip={ip} subnet=255.255.255.0 serverid=10.50.1.1 lease=4294967295"
+    # an agent killed and started again finds its VMs running and answers their NICs again
+    state = lab.state
+    os.kill(state.agents["host-b"], signal.SIGKILL)
+    assert processes.stop(state.agents["host-b"], str(lab.dir), timeout_s=2)
+    lab.lab.start_agent(state, "host-b")
+    lab.lab.wait_host_up("host-b")
+    assert dhcp_lease(guests["net-b"]).startswith("bound ip=10.50.1.11 ")
+
+
+def dhcp_lease(guest: Guest) -> str:
+    """The last event of a udhcpc run in ``guest`` (3 discovers, 1 s apart)."""
+    script = f"printf '{DHCP_SCRIPT}' > /tmp/dhcp.sh && chmod +x /tmp/dhcp.sh && rm -f /tmp/dhcp.log"
+    assert guest.sh(script).ok
+    got = guest.run("udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "3", "-T", "1", "-s", "/tmp/dhcp.sh")
+    events = guest.run("cat", "/tmp/dhcp.log").text.splitlines()
+    assert got.ok and events, (guest.name, got, events)
+    return events[-1]
+
+
 def test_network_cli_error_paths(lab: Any, guests: dict[str, Guest]) -> None:
     bad = [
         (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.1.2.3/24"], "host bits"),
         (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.0.0.0/8"], "/16 to /29"),
         (["network", "create", "n1", "--tenant", "acme", "--cidr", "10.2.0.0/24", "--vlan", "5000"], "1-4094"),
-        (["network", "create", "acme-prod", "--tenant", "acme", "--cidr", "10.3.0.0/24"], "exists already"),
+        (
+            ["network", "create", "acme-prod", "--tenant", "acme", "--cidr", "10.3.0.0/24"],
+            "has a network named 'acme-prod' already",
+        ),
         (["network", "show", "nope"], "not found"),
         (["vm", "create", "x1", "--tenant", "acme", "--network", "nope"], "not found"),
         (["vm", "create", "x1", "--tenant", "acme", "--network", "globex-lan"], "not found for tenant acme"),

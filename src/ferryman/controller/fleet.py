@@ -603,7 +603,7 @@ class Fleet:
     def get_vm(self, name: str) -> tuple[VM, Placement | None]:
         vm = self.repo.get_vm(name)
         if vm.state is VMState.DELETED:
-            raise errors.NotFound(f"VM {name!r} not found (deleted)")
+            raise errors.NotFound(f"VM {vm.name!r} not found (deleted)")
         return vm, self.repo.current_placement(vm.id)
 
     async def vm_action(self, name: str, action: VMAction, principal: str) -> VM:

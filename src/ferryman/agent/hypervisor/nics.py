@@ -3,7 +3,8 @@
 The order is the point: the tap is opened (in the host's network namespace, on the segment's bridge) and the NIC's
 rules are installed and read back *before* QEMU gets the tap, so no frame of the VM ever passes unfiltered; the tap
 closes with QEMU (nothing to clean up after a crash), and the rules go when the VM leaves the host (destroy, a
-migration's retired source or rolled-back destination).
+migration's retired source or rolled-back destination). The host answers the guest's DHCP requests on the tap with
+the NIC's address (:mod:`ferryman.agent.network.dhcp`) from the moment its rules are in until they go.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class VMNics:
             for nic in spec.nics:
                 fds.append(await asyncio.to_thread(network.open_tap, nic))
                 await asyncio.to_thread(network.install_rules, nic)
+                await asyncio.to_thread(network.dhcp.serve, nic)  # the guest's address, asked for by DHCP
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -65,11 +67,22 @@ class VMNics:
             raise
         return fds
 
+    async def resume(self, spec: VMSpec) -> None:
+        """Answer the DHCP requests of a VM found running at the agent's start (its taps are its QEMU's still)."""
+        if self.network is None:
+            return
+        for nic in spec.nics:
+            try:
+                await asyncio.to_thread(self.network.dhcp.serve, nic)
+            except NetworkError as err:  # the VM runs on; only its next DHCP request goes unanswered
+                log.error("cannot answer DHCP for a reattached VM", vm=spec.vm_id, nic=nic.id, error=str(err))
+
     async def release(self, spec: VMSpec) -> None:
         """Remove the VM's NIC rules from this host (idempotent; its taps went with its QEMU)."""
         if self.network is None:
             return
         for nic in spec.nics:
+            self.network.dhcp.stop(nic.id)
             try:
                 await asyncio.to_thread(self.network.remove_rules, nic.id)
             except NetworkError as err:  # reconciliation reports a table left behind
@@ -80,7 +93,10 @@ class VMNics:
         network = self._host(nics)
         if network is None:
             return []
-        return [_state(await asyncio.to_thread(network.install_rules, nic)) for nic in nics]
+        states = [_state(await asyncio.to_thread(network.install_rules, nic)) for nic in nics]
+        for nic in nics:
+            network.dhcp.update(nic)
+        return states
 
     async def states(self, spec: VMSpec) -> list[NicState]:
         """The rules of the VM's NICs as read back now (NICs without a table are left out)."""

@@ -519,6 +519,7 @@ class QemuDriver:
                     except HypervisorError as err:
                         self._log.error("reattach failed", vm=vm_id, pid=proc.pid, error=str(err))
                         continue
+                    await self.nics.resume(self.load_spec(vm_id))
                 attached.append(await self._runtime(vm_id))
         self._log.info("reattached", count=len(attached))
         return attached

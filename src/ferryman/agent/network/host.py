@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from ferryman.agent.network import nftables
+from ferryman.agent.network.dhcp import DhcpResponder
 from ferryman.agent.network.netns import Namespace, check_ifname
 from ferryman.agent.network.netns import open_tap as open_tap_in
 from ferryman.core.errors import InvalidInput, NetworkError
@@ -114,6 +115,7 @@ class HostNetwork:
         # two NICs of one network opened at once must not both create it, and a segment is not removed as unused
         # between its creation and its first tap (re-entrant: open_tap holds it around ensure_segment)
         self._segment_lock = threading.RLock()
+        self.dhcp = DhcpResponder(self._ns)  # answers the NICs' DHCP requests on their taps
 
     @property
     def netns(self) -> str | None:

@@ -38,6 +38,7 @@ __all__ = [
     "Namespace",
     "check_ifname",
     "in_scratch_netns",
+    "open_packet_socket",
     "open_tap",
     "run_command",
 ]
@@ -248,6 +249,50 @@ def open_tap(ns: Namespace, ifname: str, *, vnet_hdr: bool = True) -> int:
         raise
     except OSError as err:
         raise NetworkError(f"opening tap {ifname} in {ns.where} failed: {err}") from err
+
+
+_ETH_P_ALL = 0x0003
+_SO_ATTACH_FILTER = 26
+
+
+def _attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF ``program`` (code, jt, jf, k) to ``sock``; the kernel copies it, so the buffer may go."""
+    code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buffer = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))  # struct sock_fprog: len, padding, pointer
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def open_packet_socket(ns: Namespace, ifname: str, program: Sequence[tuple[int, int, int, int]]) -> socket.socket:
+    """A non-blocking ``AF_PACKET`` socket for the frames of ``ifname`` in ``ns``, filtered by the classic BPF
+    ``program`` in the kernel (frames queued before the filter was attached are drained). It takes every protocol
+    (``ETH_P_ALL``): only such a socket sees a frame before the device's ingress hooks and its bridge, which consume
+    the frames of a bridge port. A packet socket belongs to the namespace it was created in, so it is created from a
+    fresh thread in ``ns``, like a tap."""
+    check_ifname(ifname)
+    ns.check_exists()
+
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+        try:
+            _attach_filter(sock, program)
+            sock.bind((ifname, _ETH_P_ALL))
+            sock.setblocking(False)
+            while True:  # what arrived between socket() and the filter is not the filter's
+                try:
+                    sock.recv(65535)
+                except BlockingIOError:
+                    break
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    enter = _setns(ns.path) if ns.path is not None else (lambda: None)
+    try:
+        return _on_fresh_thread(f"pkt-{ifname}", enter, create)
+    except OSError as err:
+        raise NetworkError(f"opening a packet socket on {ifname} in {ns.where} failed: {err}") from err
 
 
 def _interface_exists(ifname: str) -> bool:
