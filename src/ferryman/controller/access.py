@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import TypeAdapter, ValidationError
@@ -50,6 +50,7 @@ from ferryman.security.authz import (
 from ferryman.security.secrets import make_api_token, secret_matches, split_api_token
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 APPROVAL_HEADER = "x-ferryman-approval"
 NUMBER = re.compile(r"[0-9]{1,18}")  # an id of ours: digits only, within a 64-bit column
@@ -233,6 +234,17 @@ def _waiting(record: ApprovalRecord, approver_role: str | None) -> str:
     )
 
 
+def _tenant_first(lookup: Callable[..., T], ident: str, tenant: str | None) -> T:
+    """``lookup(ident)`` in ``tenant`` first; failing that, fleet-wide (what only another tenant has is then denied,
+    and audited, by the caller)."""
+    try:
+        return lookup(ident, tenant=tenant)
+    except errors.NotFound:
+        if tenant is None:
+            raise
+        return lookup(ident)
+
+
 def fingerprint(action: str, resource: str, params: dict[str, Any]) -> str:
     text = json.dumps({"action": action, "resource": resource, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -389,20 +401,10 @@ class AccessControl:
         if kind == "Tenant":
             return Resource(kind, ident, ident)
         if kind == "Vm":
-            try:
-                vm = self.repo.get_vm(ident, tenant=tenant)
-            except errors.NotFound:
-                if tenant is None:
-                    raise
-                vm = self.repo.get_vm(ident)
+            vm = _tenant_first(self.repo.get_vm, ident, tenant)
             return Resource(kind, vm.name, vm.tenant, key=vm.id)
         if kind == "Network":
-            try:
-                network = self.repo.get_network(ident, tenant=tenant)
-            except errors.NotFound:
-                if tenant is None:
-                    raise
-                network = self.repo.get_network(ident)
+            network = _tenant_first(self.repo.get_network, ident, tenant)
             return Resource(kind, network.name, network.tenant)
         try:
             number = INT_ID.validate_python(ident)
