@@ -13,6 +13,7 @@ arrived, the dropped one would have arrived before it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import itertools
 import os
 import secrets
@@ -270,6 +271,47 @@ def test_spoofed_frames_are_dropped_counted_and_never_arrive(topo: Topology):
         assert moved(before, counters(topo.a, NIC_A)) == {counter: 1}, counter
     fdb = sh("bridge", "-n", topo.ns_a, "fdb", "show", "br", rules.bridge_name(100))
     assert NIC_B.mac not in fdb  # the LLDP-addressed frame did not poison host a's bridge
+
+
+CIDR6 = "fd00:50:1::/64"
+NIC_A6 = dataclasses.replace(NIC_A, ipv6="fd00:50:1::10", cidr6=CIDR6)
+NIC_B6 = dataclasses.replace(NIC_B, ipv6="fd00:50:1::11", cidr6=CIDR6)
+
+
+def ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
+    addresses = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+    return struct.pack("!IHBB", 6 << 28, len(payload), next_header, 255) + addresses + payload
+
+
+def icmp6(kind: int, body: bytes) -> bytes:
+    return struct.pack("!BBH", kind, 0, 0) + body  # nft reads no checksum; the receiving tap neither
+
+
+def test_ipv6_from_its_own_addresses_only(topo: Topology):
+    """IPv6 from the NIC's address and its EUI-64 link-local crosses hosts and counts nothing; a forged source, a
+    router advertisement, a neighbour advertisement for another NIC's address and a DHCPv6 server reply are dropped,
+    each counted by name, and never arrive."""
+    a, b = topo.port(topo.a, NIC_A6), topo.port(topo.b, NIC_B6)
+    own, local, theirs = NIC_A6.ipv6 or "", rules.link_local(NIC_A6.mac), NIC_B6.ipv6 or ""
+    before = counters(topo.a, NIC_A6)
+    for src in (own, local):
+        mark = marker()
+        a.send(
+            ethernet(NIC_B6.mac, NIC_A6.mac, 0x86DD, ipv6(src, theirs, 17, struct.pack("!HHHH", 1, 2, 24, 0) + mark))
+        )
+        assert any(mark in frame for frame in b.until(mark)), src
+    assert moved(before, counters(topo.a, NIC_A6)) == {}
+    advert_for_b = icmp6(136, struct.pack("!I", 0x20000000) + ipaddress.IPv6Address(theirs).packed)
+    cases: list[tuple[str, Callable[[bytes], bytes]]] = [
+        ("from_vm_ip6", lambda m: ipv6("fd00:50:1::99", theirs, 17, struct.pack("!HHHH", 1, 2, 24, 0) + m)),
+        ("from_vm_nd", lambda m: ipv6(local, "ff02::1", 58, icmp6(134, bytes(12)) + m)),  # router advertisement
+        ("from_vm_nd", lambda m: ipv6(own, "ff02::1", 58, advert_for_b + m)),
+        ("from_vm_dhcp", lambda m: ipv6(local, "ff02::1:2", 17, struct.pack("!HHHH", 547, 546, 24, 0) + m)),
+    ]
+    for counter, forged in cases:
+        before = counters(topo.a, NIC_A6)
+        assert_blocked(a, b, lambda m, forged=forged: ethernet("33:33:00:00:00:01", NIC_A6.mac, 0x86DD, forged(m)))
+        assert moved(before, counters(topo.a, NIC_A6)) == {counter: 1}, counter
 
 
 def test_traffic_from_outside_the_network_does_not_reach_the_vm(topo: Topology):
