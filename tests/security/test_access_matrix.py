@@ -91,6 +91,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("PUT", "/api/v1/playbook"): roles(F, S),
     ("GET", "/api/v1/capacity/quarantine"): STAFF_READ,
     ("POST", "/api/v1/policies/validate"): STAFF_READ,
+    ("POST", "/api/v1/policies/preview"): STAFF_READ,
     ("POST", "/api/v1/policies/apply"): roles(F, S),
     ("POST", "/api/v1/policies/clear"): roles(F, S),
     ("GET", "/api/v1/policies"): STAFF_READ,

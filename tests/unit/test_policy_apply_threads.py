@@ -145,6 +145,8 @@ async def test_apply_parses_once_compiles_once_and_puts_that_compilation_in_forc
     ("path", "body"),
     [
         ("/api/v1/policies/apply", {"documents": DOCS, "dry_run": True}),
+        ("/api/v1/policies/preview", {"documents": DOCS}),
+        ("/api/v1/policies/preview", {"documents": DOCS, "dry_run": False}),  # a preview never applies
         ("/api/v1/policies/validate", {"documents": DOCS}),
     ],
 )
@@ -172,6 +174,7 @@ def test_the_audit_after_an_apply_reuses_the_compilation(world: World) -> None:
     [
         ("POST", "/api/v1/policies/validate", {"documents": DOCS}),
         ("POST", "/api/v1/policies/apply", {"documents": DOCS, "dry_run": True}),
+        ("POST", "/api/v1/policies/preview", {"documents": DOCS}),
         ("POST", "/api/v1/policies/apply", {"documents": DOCS}),
         ("GET", "/api/v1/policies/versions", None),
         ("POST", "/api/v1/compliance/check", None),
@@ -187,7 +190,7 @@ async def test_policy_and_compliance_routes_never_use_the_cmdb_on_the_event_loop
     world: World, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
     """Every CMDB call of the policy and compliance routes is made off the event loop's thread."""
-    if not path.startswith(("/api/v1/policies/validate", "/api/v1/policies/apply")):
+    if not path.startswith(("/api/v1/policies/validate", "/api/v1/policies/apply", "/api/v1/policies/preview")):
         world.compliance.apply(DOCS, "token:admin")
         world.repo.on_loop.clear()  # the set-up ran on the loop
     async with client(world) as api:

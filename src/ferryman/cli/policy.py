@@ -90,7 +90,7 @@ def policy_apply(
     import sys
 
     documents = read_policy_files(paths)
-    preview = _api().post("/api/v1/policies/apply", {"documents": documents, "dry_run": True})
+    preview = _api().post("/api/v1/policies/preview", {"documents": documents})
     if preview["errors"]:
         if json_:
             emit_json(preview)

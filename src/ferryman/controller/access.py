@@ -180,6 +180,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/capacity/quarantine"): Rule("capacity:read"),
     # placement policies and compliance
     ("POST", "/api/v1/policies/validate"): Rule("policy:read"),
+    ("POST", "/api/v1/policies/preview"): Rule("policy:read"),
     ("POST", "/api/v1/policies/apply"): Rule("policy:write"),
     ("POST", "/api/v1/policies/clear"): Rule("policy:write"),
     ("GET", "/api/v1/policies"): Rule("policy:read"),

@@ -87,6 +87,11 @@ def policy_routes(app: FastAPI, fleet: Fleet, compliance: Compliance, svc: Migra
             return {"ok": False, "errors": _errors(err), "policies": []}
         return {"ok": True, "errors": [], "policies": list(policy_set.names)}
 
+    @app.post("/api/v1/policies/preview")
+    def preview(body: PolicyFilesIn, who: Person) -> dict[str, Any]:
+        """What applying would open and resolve, without applying: a read (policy:read), whatever ``dry_run`` says."""
+        return apply(body.model_copy(update={"dry_run": True}), who)
+
     @app.post("/api/v1/policies/apply")
     def apply(body: PolicyFilesIn, who: Person) -> dict[str, Any]:
         # parsed and compiled once: the same candidate is checked, previewed and put in force
