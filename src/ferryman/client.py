@@ -7,12 +7,14 @@ Lookup order: environment (FERRYMAN_URL, FERRYMAN_CA, FERRYMAN_TOKEN or FERRYMAN
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -121,7 +123,29 @@ class Api:
         return self.request("PUT", path, content=chunks(), headers=headers)
 
     def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
-        """Stream the body of ``GET path`` into the new file ``dest`` (0600; never overwrites); the bytes written."""
+        """Stream the body of ``GET path`` into the new file ``dest`` (0600; never overwrites; made only once the
+        controller answered with the body); the bytes written."""
+
+        def new_file() -> IO[bytes]:
+            return os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+        try:
+            return self._stream(path, new_file, on_bytes)
+        except FileExistsError:
+            raise CliError(f"{dest} exists already: export into a new directory") from None
+        except OSError as err:
+            raise CliError(f"cannot write {dest}: {err.strerror or err}") from err
+
+    def stream_to(self, path: str, out: IO[bytes]) -> int:
+        """Stream the body of ``GET path`` into ``out`` (stdout, say) as it arrives, never all of it in memory."""
+        return self._stream(path, lambda: contextlib.nullcontext(out), None)
+
+    def _stream(
+        self,
+        path: str,
+        opened: Callable[[], AbstractContextManager[IO[bytes]]],
+        on_bytes: Callable[[int], None] | None,
+    ) -> int:
         written = 0
         try:
             with self._client.stream("GET", path) as response:
@@ -132,8 +156,7 @@ class Api:
                     except ValueError:
                         detail = response.text or response.reason_phrase
                     raise CliError(str(detail))
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
+                with opened() as out:
                     for chunk in response.iter_bytes(1 << 20):
                         out.write(chunk)
                         written += len(chunk)
@@ -141,8 +164,4 @@ class Api:
                             on_bytes(len(chunk))
         except httpx.TransportError as err:
             raise CliError(f"controller unreachable at {self.config.url}: {err}") from err
-        except FileExistsError:
-            raise CliError(f"{dest} exists already: export into a new directory") from None
-        except OSError as err:
-            raise CliError(f"cannot write {dest}: {err.strerror or err}") from err
         return written

@@ -75,7 +75,8 @@ def audit_export(
         size = client.download(path, output)
         print(f"exported {output} ({size} bytes)", file=sys.stderr)
         return
-    sys.stdout.write(client.request("GET", path, raw=True))
+    sys.stdout.flush()
+    client.stream_to(path, sys.stdout.buffer)  # as it arrives: a whole log need not fit in memory
 
 
 @audit_app.command("checkpoint")
