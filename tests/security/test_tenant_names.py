@@ -122,3 +122,15 @@ def test_a_tenant_cannot_choose_a_segment_id(world: World) -> None:
     denials = world.fleet.repo.list_events(kind_prefix="authz.denied")
     assert denials and "--vlan" in denials[0].message
     assert world.client.post("/api/v1/networks", json=body, headers=world.headers(ADMIN)).status_code == 201
+
+
+def test_an_operators_policy_names_one_tenants_vm(world: World) -> None:
+    """Cedar knows a VM as tenant/name: a forbid on acme's web leaves globex's web alone."""
+    _same_name_in_both(world)
+    policy = 'forbid (principal, action == Action::"vm:read", resource == Vm::"acme/web");'
+    put = world.client.put("/api/v1/access-policies/not-acme-web", json={"text": policy}, headers=world.headers(ADMIN))
+    assert put.status_code == 200, put.text
+    refused = _get(world, "/api/v1/vms/id-acme-w", ADMIN)
+    assert refused.status_code == 403 and "Vm::acme/web" in refused.json()["detail"], refused.text
+    assert _get(world, "/api/v1/vms/id-globex-w", ADMIN).status_code == 200
+    assert _get(world, "/api/v1/vms/web", TENANT).status_code == 403  # its own VM: it knows it exists

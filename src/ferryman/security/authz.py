@@ -235,6 +235,10 @@ class Subject:
     tenant: str | None = None
 
 
+TENANT_NAMED = frozenset({"Vm", "Network"})
+"""Resource types whose names are unique within their tenant only."""
+
+
 @dataclass(frozen=True)
 class Resource:
     """What is asked about: its Cedar type, its id and, when it belongs to one, its tenant."""
@@ -245,12 +249,20 @@ class Resource:
     key: str | None = None  # its stable identity where the id is a name that may be reused (a VM's id)
 
     def __str__(self) -> str:
-        return f"{self.kind}::{self.id}"
+        return f"{self.kind}::{self.cedar_id}"
+
+    @property
+    def cedar_id(self) -> str:
+        """Its id in Cedar: a VM's or network's name is its tenant's own, so Cedar knows them as ``tenant/name``
+        (``Vm::"acme/web-1"``), one entity per VM or network."""
+        if self.kind in TENANT_NAMED and self.tenant and self.id != FLEET:
+            return f"{self.tenant}/{self.id}"
+        return self.id
 
     @property
     def identity(self) -> str:
         """What an approval binds: the resource itself, not whatever bears its name later."""
-        return f"{self.kind}::{self.key or self.id}"
+        return f"{self.kind}::{self.key or self.cedar_id}"
 
 
 @dataclass(frozen=True)
@@ -315,13 +327,14 @@ class Authoriser:
             },
             {"uid": _uid("Role", who.role), "attrs": {}, "parents": []},
         ]
+        ident = resource.cedar_id
         if resource.kind != "Principal" or resource.id != who.name:
             attrs = {"tenant": resource.tenant} if resource.tenant else {}
-            entities.append({"uid": _uid(resource.kind, resource.id), "attrs": attrs, "parents": []})
+            entities.append({"uid": _uid(resource.kind, ident), "attrs": attrs, "parents": []})
         request = {  # uids as JSON: any id, however odd its characters, stands for itself
             "principal": _uid("Principal", who.name),
             "action": _uid("Action", action),
-            "resource": _uid(resource.kind, resource.id),
+            "resource": _uid(resource.kind, ident),
             "context": {},
         }
         result = cedarpy.is_authorized(request, self._policies, entities, _SCHEMA)
