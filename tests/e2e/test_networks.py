@@ -296,7 +296,7 @@ def test_the_network_follows_a_live_migration(lab: Any, guests: dict[str, Guest]
     assert bridge in links("host-c") and bridge in links("host-b")
 
 
-DHCP_SCRIPT = '#!/bin/sh\necho "$1 ip=$ip subnet=$subnet serverid=$serverid lease=$lease" >> /tmp/dhcp.log\n'
+DHCP_SCRIPT = '#!/bin/sh\necho "$1 ip=$ip subnet=$subnet serverid=$serverid lease=$lease $hostname" >> /tmp/dhcp.log\n'
 
 
 def test_every_guest_gets_its_address_by_dhcp_from_its_host(lab: Any, guests: dict[str, Guest]) -> None:
@@ -304,7 +304,8 @@ def test_every_guest_gets_its_address_by_dhcp_from_its_host(lab: Any, guests: di
     address stays as it is). Each host answers its own NICs with the CMDB's address: net-a's from host-c, where the
     migration above took it; the other tenant's guest on the same prefix gets its own address, not acme's."""
     for name, ip in (("net-a", "10.50.1.10"), ("net-b", "10.50.1.11"), ("spy", "10.50.1.12")):
-        assert dhcp_lease(guests[name]) == f"bound ip={ip} subnet=255.255.255.0 serverid=10.50.1.1 lease=4294967295"
+        lease = f"bound ip={ip} subnet=255.255.255.0 serverid=10.50.1.1 lease=4294967295 {name}"  # name: hostname
+        assert dhcp_lease(guests[name]) == lease
     # an agent killed and started again finds its VMs running and answers their NICs again
     state = lab.state
     os.kill(state.agents["host-b"], signal.SIGKILL)

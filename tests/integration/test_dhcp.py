@@ -31,9 +31,12 @@ pytestmark = [
     ),
 ]
 
-NIC = NicSpec("dh1", "acme-prod", 100, "52:54:00:00:07:01", "10.50.1.7", "10.50.1.0/24")
+NIC = NicSpec("dh1", "acme-prod", 100, "52:54:00:00:07:01", "10.50.1.7", "10.50.1.0/24", hostname="web-7")
 _RUNS = itertools.count()
-SCRIPT = '#!/bin/sh\necho "$1 ip=$ip subnet=$subnet serverid=$serverid lease=$lease router=$router" >> "$0.log"\n'
+SCRIPT = (
+    '#!/bin/sh\necho "$1 ip=$ip subnet=$subnet serverid=$serverid lease=$lease router=$router hostname=$hostname"'
+    ' >> "$0.log"\n'
+)
 
 
 def sh(*argv: str) -> str:
@@ -96,7 +99,8 @@ def test_a_guest_gets_its_nics_address_and_nothing_else(pair: Pair) -> None:
     pair.network.dhcp.serve(NIC)
     code, events = pair.udhcpc()
     assert code == 0, events
-    assert events[-1] == ("bound ip=10.50.1.7 subnet=255.255.255.0 serverid=10.50.1.1 lease=4294967295 router="), events
+    bound = "bound ip=10.50.1.7 subnet=255.255.255.0 serverid=10.50.1.1 lease=4294967295 router= hostname=web-7"
+    assert events[-1] == bound, events
     # a guest that asks for another address is offered its own, and bound to it
     code, events = pair.udhcpc("-r", "10.50.1.99")
     assert code == 0 and events[-1].startswith("bound ip=10.50.1.7 "), events

@@ -17,7 +17,7 @@ from ferryman.network.dhcp import (
     server_address,
 )
 
-NIC = NicSpec("n1", "acme-prod", 1000, "52:54:00:12:34:56", "10.50.1.7", "10.50.1.0/24")
+NIC = NicSpec("n1", "acme-prod", 1000, "52:54:00:12:34:56", "10.50.1.7", "10.50.1.0/24", hostname="web-1")
 MAC = bytes.fromhex("525400123456")
 
 
@@ -92,6 +92,7 @@ def _reply(frame: bytes) -> dict[str, object]:
         "server": str(ipaddress.IPv4Address(options[54])),
         "mask": str(ipaddress.IPv4Address(options[1])) if 1 in options else None,
         "lease": struct.unpack("!I", options[51])[0] if 51 in options else None,
+        "hostname": options[12].decode() if 12 in options else None,
         "length": len(bootp),
     }
 
@@ -102,7 +103,7 @@ def test_a_discover_is_offered_the_nics_address() -> None:
     got = _reply(frame)
     assert got["yiaddr"] == "10.50.1.7" and got["mask"] == "255.255.255.0" and got["lease"] == INFINITE_LEASE
     assert got["server"] == got["source"] == server_address(NIC) == "10.50.1.1"
-    assert got["kind"] == 2 and got["length"] >= 300
+    assert got["kind"] == 2 and got["length"] >= 300 and got["hostname"] == "web-1"
 
 
 @pytest.mark.parametrize(

@@ -142,9 +142,9 @@ class NetworkService:
         if not nics:
             return ()
         peers = underlay_peers(self.repo.list_hosts(), host, revoked_hosts(self.repo))
-        tenant = self.repo.get_vm(vm_id).tenant  # a NIC's network is of its VM's tenant
-        networks = {name: self.repo.get_network(name, tenant=tenant) for name in {n.network for n in nics}}
-        return tuple(nic_spec(nic, networks[nic.network], peers) for nic in nics)
+        vm = self.repo.get_vm(vm_id)  # a NIC's network is of its VM's tenant; its name is the guest's hostname
+        networks = {name: self.repo.get_network(name, tenant=vm.tenant) for name in {n.network for n in nics}}
+        return tuple(nic_spec(nic, networks[nic.network], peers, vm.name) for nic in nics)
 
     def check_applied(self, vm_id: str, host: str, applied: Sequence[NicState], *, record_host: bool) -> str:
         """Compare the rules ``host`` read back for the VM's NICs with the CMDB: a NIC without rules there, or with
@@ -220,7 +220,7 @@ def revoked_hosts(repo: Repository) -> set[str]:
     return {h.name for h in repo.list_hosts() if h.state is HostState.ENROLLED and h.name not in live}
 
 
-def nic_spec(nic: Nic, network: Network, peers: tuple[str, ...]) -> NicSpec:
+def nic_spec(nic: Nic, network: Network, peers: tuple[str, ...], hostname: str | None = None) -> NicSpec:
     return NicSpec(
         id=nic.id,
         network=network.name,
@@ -234,6 +234,7 @@ def nic_spec(nic: Nic, network: Network, peers: tuple[str, ...]) -> NicSpec:
         forensic_port=network.forensic_port,
         revision=nic.revision,
         peers=peers,
+        hostname=hostname,
     )
 
 

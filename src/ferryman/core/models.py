@@ -274,6 +274,7 @@ class NicSpec:
     forensic_port: int = 22
     revision: int = 1  # the NIC's rule revision: bumps on every change of what its rules allow
     peers: tuple[str, ...] = ()  # underlay addresses of the other hosts (VXLAN head-end replication)
+    hostname: str | None = None  # the VM's name, offered to the guest by DHCP (option 12)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ Ferryman allocated must reach it without a DHCP server on the tenant segment (wh
 starve, and which would need an address of the host on the segment). Each host answers its own NICs' requests on
 their taps, from the :class:`~ferryman.core.models.NicSpec` it already holds, as Neutron's and OVN's native DHCP do.
 
-What a reply says: the NIC's IPv4 address (``yiaddr``), the prefix's netmask, the prefix's first address as server
-identifier (IPAM keeps it for the network, no guest ever has it), and an infinite lease (the address is the NIC's for
-its life: nothing to renew, nothing to expire while the host that answered is gone). No router and no DNS: a tenant
-network has neither until an operator adds one.
+What a reply says: the NIC's IPv4 address (``yiaddr``), the prefix's netmask, the VM's name as its hostname, the
+prefix's first address as server identifier (IPAM keeps it for the network, no guest ever has it), and an infinite
+lease (the address is the NIC's for its life: nothing to renew, nothing to expire while the host that answered is
+gone). No router and no DNS: a tenant network has neither until an operator adds one.
 
 Which requests are answered: a DISCOVER gets an OFFER; a REQUEST for the NIC's own address (option 50 or ``ciaddr``)
 addressed to us or to no server gets an ACK; a REQUEST for any other address gets a NAK, so a guest that remembers an
@@ -188,6 +188,8 @@ def answer(request: DhcpRequest, nic: NicSpec) -> tuple[MessageType, bytes] | No
     if kind is not MessageType.NAK:
         yiaddr = ipaddress.IPv4Address(nic.ipv4).packed
         options += _option(51, struct.pack("!I", INFINITE_LEASE)) + _option(1, network.netmask.packed)
+        if nic.hostname:
+            options += _option(12, nic.hostname.encode("ascii"))
     options += b"\xff"
     bootp = _BOOTP.pack(
         2, 1, 6, 0, request.xid, 0, request.flags, bytes(4), yiaddr, bytes(4), bytes(4), request.chaddr, b"", b""

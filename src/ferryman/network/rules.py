@@ -35,7 +35,7 @@ import ipaddress
 import re
 
 from ferryman.core.errors import InvalidInput
-from ferryman.core.models import NicSpec
+from ferryman.core.models import NAME_RE, NicSpec
 
 __all__ = [
     "COUNTERS",
@@ -141,6 +141,8 @@ def check_nic(nic: NicSpec) -> NicSpec:
         raise InvalidInput(f"{where}: peers must be a tuple of IPv4 addresses")
     for peer in nic.peers:
         check_peer(peer)
+    if nic.hostname is not None and (not isinstance(nic.hostname, str) or not NAME_RE.match(nic.hostname)):
+        raise InvalidInput(f"{where}: bad hostname {nic.hostname!r}: a DNS label")
     return nic
 
 
