@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from ferryman.agent.network.dhcp import _BURST, _PER_SECOND, _Served
 from ferryman.core.models import NicSpec
 from ferryman.network.dhcp import (
     INFINITE_LEASE,
@@ -155,3 +156,13 @@ def test_other_messages_get_nothing(kind: int) -> None:
 )
 def test_malformed_frames_are_not_requests(frame: bytes) -> None:
     assert parse_request(frame) is None
+
+
+def test_replies_are_rate_limited_per_nic() -> None:
+    """A guest flooding requests gets a burst of answers, then as many as the rate refills, never more."""
+    served = _Served(NIC, sock=None, refilled=100.0)  # type: ignore[arg-type]
+    assert sum(served.allow(100.0) for _ in range(3 * _BURST)) == _BURST
+    assert served.limited == 2 * _BURST
+    assert sum(served.allow(101.0) for _ in range(3 * _BURST)) == int(_PER_SECOND)  # one second later
+    other = _Served(NIC, sock=None, refilled=101.0)  # type: ignore[arg-type]
+    assert other.allow(101.0)  # another NIC's bucket is its own
