@@ -79,6 +79,20 @@ def test_an_approval_is_decided_once_never_by_its_requester_and_used_once(repo: 
     assert [a.id for a in repo.list_approvals(state="used")] == [approval.id]
 
 
+def test_a_used_approval_is_returned_only_by_the_use_that_spent_it(repo: SqlRepository) -> None:
+    approval = repo.add_approval(request())
+    assert repo.decide_approval(approval.id, "approved", "bob", T0)
+    first = T0 + dt.timedelta(minutes=1)
+    assert not repo.return_approval(approval.id, first)  # not used yet: nothing to give back
+    assert repo.use_approval(approval.id, first)
+    assert not repo.return_approval(approval.id, first + dt.timedelta(seconds=1))  # another use's time
+    assert repo.return_approval(approval.id, first)
+    assert not repo.return_approval(approval.id, first)  # once
+    back = repo.get_approval(approval.id)
+    assert (back.state, back.used_at, back.decided_by) == ("approved", None, "bob")
+    assert repo.use_approval(approval.id, first + dt.timedelta(minutes=1))
+
+
 def test_nothing_is_decided_or_used_after_it_expired(repo: SqlRepository) -> None:
     late = repo.add_approval(request(minutes=5))
     assert not repo.decide_approval(late.id, "approved", "bob", T0 + dt.timedelta(minutes=5))

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ferryman.cmdb.schema import approvals
+from ferryman.core.models import VMState
 
 from .conftest import World
 
@@ -63,8 +64,16 @@ def test_a_single_use_approval_is_used_once_and_a_denied_one_never(world: World)
     body = {"reason": "tenant left"}
     approval = _asked(world.client.post(url, json=body, headers=world.headers(OFFICER)))
     assert world.client.post(f"/api/v1/approvals/{approval}/approve", headers=world.headers(ADMIN)).status_code == 200
+    failed = world.client.post(url, json=body, headers=world.headers(OFFICER, approval))
+    assert failed.status_code == 409 and "stop it" in failed.json()["detail"]  # through the rule; the VM is running
+    # what was approved did not happen: the approval is given back, audited, and serves the repeated request
+    assert world.fleet.repo.get_approval(approval).state == "approved"
+    returned = world.fleet.repo.list_events(kind_prefix="approval.returned", limit=10)
+    assert [e.data.get("approval") for e in returned] == [approval] and "stop it" in returned[0].message
+    world.fleet.repo.set_vm_state("id-acme-web", VMState.STOPPED)
     used = world.client.post(url, json=body, headers=world.headers(OFFICER, approval))
-    assert used.status_code == 409 and "stop it" in used.json()["detail"]  # through the rule; the VM is running
+    assert used.status_code == 200, used.text
+    assert world.fleet.repo.get_approval(approval).state == "used"
     again = world.client.post(url, json=body, headers=world.headers(OFFICER, approval))
     assert again.status_code == 403 and "used already" in again.json()["detail"]
     denied = _asked(world.client.post(url, json=body, headers=world.headers(OFFICER)))

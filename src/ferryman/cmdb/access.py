@@ -84,3 +84,7 @@ class AccessRepository(Protocol):
     def use_approval(self, approval_id: int, at: dt.datetime) -> bool:
         """``approved`` → ``used`` if unexpired at ``at``; False if none matched."""
         ...
+
+    def return_approval(self, approval_id: int, used_at: dt.datetime) -> bool:
+        """``used`` at ``used_at`` → ``approved`` again (the request it was used for failed); False if none matched."""
+        ...

@@ -136,3 +136,13 @@ class SqlAccessMixin(SqlBase):
                 .values(state="used", used_at=at)
             )
         return done.rowcount > 0
+
+    def return_approval(self, approval_id: int, used_at: dt.datetime) -> bool:
+        used_at = _utc(used_at)
+        with self._write() as conn:
+            done = conn.execute(
+                sa.update(approvals)
+                .where(approvals.c.id == approval_id, approvals.c.state == "used", approvals.c.used_at == used_at)
+                .values(state="approved", used_at=None)
+            )
+        return done.rowcount > 0

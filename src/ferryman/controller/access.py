@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -69,6 +69,8 @@ class Principal:
     tenant: str | None = None
     approval: int | None = None  # the approval the request presents (X-Ferryman-Approval)
     token_id: str | None = None  # the API token it authenticated with
+    # the single-use approvals this request used, with when: returned if the request fails
+    spent: list[tuple[int, dt.datetime]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -494,6 +496,8 @@ class AccessControl:
             problem = f"approval {record.id} was granted by {record.decided_by}, who is disabled since"
         elif record.single_use and not self.repo.use_approval(record.id, now):
             problem = f"approval {record.id} has been used already"
+        elif record.single_use:
+            who.spent.append((record.id, now))
         if problem is not None:
             self.audit("approval.refused", problem, who.name, severity=Severity.WARNING, approval=record.id)
             raise errors.Forbidden(problem)
@@ -505,6 +509,20 @@ class AccessControl:
             severity=Severity.WARNING,
             approval=record.id,
         )
+
+    def return_spent(self, who: Principal, failure: BaseException) -> None:
+        """Give back the single-use approvals a request used when the request failed: what was approved did not
+        happen, and the requester may repeat it with the same approval while it lasts."""
+        why = getattr(failure, "detail", None) or str(failure) or type(failure).__name__
+        while who.spent:
+            approval, used_at = who.spent.pop()
+            if self.repo.return_approval(approval, used_at):
+                self.audit(
+                    "approval.returned",
+                    f"approval {approval} of {who.id} is usable again: the request it was used for failed ({why})",
+                    who.name,
+                    approval=approval,
+                )
 
     def _still_active(self, name: str | None) -> bool:
         try:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import structlog
@@ -154,11 +154,11 @@ def create_app(
     return app
 
 
-def _authenticated(access: AccessControl) -> Callable[[Request], Awaitable[Principal]]:
+def _authenticated(access: AccessControl) -> Callable[[Request], AsyncIterator[Principal]]:
     """The dependency every API route takes: the caller, authenticated by its API token and allowed by Cedar to do
-    what the route does."""
+    what the route does. A single-use approval the request used is given back if the request fails."""
 
-    async def person(request: Request) -> Principal:
+    async def person(request: Request) -> AsyncIterator[Principal]:
         """The caller, authenticated by its API token and allowed by Cedar to do what this route does."""
         route = request.scope.get("route")
         rule = RULES.get((request.method, getattr(route, "path", "")))
@@ -180,7 +180,12 @@ def _authenticated(access: AccessControl) -> Callable[[Request], Awaitable[Princ
         if resource.kind == "Vm" and resource.key is not None and where == "path":
             # the route acts on the VM that was decided on: a name resolves in the caller's tenant, an id anywhere
             request.scope["path_params"][param] = resource.key
-        return who
+        try:
+            yield who
+        except BaseException as failure:
+            if who.spent:
+                await run_in_threadpool(access.return_spent, who, failure)
+            raise
 
     def _admit(
         header: str, approval: str | None, rule: Rule | None, params: dict[str, str], query: dict[str, str], body: Any
