@@ -150,6 +150,12 @@ def test_vm_names_are_unique_per_tenant(fleet: SqlRepository) -> None:
         fleet.get_vm("g-web", tenant="acme")
     with pytest.raises(NotFound):
         fleet.get_vm("web", tenant="initech")
+    # tenant/name: that tenant's VM; never another tenant's, whatever the caller's tenant
+    assert fleet.get_vm("globex/web") == globex
+    assert fleet.get_vm("acme/web", tenant="acme") == acme
+    for asked, tenant in (("globex/web", "acme"), ("initech/web", None), ("acme/g-web", None)):
+        with pytest.raises(NotFound, match=f"VM '{asked}' not found"):
+            fleet.get_vm(asked, tenant=tenant)
     with pytest.raises(Conflict, match="tenant 'acme' has a VM named 'web' already"):
         fleet.add_vm(make_vm("web", vm_id="a-web-2"), "h1", at(1))
     fleet.delete_vm("g-web", at(2))

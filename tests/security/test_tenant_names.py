@@ -58,11 +58,52 @@ def test_a_fleet_wide_principal_is_told_the_name_is_ambiguous(world: World) -> N
     out = _get(world, "/api/v1/vms/web", ADMIN)
     assert out.status_code == 400, out.text
     detail = out.json()["detail"]
-    assert "acme (id-acme-w)" in detail and "globex (id-globex-w)" in detail and "by id" in detail
+    assert "acme (id-acme-w)" in detail and "globex (id-globex-w)" in detail and "tenant/name or by id" in detail
     events = _get(world, "/api/v1/events", ADMIN, vm="web")
     assert events.status_code == 400, events.text
     by_id = _get(world, "/api/v1/vms/id-globex-w", ADMIN)
     assert by_id.status_code == 200 and by_id.json()["tenant"] == "globex", by_id.text
+
+
+def test_a_fleet_wide_principal_names_one_tenants_vm_as_tenant_slash_name(world: World) -> None:
+    """``ferryman vm show globex/web``: the CLI asks for ``web`` in tenant globex; a body or query field may say
+    ``globex/web`` itself. A tenant that has no VM of that name is a 404, never another tenant's VM."""
+    _same_name_in_both(world)
+    shown = _get(world, "/api/v1/vms/web", ADMIN, tenant="globex")
+    assert shown.status_code == 200 and shown.json()["id"] == "id-globex-w", shown.text
+    history = _get(world, "/api/v1/vms/web/history", ADMIN, tenant="acme")
+    assert history.status_code == 200 and {p["vm_id"] for p in history.json()} == {"id-acme-w"}, history.text
+    events = _get(world, "/api/v1/events", ADMIN, vm="globex/web")
+    assert events.status_code == 200 and {e["vm"] for e in events.json()} == {"id-globex-w"}, events.text
+    for tenant, name in (("initech", "web"), ("acme", "globex-db")):
+        missing = _get(world, f"/api/v1/vms/{name}", ADMIN, tenant=tenant)
+        assert missing.status_code == 404 and missing.json()["detail"] == f"VM '{tenant}/{name}' not found"
+    assert _get(world, "/api/v1/events", ADMIN, vm="acme/globex-db").status_code == 404
+    stopped = world.client.post("/api/v1/vms/web/stop", params={"tenant": "nobody"}, headers=world.headers(ADMIN))
+    assert stopped.status_code == 404, stopped.text
+    assert {v.state for v in world.fleet.repo.list_vms() if v.name == "web"} == {VMState.RUNNING}
+
+
+def test_a_tenant_naming_another_tenant_learns_nothing(world: World) -> None:
+    """acme asking for globex's web, by path and tenant or as ``globex/web``, gets the answer a VM that does not
+    exist gets, word for word; the attempt on a VM that exists is an audited denial."""
+    _same_name_in_both(world)
+    denied_before = len(world.fleet.repo.list_events(kind_prefix="authz.denied"))
+    for role in (TENANT, VIEWER):
+        there = _get(world, "/api/v1/vms/web", role, tenant="globex")
+        absent = _get(world, "/api/v1/vms/nothere", role, tenant="globex")
+        assert (there.status_code, absent.status_code) == (404, 404), there.text
+        assert there.json()["detail"].replace("web", "X") == absent.json()["detail"].replace("nothere", "X")
+        assert "id-globex" not in there.text
+        for vm in ("globex/web", "globex/nothere"):
+            out = _get(world, "/api/v1/events", role, vm=vm)
+            assert out.status_code == 404 and out.json()["detail"] == f"VM {vm!r} not found", out.text
+        own = _get(world, "/api/v1/vms/web", role, tenant="acme")
+        assert own.status_code == 200 and own.json()["id"] == "id-acme-w", own.text
+    denials = world.fleet.repo.list_events(kind_prefix="authz.denied")
+    # per role: the path and the events of globex/web (denied on globex's VM), the events of globex/nothere
+    assert len(denials) - denied_before == 6
+    assert {d.data.get("tenant") for d in denials[:6]} == {"globex", None}
 
 
 def test_another_tenants_vm_by_id_is_not_found_and_audited(world: World) -> None:
@@ -106,8 +147,13 @@ def test_network_names_are_a_tenants_own_too(world: World) -> None:
     again = world.client.post("/api/v1/networks", json=body, headers=world.headers(TENANT))
     assert again.status_code == 409 and "globex" not in again.text.replace("globex-net", ""), again.text
     for role in (TENANT, VIEWER):
-        mine = _get(world, "/api/v1/networks/globex-net", role, tenant="globex")  # asking for globex's: still ours
+        mine = _get(world, "/api/v1/networks/globex-net", role)
         assert mine.status_code == 200 and mine.json()["tenant"] == "acme", mine.text
+        # asking for globex's by name: the answer a network that does not exist gets
+        theirs = _get(world, "/api/v1/networks/globex-net", role, tenant="globex")
+        absent = _get(world, "/api/v1/networks/nothere", role, tenant="globex")
+        assert (theirs.status_code, absent.status_code) == (404, 404), theirs.text
+        assert theirs.json()["detail"].replace("globex-net", "X") == absent.json()["detail"].replace("nothere", "X")
     ambiguous = _get(world, "/api/v1/networks/globex-net", ADMIN)
     assert ambiguous.status_code == 400 and "--tenant" in ambiguous.json()["detail"], ambiguous.text
     theirs = _get(world, "/api/v1/networks/globex-net", ADMIN, tenant="globex")

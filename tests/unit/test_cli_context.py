@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ferryman.cli.context import api, parse_profile
+from ferryman.cli.context import api, parse_profile, vm_path
 from ferryman.client import CliError
 
 
@@ -43,3 +43,14 @@ def test_api_without_configuration_is_a_cli_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FERRYMAN_LAB_DIR", str(tmp_path))
     with pytest.raises(CliError, match="no controller configured"):
         api()
+
+
+def test_vm_path_names_a_vm_by_id_name_or_tenant_slash_name():
+    """``tenant/name`` becomes the name in the path and the tenant as a query; anything else stays one path
+    segment, so a name can never reach another route."""
+    assert vm_path("web") == "/api/v1/vms/web"
+    assert vm_path("acme/web", "/stop") == "/api/v1/vms/web/stop?tenant=acme"
+    assert vm_path("web?x=1", "/history") == "/api/v1/vms/web%3Fx%3D1/history"
+    for bad in ("acme/", "/web", "a/b/c", ""):
+        with pytest.raises(CliError, match="tenant/name"):
+            vm_path(bad)

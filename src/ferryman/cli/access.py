@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api
+from ferryman.cli.context import Json, api, vm_path
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import CliError
 
@@ -220,7 +220,7 @@ Reason = Annotated[str, typer.Option("--reason", help="what changed, for the aud
 
 def vm_baseline(name: str, reason: Reason, json_: Json = False) -> None:
     """Record a new security baseline (guest patched, credentials rotated): older snapshots need approval."""
-    out = api().post(f"/api/v1/vms/{name}/baseline", {"reason": reason})
+    out = api().post(vm_path(name, "/baseline"), {"reason": reason})
     if json_:
         emit_json(out)
     else:
@@ -231,7 +231,7 @@ def vm_baseline(name: str, reason: Reason, json_: Json = False) -> None:
 
 def vm_remediated(name: str, reason: Reason, json_: Json = False) -> None:
     """Mark a VM remediated after a restore below its baseline (it leaves the compliance violations)."""
-    out = api().post(f"/api/v1/vms/{name}/remediated", {"reason": reason})
+    out = api().post(vm_path(name, "/remediated"), {"reason": reason})
     if json_:
         emit_json(out)
     else:
@@ -249,7 +249,7 @@ def vm_destroy_keys(
         if not sys.stdin.isatty():
             raise CliError("destroying the disk keys makes the VM's disks unreadable for good: pass --yes to confirm")
         typer.confirm(f"Destroy every disk key of {name}? Its disks become unreadable for good.", abort=True)
-    out = api().post(f"/api/v1/vms/{name}/keys/destroy", {"reason": reason})
+    out = api().post(vm_path(name, "/keys/destroy"), {"reason": reason})
     if json_:
         emit_json(out)
     else:

@@ -8,6 +8,7 @@ builds a client from the configuration, the first request connects.
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote, urlencode
 
 import typer
 
@@ -19,6 +20,17 @@ Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a tabl
 def api() -> Api:
     """A client for the controller named by the environment or the config file (see :class:`CliConfig`)."""
     return Api(CliConfig.load())
+
+
+def vm_path(ref: str, rest: str = "") -> str:
+    """The API path of the VM ``ref`` names: its id, its name (in the caller's tenant, or the one live VM of that
+    name), or ``tenant/name`` (what an operator writes when several tenants have a VM of that name); ``rest`` is the
+    sub-resource (``/stop``)."""
+    tenant, sep, name = ref.rpartition("/")
+    if not name or (sep and not tenant) or "/" in tenant:
+        raise CliError(f"bad VM {ref!r}: name it by its id, its name or tenant/name")
+    path = f"/api/v1/vms/{quote(name, safe='')}{rest}"
+    return f"{path}?{urlencode({'tenant': tenant})}" if sep else path
 
 
 def parse_profile(items: list[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api, parse_profile
+from ferryman.cli.context import Json, api, parse_profile, vm_path
 from ferryman.cli.migrate import follow, migrate_vm, summary
 from ferryman.cli.networks import NIC_COLUMNS, nic_rows
 from ferryman.cli.output import emit_json, fields, short_time, table
@@ -307,7 +307,7 @@ def vm_list(
 @vm_app.command("show")
 def vm_show(name: str, json_: Json = False) -> None:
     """Show a VM: host, since when, generation, its neighbours now."""
-    vm = api().get(f"/api/v1/vms/{name}")
+    vm = api().get(vm_path(name))
     if json_:
         return emit_json(vm)
     fields(
@@ -336,7 +336,7 @@ def vm_show(name: str, json_: Json = False) -> None:
 
 
 def _action(name: str, action: str) -> None:
-    vm = api().post(f"/api/v1/vms/{name}/{action}")
+    vm = api().post(vm_path(name, f"/{action}"))
     print(f"{vm['name']} is {vm['state']} on {vm['host']}")
 
 
@@ -367,14 +367,14 @@ def vm_resume(name: str) -> None:
 @vm_app.command("delete")
 def vm_delete(name: str) -> None:
     """Destroy a VM and remove its files from its host."""
-    vm = api().delete(f"/api/v1/vms/{name}")
+    vm = api().delete(vm_path(name))
     print(f"{vm['name']} deleted")
 
 
 @vm_app.command("history")
 def vm_history(name: str, json_: Json = False) -> None:
     """Every host a VM ever ran on, with times."""
-    items = api().get(f"/api/v1/vms/{name}/history")
+    items = api().get(vm_path(name, "/history"))
     if json_:
         return emit_json(items)
     table(
@@ -387,7 +387,7 @@ def vm_history(name: str, json_: Json = False) -> None:
 @vm_app.command("keys")
 def vm_keys(name: str, json_: Json = False) -> None:
     """The disk keys of an encrypted VM's copies: host, generation, and when each was made and destroyed."""
-    items = api().get(f"/api/v1/vms/{name}/keys")
+    items = api().get(vm_path(name, "/keys"))
     if json_:
         return emit_json(items)
     table(
@@ -427,7 +427,7 @@ def vm_migrate(
 @vm_app.command("snapshots")
 def vm_snapshots(name: str, json_: Json = False) -> None:
     """The VM's pre-migration disk snapshots on its host (kept after a rollback; scrubbed after a migration)."""
-    items = api().get(f"/api/v1/vms/{name}/snapshots")
+    items = api().get(vm_path(name, "/snapshots"))
     if json_:
         return emit_json(items)
     table(
@@ -449,7 +449,7 @@ def vm_restore(
         if not sys.stdin.isatty():
             raise CliError("restore discards the VM's current disks: pass --yes to confirm")
         typer.confirm(f"Restore {name} from {tag or 'its newest snapshot'}, discarding its current disks?", abort=True)
-    result = api().post(f"/api/v1/vms/{name}/restore", {"tag": tag})
+    result = api().post(vm_path(name, "/restore"), {"tag": tag})
     if json_:
         return emit_json(result)
     print(f"{result['vm']} restored on {result['host']} from {result['tag']} (taken {short_time(result['taken_at'])})")

@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ferryman.cli.context import api as _api
+from ferryman.cli.context import vm_path
 from ferryman.cli.output import console, emit_json, fields, short_time, table
 from ferryman.client import Api, CliError
 
@@ -90,7 +91,7 @@ def migrate_vm(
 ) -> None:
     api = _api()
     body = {"to": to, "shared_storage": shared_storage, "bandwidth_mib_s": bandwidth, "force": force}
-    m = api.post(f"/api/v1/vms/{name}/migrate", body)
+    m = api.post(vm_path(name, "/migrate"), body)
     if wait:
         m = follow(api, m["id"], timeout, quiet=json_)
     if json_:

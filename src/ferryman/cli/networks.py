@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api
+from ferryman.cli.context import Json, api, vm_path
 from ferryman.cli.output import emit_json, fields, short_time, table
 
 network_app = typer.Typer(no_args_is_help=True, help="Tenant networks (overlay segments, addresses, NIC rules).")
@@ -100,7 +100,7 @@ def vm_nics(
     json_: Json = False,
 ) -> None:
     """A VM's NICs: network, MAC, addresses, tap, rules hash and where it was verified (--live: as read now)."""
-    nics = api().get(f"/api/v1/vms/{name}/nics", live=live or None)
+    nics = api().get(vm_path(name, "/nics"), live=live or None)
     if json_:
         return emit_json(nics)
     table(None, NIC_COLUMNS, nic_rows(nics))
@@ -125,7 +125,7 @@ def vm_unisolate(name: str, json_: Json = False) -> None:
 
 
 def _isolation(name: str, verb: str, json_: bool) -> None:
-    out = api().post(f"/api/v1/vms/{name}/{verb}")
+    out = api().post(vm_path(name, f"/{verb}"))
     if json_:
         return emit_json(out)
     state = "isolated" if out["isolated"] else "no longer isolated"

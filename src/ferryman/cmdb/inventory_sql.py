@@ -237,7 +237,13 @@ class SqlInventoryMixin(SqlBase):
 
         Names are unique within a tenant only: ``tenant`` resolves a name (and admits an id) in that tenant alone, so
         another tenant's VM is not found; without it, a name that live VMs of several tenants carry is ambiguous
-        (InvalidInput naming each by tenant and id)."""
+        (InvalidInput naming each by tenant and id). ``tenant/name`` names that tenant's VM of that name."""
+        asked = name_or_id
+        scope, slash, name = name_or_id.partition("/")
+        if slash:  # ``tenant/name``: that tenant's VM of that name
+            if tenant is not None and scope != tenant:
+                raise NotFound(f"VM {asked!r} not found")
+            tenant, name_or_id = scope, name
         own = [] if tenant is None else [vms.c.tenant == tenant]
         with self._read() as conn:
             row = conn.execute(sa.select(vms).where(vms.c.id == name_or_id, *own)).first()
@@ -246,12 +252,14 @@ class SqlInventoryMixin(SqlBase):
                 live = conn.execute(named.where(vms.c.state != VMState.DELETED.value).order_by(vms.c.tenant)).all()
                 if len(live) > 1:
                     which = ", ".join(f"{r.tenant} ({r.id})" for r in live)
-                    raise InvalidInput(f"VM name {name_or_id!r} is used in several tenants: {which}; name it by id")
+                    raise InvalidInput(
+                        f"VM name {name_or_id!r} is used in several tenants: {which}; name it as tenant/name or by id"
+                    )
                 row = live[0] if live else None
             if row is None:
                 row = conn.execute(named.order_by(vms.c.deleted_at.desc(), vms.c.created_at.desc()).limit(1)).first()
         if row is None:
-            raise NotFound(f"VM {name_or_id!r} not found")
+            raise NotFound(f"VM {asked!r} not found")
         return _vm(row)
 
     def list_vms(self, *, include_deleted: bool = False) -> list[VM]:

@@ -40,6 +40,7 @@ from ferryman.core.models import Severity, check_name
 from ferryman.security.authz import (
     FLEET,
     ROLES,
+    TENANT_NAMED,
     TENANT_ROLES,
     Authoriser,
     PolicySource,
@@ -384,30 +385,39 @@ class AccessControl:
             return Resource(rule.kind)  # the route's own validation says what is missing
         if rule.kind not in TENANT_KINDS:
             return Resource(rule.kind, ident)
-        scope = who.tenant or (query.get("tenant") if rule.kind == "Network" else None)
+        # a VM or network in the path may be named in a tenant the request names (``?tenant=``, what the CLI sends
+        # for ``tenant/name``): looked up there alone; else in the caller's own tenant first
+        named = query.get("tenant") if where == "path" and rule.kind in TENANT_NAMED else None
+        asked = f"{named}/{ident}" if named else ident
         try:
-            resource = self._canonical(rule.kind, ident, scope)
+            if named:
+                resource = self._canonical(rule.kind, ident, named, strict=True)
+            else:
+                resource = self._canonical(rule.kind, ident, who.tenant)
         except (errors.NotFound, errors.InvalidInput):
-            if who.tenant is not None:
-                raise not_found(rule.kind, ident) from None
+            if who.tenant is not None or named:
+                # the route would look the name up without the tenant, and might find another tenant's
+                raise not_found(rule.kind, asked) from None
             return Resource(rule.kind, ident)  # the route says what is missing, in its own words
         if who.tenant is not None and resource.tenant != who.tenant:
             # audited, and a 404 unless a policy allows it
-            self.authorise(who, rule.action, resource, hidden=True, asked=ident)
+            self.authorise(who, rule.action, resource, hidden=True, asked=asked)
         return resource
 
-    def _canonical(self, kind: str, ident: str, tenant: str | None) -> Resource:
+    def _canonical(self, kind: str, ident: str, tenant: str | None, *, strict: bool = False) -> Resource:
         """The resource as the route will find it, however the request spelled it (a VM by its id or its name, an
         incident id with a sign or a fraction), named canonically, with its tenant: what Cedar decides on is what
         the route acts on. A VM's or network's name is looked up in the caller's tenant first (names are unique per
-        tenant); a tenant's principal naming what only another tenant has reaches the audited denial below."""
+        tenant); a tenant's principal naming what only another tenant has reaches the audited denial below.
+        ``strict`` looks in ``tenant`` alone."""
         if kind == "Tenant":
             return Resource(kind, ident, ident)
         if kind == "Vm":
-            vm = _tenant_first(self.repo.get_vm, ident, tenant)
+            vm = self.repo.get_vm(ident, tenant=tenant) if strict else _tenant_first(self.repo.get_vm, ident, tenant)
             return Resource(kind, vm.name, vm.tenant, key=vm.id)
         if kind == "Network":
-            network = _tenant_first(self.repo.get_network, ident, tenant)
+            get = self.repo.get_network
+            network = get(ident, tenant=tenant) if strict else _tenant_first(get, ident, tenant)
             return Resource(kind, network.name, network.tenant)
         try:
             number = INT_ID.validate_python(ident)
