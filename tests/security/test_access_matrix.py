@@ -241,6 +241,17 @@ def test_a_tenant_learns_nothing_of_another_tenant(world: World) -> None:
     assert other.replace("globex-db", "X") == missing.replace("no-such-vm", "X")
     events = world.client.get("/api/v1/events", headers=headers).json()
     assert events and {e["vm"] for e in events} == {"id-acme-web"}
+    # the audit log's entry numbers are fleet-wide: the gaps between acme's would count everyone else's events
+    assert {e["id"] for e in events} == {None} and {e["principal"] for e in events} == {""}
+    # segment ids are allocated in sequence across the fleet: one would count every tenant's networks
+    made = world.client.post(
+        "/api/v1/networks", json={"name": "lan", "tenant": "acme", "cidr": "10.9.0.0/24"}, headers=headers
+    )
+    shown = [made.json(), *world.client.get("/api/v1/networks", headers=headers).json()]
+    shown.append(world.client.get("/api/v1/networks/lan", headers=headers).json())
+    assert made.status_code == 201 and len(shown) == 4 and not any("vni" in n or "vlan" in n for n in shown), shown
+    admin = world.client.get("/api/v1/networks/lan", params={"tenant": "acme"}, headers=world.headers(F))
+    assert isinstance(admin.json()["vni"], int), admin.text
 
 
 def test_a_disabled_principal_or_a_revoked_token_authenticates_no_more(world: World) -> None:

@@ -52,7 +52,8 @@ def network_create(
     created = api().post("/api/v1/networks", body)
     if json_:
         return emit_json(created)
-    print(f"network {created['name']} for {created['tenant']}: {created['cidr']} on segment {created['vni']}")
+    segment = f" on segment {created['vni']}" if "vni" in created else ""  # a tenant's principal is not told
+    print(f"network {created['name']} for {created['tenant']}: {created['cidr']}{segment}")
 
 
 @network_app.command("list")
@@ -61,7 +62,7 @@ def network_list(tenant: Annotated[str | None, typer.Option()] = None, json_: Js
     nets = api().get("/api/v1/networks", tenant=tenant)
     if json_:
         return emit_json(nets)
-    rows = [[n["name"], n["tenant"], n["cidr"], n.get("cidr6") or "-", n["vni"], n["members"]] for n in nets]
+    rows = [[n["name"], n["tenant"], n["cidr"], n.get("cidr6") or "-", n.get("vni", "-"), n["members"]] for n in nets]
     table(None, ["NETWORK", "TENANT", "CIDR", "CIDR6", "SEGMENT", "NICS"], rows)
 
 
@@ -81,7 +82,12 @@ def network_show(
             ("tenant", net["tenant"]),
             ("cidr", net["cidr"]),
             ("cidr6", net.get("cidr6") or "-"),
-            ("segment", f"VNI {net['vni']}" + (f" (VLAN {net['vlan']} asked)" if net.get("vlan") else "")),
+            (
+                "segment",
+                f"VNI {net['vni']}" + (f" (VLAN {net['vlan']} asked)" if net.get("vlan") else "")
+                if "vni" in net
+                else "-",
+            ),
             ("forensic port", net["forensic_port"]),
             ("rule format", f"v{net['rules_format']} (each NIC has its own revision)"),
             ("hosts", ", ".join(net["hosts"]) or "-"),

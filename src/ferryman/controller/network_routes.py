@@ -31,7 +31,9 @@ class NetworkIn(BaseModel):
     forensic_port: int = 22
 
 
-def network_out(network: Network, members: int | None = None) -> dict[str, Any]:
+def network_out(network: Network, members: int | None = None, *, tenant_view: bool = False) -> dict[str, Any]:
+    """A network as the API shows it. A tenant's principal does not see its segment id: the fleet allocates them in
+    sequence, so one would count every tenant's networks."""
     out: dict[str, Any] = {
         "name": network.name,
         "tenant": network.tenant,
@@ -45,11 +47,13 @@ def network_out(network: Network, members: int | None = None) -> dict[str, Any]:
     }
     if members is not None:
         out["members"] = members
+    if tenant_view:
+        del out["vni"], out["vlan"]
     return out
 
 
-def view_out(view: NetworkView) -> dict[str, Any]:
-    return network_out(view.network, len(view.members)) | {
+def view_out(view: NetworkView, *, tenant_view: bool = False) -> dict[str, Any]:
+    return network_out(view.network, len(view.members), tenant_view=tenant_view) | {
         "hosts": view.hosts,
         "nics": [s.NicOut.of(m.nic).model_dump(mode="json") | {"vm": m.vm_name, "host": m.host} for m in view.members],
     }
@@ -77,7 +81,7 @@ def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person:
             vlan=body.vlan,
             forensic_port=body.forensic_port,
         )
-        return network_out(network, 0)
+        return network_out(network, 0, tenant_view=who.tenant is not None)
 
     @app.get("/api/v1/networks")
     def list_networks(who: Person, tenant: str | None = None) -> list[dict[str, Any]]:
@@ -85,12 +89,13 @@ def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person:
             if tenant not in (None, who.tenant):
                 return []
             tenant = who.tenant
-        return [network_out(n, len(fleet.repo.nics_on(n))) for n in fleet.repo.list_networks(tenant)]
+        mine = who.tenant is not None
+        return [network_out(n, len(fleet.repo.nics_on(n)), tenant_view=mine) for n in fleet.repo.list_networks(tenant)]
 
     @app.get("/api/v1/networks/{name}")
     def show_network(name: str, who: Person, tenant: str | None = None) -> dict[str, Any]:
         """A network name is its tenant's own: a tenant's principal finds its own; anyone else may say whose."""
-        return view_out(networks.view(name, who.tenant or tenant))
+        return view_out(networks.view(name, who.tenant or tenant), tenant_view=who.tenant is not None)
 
     @app.get("/api/v1/vms/{name}/nics")
     async def vm_nics(name: str, _: Person, live: bool = False) -> list[dict[str, Any]]:
