@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -45,7 +46,7 @@ T = TypeVar("T")
 class AgentClient(Protocol):
     async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R: ...
     async def fetch(
-        self, host: Host, path: str, receive: Callable[[AsyncIterator[bytes]], Awaitable[T]], *, limit_s: float = 3600
+        self, host: Host, path: str, receive: Callable[[Iterator[bytes]], T], *, limit_s: float = 3600
     ) -> T: ...
     async def create_vm(self, host: Host, spec: VMSpec, lease: str, key: bytes | None = None) -> VMRuntime: ...
     async def vm_action(
@@ -82,11 +83,17 @@ class HttpAgentClient:
     ) -> None:
         self._ctx: ssl.SSLContext = client_context(ca, cert, key, check_hostname=True)
         self._client = httpx.AsyncClient(verify=self._ctx, timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._blocking: httpx.Client | None = None  # for bulk downloads in worker threads, made on first use
+        self._blocking_lock = threading.Lock()
         self._is_revoked = is_revoked
         self._clock = clock
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        with self._blocking_lock:
+            blocking, self._blocking = self._blocking, None
+        if blocking is not None:
+            await asyncio.to_thread(blocking.close)
 
     async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R:
         """Send ``request`` about ``target`` (a VM or migration id) to ``host``'s agent and read its typed answer.
@@ -156,24 +163,34 @@ class HttpAgentClient:
             raise errors.HypervisorError(f"{host.name}: malformed answer to an image upload: {err}") from err
 
     async def fetch(
-        self, host: Host, path: str, receive: Callable[[AsyncIterator[bytes]], Awaitable[T]], *, limit_s: float = 3600
+        self, host: Host, path: str, receive: Callable[[Iterator[bytes]], T], *, limit_s: float = 3600
     ) -> T:
-        """Stream the body of ``GET path`` from ``host``'s agent into ``receive`` (its answer is returned)."""
+        """Stream the body of ``GET path`` from ``host``'s agent into ``receive`` (its answer is returned).
+
+        The whole transfer, ``receive`` included, runs in a worker thread on a blocking client: TLS on the event
+        loop reads through memory BIOs and carried about half the rate of a blocking socket here (128 against 250
+        MiB/s from the same agent), and the loop stays free for migrations while evidence moves."""
+        return await asyncio.to_thread(self._fetch_blocking, host, path, receive, limit_s)
+
+    def _fetch_blocking(self, host: Host, path: str, receive: Callable[[Iterator[bytes]], T], limit_s: float) -> T:
+        with self._blocking_lock:
+            if self._blocking is None:
+                self._blocking = httpx.Client(verify=self._ctx)
+            client = self._blocking
         try:
-            async with self._client.stream(
-                "GET", f"{host.agent_url}{path}", timeout=httpx.Timeout(limit_s, connect=5.0)
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                self._checked(host, response)
-                return await receive(response.aiter_bytes(4 << 20))
+            with client.stream("GET", f"{host.agent_url}{path}", timeout=httpx.Timeout(limit_s, connect=5.0)) as got:
+                if got.status_code >= 400:
+                    got.read()
+                self._checked(host, got)
+                return receive(got.iter_bytes())
         except httpx.TransportError as err:
             raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
 
     def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        # an SSLObject (the event loop's streams) or the C object under a blocking SSLSocket: both take it positionally
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
         if der is None:
             raise errors.Forbidden(f"agent of {host.name} presented no certificate")
         check_peer(der, expected_role="host", expected_name=host.name, is_revoked=self._is_revoked, clock=self._clock)

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class EvidenceStore:
             raise InvalidInput(f"bad evidence name {capture}/{artefact}")
         return self.root / capture / f"{artefact}.sealed"
 
-    async def receive(self, capture: str, artefact: str, chunks: AsyncIterator[bytes], expected_sha256: str) -> int:
+    def receive(self, capture: str, artefact: str, chunks: Iterable[bytes], expected_sha256: str) -> int:
         """Write the sealed bytes of one artefact as they stream in; StorageError (and nothing kept) unless they hash
         to ``expected_sha256``. The bytes written."""
         path = self.path(capture, artefact)
@@ -112,7 +112,7 @@ class EvidenceStore:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
+                for chunk in chunks:
                     digest.update(chunk)
                     size += len(chunk)
                     out.write(chunk)

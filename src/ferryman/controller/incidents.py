@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -345,8 +345,8 @@ class IncidentService:
     async def _fetch(self, host: Host, capture_id: str, item: wf.CapturedArtefact) -> None:
         path = wf.FETCH_PATH.format(capture=capture_id, artefact=item.artefact)
 
-        async def receive(chunks: AsyncIterator[bytes]) -> int:
-            return await self.store.receive(capture_id, item.artefact, chunks, item.sealed_sha256)
+        def receive(chunks: Iterator[bytes]) -> int:  # in the fetch's worker thread
+            return self.store.receive(capture_id, item.artefact, chunks, item.sealed_sha256)
 
         await self.fleet.agents.fetch(host, path, receive)
 
