@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -348,11 +349,24 @@ class IncidentService:
         def receive(chunks: Iterator[bytes]) -> int:  # in the fetch's worker thread
             return self.store.receive(capture_id, item.artefact, chunks, item.sealed_sha256)
 
-        await self.fleet.agents.fetch(host, path, receive)
+        began = time.monotonic()
+        size = await self.fleet.agents.fetch(host, path, receive)
+        took = time.monotonic() - began
+        log.info(
+            "evidence fetched",
+            capture=capture_id,
+            artefact=item.artefact,
+            host=host.name,
+            bytes=size,
+            seconds=round(took, 3),
+            mib_s=round(size / (1 << 20) / max(took, 1e-6), 1),
+        )
 
     async def _discard(self, host: Host, capture_id: str, record: IncidentRecord, principal: str) -> list[str]:
+        began = time.monotonic()
         try:
             done = await self.fleet.agents.call(host, capture_id, wf.DiscardCapture())
+            log.info("capture scrubbed on its host", capture=capture_id, seconds=round(time.monotonic() - began, 3))
         except errors.FerrymanError as err:
             await blocking(
                 self.note,
