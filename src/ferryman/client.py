@@ -97,7 +97,9 @@ class Api:
         return response.json() if response.content else None
 
     def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+        """GET ``path`` with ``params`` added to the query it may carry already (``?tenant=`` of a VM's path)."""
+        url = httpx.URL(path).copy_merge_params({k: v for k, v in params.items() if v is not None})
+        return self.request("GET", str(url))
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, json=body)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api, vm_path
+from ferryman.cli.context import Json, api, segment, vm_path
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import CliError
 
@@ -82,7 +82,7 @@ def principal_list(json_: Json = False) -> None:
 @principal_app.command("show")
 def principal_show(name: str, json_: Json = False) -> None:
     """One principal: role, tenant, state and its tokens (ids only)."""
-    out = api().get(f"/api/v1/principals/{name}")
+    out = api().get(f"/api/v1/principals/{segment(name)}")
     if json_:
         emit_json(out)
     else:
@@ -92,7 +92,7 @@ def principal_show(name: str, json_: Json = False) -> None:
 @principal_app.command("disable")
 def principal_disable(name: str, json_: Json = False) -> None:
     """Disable a principal: its tokens stop working at once (the last fleet-admin needs a second person)."""
-    out = api().post(f"/api/v1/principals/{name}/disable")
+    out = api().post(f"/api/v1/principals/{segment(name)}/disable")
     if json_:
         emit_json(out)
     else:
@@ -102,7 +102,7 @@ def principal_disable(name: str, json_: Json = False) -> None:
 @token_app.command("rotate")
 def token_rotate(name: str, json_: Json = False) -> None:
     """Revoke the principal's tokens and print a new one (once)."""
-    out = api().post(f"/api/v1/principals/{name}/tokens")
+    out = api().post(f"/api/v1/principals/{segment(name)}/tokens")
     if json_:
         emit_json(out)
     else:
@@ -123,7 +123,7 @@ def role_list(json_: Json = False) -> None:
 @role_app.command("show")
 def role_show(name: str, json_: Json = False) -> None:
     """A role and the Cedar policy behind it."""
-    out = api().get(f"/api/v1/roles/{name}")
+    out = api().get(f"/api/v1/roles/{segment(name)}")
     if json_:
         emit_json(out)
         return
@@ -141,7 +141,7 @@ def role_policy_set(
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise CliError(f"cannot read {file}: {getattr(err, 'strerror', None) or err}") from None
-    out = api().request("PUT", f"/api/v1/access-policies/{name}", json={"text": text})
+    out = api().request("PUT", f"/api/v1/access-policies/{segment(name)}", json={"text": text})
     if json_:
         emit_json(out)
     else:
@@ -165,7 +165,7 @@ def role_policy_list(json_: Json = False) -> None:
 @role_policy_app.command("remove")
 def role_policy_remove(name: str) -> None:
     """Remove an operator's Cedar policy."""
-    api().delete(f"/api/v1/access-policies/{name}")
+    api().delete(f"/api/v1/access-policies/{segment(name)}")
     print(f"access policy {name} removed")
 
 

@@ -27,10 +27,17 @@ def vm_path(ref: str, rest: str = "") -> str:
     name), or ``tenant/name`` (what an operator writes when several tenants have a VM of that name); ``rest`` is the
     sub-resource (``/stop``)."""
     tenant, sep, name = ref.rpartition("/")
-    if not name or (sep and not tenant) or "/" in tenant:
+    if not name or (sep and not tenant) or "/" in tenant or {name, tenant} & {".", ".."}:
         raise CliError(f"bad VM {ref!r}: name it by its id, its name or tenant/name")
-    path = f"/api/v1/vms/{quote(name, safe='')}{rest}"
+    path = f"/api/v1/vms/{segment(name)}{rest}"
     return f"{path}?{urlencode({'tenant': tenant})}" if sep else path
+
+
+def segment(name: str) -> str:
+    """``name`` as one path segment of an API URL: quoted, and never one that moves up or stays (``.``, ``..``)."""
+    if name in ("", ".", ".."):
+        raise CliError(f"bad name {name!r}")
+    return quote(name, safe="")
 
 
 def parse_profile(items: list[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json
+from ferryman.cli.context import Json, segment
 from ferryman.cli.context import api as _api
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import Api, CliError
@@ -170,9 +170,9 @@ def image_show(
 ) -> None:
     """One image: digests, size, format, publisher and key fingerprint, signature status, baseline, VMs."""
     api = _api()
-    image = api.get(f"/api/v1/images/{name}")
+    image = api.get(f"/api/v1/images/{segment(name)}")
     if verify:
-        image["verification"] = api.post(f"/api/v1/images/{name}/verify")
+        image["verification"] = api.post(f"/api/v1/images/{segment(name)}/verify")
     if json_:
         emit_json(image)
         return
@@ -205,7 +205,7 @@ def image_show(
 @image_app.command("verify")
 def image_verify(name: str, json_: Json = False) -> None:
     """Re-hash the image's stored files and check its signature and trust now (exit 1 if it may not be used)."""
-    check = _api().post(f"/api/v1/images/{name}/verify")
+    check = _api().post(f"/api/v1/images/{segment(name)}/verify")
     if json_:
         emit_json(check)
     else:
@@ -219,7 +219,7 @@ def image_revoke(
     name: str, reason: Annotated[str, typer.Option("--reason", help="why, e.g. a CVE")], json_: Json = False
 ) -> None:
     """Revoke an image: no new VM, boot or migration from it; VMs running from it show up in compliance."""
-    image = _api().post(f"/api/v1/images/{name}/revoke", {"reason": reason})
+    image = _api().post(f"/api/v1/images/{segment(name)}/revoke", {"reason": reason})
     if json_:
         emit_json(image)
         return
@@ -233,7 +233,7 @@ def image_push(
     json_: Json = False,
 ) -> None:
     """Verify the image and send it to hosts ahead of use; each host checks every file on arrival."""
-    out = _api().post(f"/api/v1/images/{name}/push", {"hosts": host or []})
+    out = _api().post(f"/api/v1/images/{segment(name)}/push", {"hosts": host or []})
     if json_:
         emit_json(out)
         return
@@ -324,5 +324,5 @@ def trust_list(
 @trust_app.command("remove")
 def trust_remove(name: str) -> None:
     """Stop trusting a key: the images it signed no longer boot or migrate."""
-    key = _api().delete(f"/api/v1/image-keys/{name}")
+    key = _api().delete(f"/api/v1/image-keys/{segment(name)}")
     print(f"removed {key['name']} ({key['fingerprint']}) from the trusted keys")

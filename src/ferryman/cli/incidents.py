@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api
+from ferryman.cli.context import Json, api, segment
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import CliError
 
@@ -299,7 +299,7 @@ def host_compromise(
     json_: Json = False,
 ) -> None:
     """A compromised host: an incident, every VM that ran there since T, evacuation, then its certificates revoked."""
-    out = api().post(f"/api/v1/hosts/{name}/compromise", {"since": since})
+    out = api().post(f"/api/v1/hosts/{segment(name)}/compromise", {"since": since})
     if json_:
         return emit_json(out)
     ran = ", ".join(out["vms_since"]) or "none"

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api, parse_profile, vm_path
+from ferryman.cli.context import Json, api, parse_profile, segment, vm_path
 from ferryman.cli.migrate import follow, migrate_vm, summary
 from ferryman.cli.networks import NIC_COLUMNS, nic_rows
 from ferryman.cli.output import emit_json, fields, short_time, table
@@ -105,7 +105,7 @@ def host_list(json_: Json = False) -> None:
 @host_app.command("show")
 def host_show(name: str, json_: Json = False) -> None:
     """Show one host."""
-    host = api().get(f"/api/v1/hosts/{name}")
+    host = api().get(f"/api/v1/hosts/{segment(name)}")
     if json_:
         return emit_json(host)
     fields([(k, host[k]) for k in host])
@@ -151,7 +151,7 @@ def host_add(
 @host_app.command("revoke")
 def host_revoke(name: str, json_: Json = False) -> None:
     """Revoke every certificate of a host: the controller refuses it from now on."""
-    result = api().post(f"/api/v1/hosts/{name}/revoke")
+    result = api().post(f"/api/v1/hosts/{segment(name)}/revoke")
     emit_json(result) if json_ else print(f"revoked {len(result['revoked'])} certificate(s) of {name}")
 
 
@@ -166,7 +166,7 @@ def host_neighbours(
     json_: Json = False,
 ) -> None:
     """VMs placed on a host at a given time."""
-    items = api().get(f"/api/v1/hosts/{name}/neighbours", at=at)
+    items = api().get(f"/api/v1/hosts/{segment(name)}/neighbours", at=at)
     if json_:
         return emit_json(items)
     table(f"VMs on {name} at {at}", ["VM", "TENANT", "HOST", "SINCE", "UNTIL"], _neighbour_rows(items))
@@ -175,7 +175,7 @@ def host_neighbours(
 @host_app.command("history")
 def host_history(name: str, json_: Json = False) -> None:
     """Every VM that ever ran on a host."""
-    items = api().get(f"/api/v1/hosts/{name}/history")
+    items = api().get(f"/api/v1/hosts/{segment(name)}/history")
     vms = {v["id"]: v["name"] for v in api().get("/api/v1/vms")}
     if json_:
         return emit_json(items)
@@ -202,7 +202,7 @@ def host_drain(
     json_: Json = False,
 ) -> None:
     """Migrate every VM away from a host, within the throttles."""
-    result = api().post(f"/api/v1/hosts/{name}/drain")
+    result = api().post(f"/api/v1/hosts/{segment(name)}/drain")
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     if wait:

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ferryman.cli.context import api as _api
-from ferryman.cli.context import vm_path
+from ferryman.cli.context import segment, vm_path
 from ferryman.cli.output import console, emit_json, fields, short_time, table
 from ferryman.client import Api, CliError
 
@@ -64,7 +64,7 @@ def follow(api: Api, migration_id: str, timeout_s: float, quiet: bool = False) -
         task = bar.add_task("requested", total=None)
         last_phase = ""
         while True:
-            m: dict[str, Any] = api.get(f"/api/v1/migrations/{migration_id}")
+            m: dict[str, Any] = api.get(f"/api/v1/migrations/{segment(migration_id)}")
             bar.update(task, description=_describe(m))
             if not show and not quiet and m["phase"] != last_phase:
                 print(f"  {m['phase']}", file=sys.stderr, flush=True)
@@ -136,7 +136,7 @@ def migration_list(
 @migration_app.command("show")
 def migration_show(migration_id: str, json_: Json = False) -> None:
     """One migration: phases with timestamps, bytes, downtime, outcome, scrub receipts."""
-    m = _api().get(f"/api/v1/migrations/{migration_id}")
+    m = _api().get(f"/api/v1/migrations/{segment(migration_id)}")
     if json_:
         return emit_json(m)
     fields(
@@ -182,7 +182,7 @@ def migration_cancel(
 ) -> None:
     """Cancel a migration: before its commit it rolls back; after, it completes. Either way one copy runs."""
     api = _api()
-    m = api.post(f"/api/v1/migrations/{migration_id}/cancel")
+    m = api.post(f"/api/v1/migrations/{segment(migration_id)}/cancel")
     if wait:
         m = follow(api, m["id"], timeout)
     print(summary(m))

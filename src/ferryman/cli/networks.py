@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferryman.cli.context import Json, api, vm_path
+from ferryman.cli.context import Json, api, segment, vm_path
 from ferryman.cli.output import emit_json, fields, short_time, table
 
 network_app = typer.Typer(no_args_is_help=True, help="Tenant networks (overlay segments, addresses, NIC rules).")
@@ -73,7 +73,7 @@ def network_show(
     json_: Json = False,
 ) -> None:
     """Show a network: members (VM, NIC, addresses, host), the hosts it spans, its rules' versions."""
-    net = api().get(f"/api/v1/networks/{name}", tenant=tenant)
+    net = api().get(f"/api/v1/networks/{segment(name)}", tenant=tenant)
     if json_:
         return emit_json(net)
     fields(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ferryman.cli.context import api as _api
-from ferryman.cli.context import parse_profile
+from ferryman.cli.context import parse_profile, segment
 from ferryman.cli.output import emit_json, fields, short_time, table
 from ferryman.client import CliError
 
@@ -162,7 +162,7 @@ def policy_show(name: str, json_: Json = False) -> None:
     """One policy in force, as the controller understood it."""
     import yaml
 
-    item = _api().get(f"/api/v1/policies/{name}")
+    item = _api().get(f"/api/v1/policies/{segment(name)}")
     if json_:
         return emit_json(item)
     print(f"# {item['name']} (version {item['version']}, from {item['file']})")
@@ -217,7 +217,7 @@ def host_set(
     }
     if not body:
         raise CliError("nothing to change: give at least one option")
-    host = _api().request("PATCH", f"/api/v1/hosts/{name}", json=body)
+    host = _api().request("PATCH", f"/api/v1/hosts/{segment(name)}", json=body)
     if json_:
         return emit_json(host)
     fields([(k, host[k]) for k in ("name", "zone", "subnet", "virt_type", "hypervisor_version", "patch_level", "role")])
