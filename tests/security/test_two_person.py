@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ferryman.cmdb.schema import approvals
+from ferryman.core.errors import StorageError
 from ferryman.core.models import VMState
 
 from .conftest import World
@@ -80,6 +81,28 @@ def test_a_single_use_approval_is_used_once_and_a_denied_one_never(world: World)
     assert world.client.post(f"/api/v1/approvals/{denied}/deny", headers=world.headers(ADMIN)).status_code == 200
     refused = world.client.post(url, json=body, headers=world.headers(OFFICER, denied))
     assert refused.status_code == 403 and "was denied by admin" in refused.json()["detail"]
+
+
+def test_an_approval_stays_used_once_the_approved_action_began(world: World, monkeypatch: Any) -> None:
+    """The keys' destruction itself fails half-way: what was approved may have happened, so the approval is not
+    given back (the failure is still the caller's answer, and nothing is returned twice)."""
+    url = "/api/v1/vms/acme-web/keys/destroy"
+    body = {"reason": "tenant left"}
+    world.fleet.repo.set_vm_state("id-acme-web", VMState.STOPPED)
+    approval = _asked(world.client.post(url, json=body, headers=world.headers(OFFICER)))
+    assert world.client.post(f"/api/v1/approvals/{approval}/approve", headers=world.headers(ADMIN)).status_code == 200
+    assert world.fleet.keys is not None
+
+    def half_done(vm_id: str, reason: str) -> list[str]:
+        raise StorageError("the key store's disk failed after the first key")
+
+    monkeypatch.setattr(world.fleet.keys, "destroy", half_done)
+    failed = world.client.post(url, json=body, headers=world.headers(OFFICER, approval))
+    assert failed.status_code >= 400 and "key store" in failed.json()["detail"], failed.text
+    assert world.fleet.repo.get_approval(approval).state == "used"
+    assert world.fleet.repo.list_events(kind_prefix="approval.returned") == []
+    again = world.client.post(url, json=body, headers=world.headers(OFFICER, approval))
+    assert again.status_code == 403 and "used already" in again.json()["detail"]
 
 
 def test_an_approval_expires_and_binds_exactly_what_was_asked(world: World) -> None:

@@ -34,6 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ferryman.cmdb.access import AccessPolicyRecord, ApprovalRecord, PrincipalRecord
 from ferryman.cmdb.repository import Repository
+from ferryman.controller.spent import point_of_no_return
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.models import Severity, check_name
@@ -526,13 +527,16 @@ class AccessControl:
         why = getattr(failure, "detail", None) or str(failure) or type(failure).__name__
         while who.spent:
             approval, used_at = who.spent.pop()
-            if self.repo.return_approval(approval, used_at):
-                self.audit(
-                    "approval.returned",
-                    f"approval {approval} of {who.id} is usable again: the request it was used for failed ({why})",
-                    who.name,
-                    approval=approval,
-                )
+            try:
+                if self.repo.return_approval(approval, used_at):
+                    self.audit(
+                        "approval.returned",
+                        f"approval {approval} of {who.id} is usable again: the request it was used for failed ({why})",
+                        who.name,
+                        approval=approval,
+                    )
+            except Exception as err:  # the request's own failure is what its caller must see
+                log.error("could not give an approval back", approval=approval, error=str(err))
 
     def _still_active(self, name: str | None) -> bool:
         try:
@@ -637,6 +641,7 @@ class AccessControl:
             )
         # checked again in the disabling transaction: two admins disabling each other at once leave one
         keep = None if last else ADMIN_ROLE
+        point_of_no_return()
         disabled = self.repo.disable_principal(name, self.clock.now(), by.name, keep_one_of=keep)
         self.audit(
             "principal.disabled", f"principal {name} disabled, its tokens revoked", by.name, severity=Severity.WARNING

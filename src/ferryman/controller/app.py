@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from ferryman.cmdb.journal import MigrationRecord
 from ferryman.cmdb.networks import NicRequest
 from ferryman.controller import schemas as s
-from ferryman.controller import snapshots
+from ferryman.controller import snapshots, spent
 from ferryman.controller.access import APPROVAL_HEADER, RULES, AccessControl, Principal, Rule, not_found
 from ferryman.controller.access_routes import access_routes
 from ferryman.controller.audit import AuditService
@@ -180,10 +180,11 @@ def _authenticated(access: AccessControl) -> Callable[[Request], AsyncIterator[P
         if resource.kind == "Vm" and resource.key is not None and where == "path":
             # the route acts on the VM that was decided on: a name resolves in the caller's tenant, an id anywhere
             request.scope["path_params"][param] = resource.key
+        spent.track(who.spent)
         try:
             yield who
         except BaseException as failure:
-            if who.spent:
+            if who.spent:  # what was approved did not take effect (see ferryman.controller.spent)
                 await run_in_threadpool(access.return_spent, who, failure)
             raise
 

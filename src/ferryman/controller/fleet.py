@@ -26,6 +26,7 @@ from ferryman.controller.keys import Copy, DiskKeys
 from ferryman.controller.networks import NetworkService, revoked_hosts, underlay_peers
 from ferryman.controller.offload import blocking
 from ferryman.controller.reconcile import Reconciler
+from ferryman.controller.spent import point_of_no_return
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.models import (
@@ -425,6 +426,7 @@ class Fleet:
         vm_id = str(uuid.uuid4())
         self.reconciler.note_change(vm_id)  # before the CMDB holds it: a report of it is not an unknown QEMU
         vm, host, key, image = await blocking(self._register, vm_id, req, principal)
+        point_of_no_return()  # the VM is recorded: a --force approval stays used
         spec = VMSpec(
             vm_id=vm.id,
             name=vm.name,

@@ -26,6 +26,7 @@ from ferryman.controller.fleet import Change, Fleet
 from ferryman.controller.keys import Copy
 from ferryman.controller.offload import blocking
 from ferryman.controller.settings import PlainScrubMode
+from ferryman.controller.spent import point_of_no_return
 from ferryman.core import errors
 from ferryman.core.clock import Clock
 from ferryman.core.models import VM, Event, Host, HostState, ImageRef, NicSpec, Placement, Severity, VMState
@@ -132,6 +133,7 @@ class MigrationService:
             role=role,
             automatic=automatic,
         )
+        point_of_no_return()  # the migration is recorded: a --force approval stays used
         self.runner.start(record.id, state, m.Start())
         return record
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from ferryman.controller.access import AccessControl, Principal
 from ferryman.controller.fleet import Fleet
+from ferryman.controller.spent import point_of_no_return
 from ferryman.core import errors
 from ferryman.core.models import VM, Event, Severity, VMState
 
@@ -125,6 +126,7 @@ def rollback_routes(app: FastAPI, fleet: Fleet, access: AccessControl, Person: A
             raise errors.Conflict(f"{vm.name} is {vm.state.value}: stop it before destroying its disk keys")
         if fleet.keys is None:
             raise errors.Conflict("this controller keeps no disk keys")
+        point_of_no_return()
         gone = fleet.keys.destroy(vm.id, f"by hand: {body.reason}")
         fleet.audit(
             "key.destroyed_by_hand",

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ferryman.controller.fleet import Fleet
 from ferryman.controller.rollback import mark_for_remediation
+from ferryman.controller.spent import point_of_no_return
 from ferryman.core import errors
 from ferryman.core.models import VM, Host, Severity, VMAction, VMState, next_vm_state
 from ferryman.wire.vms import Restored, SnapshotInfo
@@ -98,6 +99,7 @@ async def restore(
             below = await run_in_threadpool(guard, vm, chosen.tag, chosen.taken_at)
         if image is not None and fleet.images is not None:
             await fleet.images.ensure_on(host, image)
+        point_of_no_return()
         out = await fleet.agents.restore(host, vm.id, fleet.lease(vm, host.name), tag, fleet.disk_key(vm, host.name))
     except errors.FerrymanError as err:
         await run_in_threadpool(
