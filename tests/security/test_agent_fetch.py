@@ -25,6 +25,7 @@ from ferryman.pki.csr import generate_key, key_to_pem, write_certificate, write_
 from ferryman.security.asgi_tls import make_server
 
 BODY = hashlib.sha256(b"seed").digest() * (3 << 16)  # 6 MiB, several reads' worth
+SLOW: dict[str, asyncio.Event] = {}
 
 
 def free_port() -> int:
@@ -43,6 +44,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x")]})
         for start in range(0, len(BODY), 1 << 20):
             await send({"type": "http.response.body", "body": BODY[start : start + (1 << 20)], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"] == "/v1/slow":  # one chunk, then nothing until the test lets it finish
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x")]})
+        await send({"type": "http.response.body", "body": BODY[: 1 << 20], "more_body": True})
+        SLOW["sent"].set()
+        await SLOW["finish"].wait()
         await send({"type": "http.response.body", "body": b""})
         return
     problem = b'{"error": "NotFound", "detail": "no sealed memory of capture c1 on this host", "retryable": false}'
@@ -107,17 +115,29 @@ class Fleet:
 
 
 class Sink:
-    """A receiver that hashes what it is given and notes the thread it ran in."""
+    """A receiver that hashes what it is given and notes the thread it ran in and how it ended."""
 
     def __init__(self) -> None:
         self.threads: list[int] = []
+        self.failures: list[BaseException] = []
 
     def __call__(self, chunks: Iterator[bytes]) -> str:
         self.threads.append(threading.get_ident())
         digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
+        try:
+            for chunk in chunks:
+                digest.update(chunk)
+        except BaseException as err:
+            self.failures.append(err)
+            raise
         return digest.hexdigest()
+
+
+@pytest.fixture
+def slow() -> Iterator[dict[str, asyncio.Event]]:
+    SLOW.update(sent=asyncio.Event(), finish=asyncio.Event())
+    yield SLOW
+    SLOW["finish"].set()
 
 
 async def test_a_body_streams_into_the_receiver_in_a_worker_thread(tmp_path: Path) -> None:
@@ -156,3 +176,42 @@ async def test_a_host_that_does_not_answer_is_unreachable(tmp_path: Path) -> Non
     finally:
         await client.aclose()
     assert sink.threads == []
+
+
+async def test_a_cancelled_fetch_stops_its_receiver_and_waits_for_it(tmp_path: Path, slow: Any) -> None:
+    """The capture that asked is cancelled mid-transfer: the receiver's next chunk is an error (so it keeps
+    nothing), and the cancellation reaches the caller only once the receiver has returned."""
+    fleet = Fleet(tmp_path, "host-b")
+    client, sink = fleet.client(), Sink()
+    try:
+        async with fleet.serving():
+            task = asyncio.create_task(client.fetch(fleet.host(), "/v1/slow", sink))
+            await asyncio.wait_for(slow["sent"].wait(), 30)
+            await asyncio.sleep(0.2)  # the receiver has the first chunk and waits for the next
+            task.cancel()
+            slow["finish"].set()  # the server ends the body: the receiver's next step sees the stop
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert [type(f) for f in sink.failures] == [errors.AgentUnreachable]
+            assert "cancelled" in str(sink.failures[0])
+    finally:
+        await client.aclose()
+
+
+async def test_a_download_cut_by_the_controllers_shutdown_is_an_unreachable_agent(tmp_path: Path, slow: Any) -> None:
+    """Closing the client under a download ends it as AgentUnreachable (the capture then discards and reports),
+    never as a bare RuntimeError; no download starts after it."""
+    fleet = Fleet(tmp_path, "host-b")
+    client, sink = fleet.client(), Sink()
+    async with fleet.serving():
+        task = asyncio.create_task(client.fetch(fleet.host(), "/v1/slow", sink))
+        await asyncio.wait_for(slow["sent"].wait(), 30)
+        await asyncio.sleep(0.2)
+        closing = asyncio.create_task(client.aclose())
+        await asyncio.sleep(0.5)
+        slow["finish"].set()
+        with pytest.raises(errors.AgentUnreachable):
+            await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(closing, 30)
+        with pytest.raises(errors.AgentUnreachable, match="shutting down"):
+            await client.fetch(fleet.host(), "/v1/blob", sink)

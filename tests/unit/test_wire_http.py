@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ferryman.agent.app import create_agent_app
 from ferryman.agent.migration import MigrationAgent
 from ferryman.agent.settings import AgentSettings
 from ferryman.agent.storage.image_cache import ImageCache
-from ferryman.controller.agent_client import HttpAgentClient
+from ferryman.controller.agent_client import Downloads, HttpAgentClient
 from ferryman.core import errors
 from ferryman.core.clock import SystemClock
 from ferryman.core.models import DiskSpec, Host, RunState, VMRuntime, VMSpec
@@ -120,6 +121,7 @@ def make_wire(tmp_path: Path, *, real_steps: bool = False) -> Wire:
     transport = httpx.ASGITransport(app=over_tls)
     client = HttpAgentClient.__new__(HttpAgentClient)  # the real client; only its TLS peer check is the network's
     client._client = httpx.AsyncClient(transport=transport, timeout=10)
+    client._downloads = Downloads(ssl.create_default_context())  # bulk downloads are tested over real TLS
     client._check_agent_identity = lambda host, response: None  # type: ignore[method-assign]
     raw = httpx.AsyncClient(transport=transport, base_url="https://127.0.0.3:8444", timeout=10)
     host = Host("host-b", "127.0.0.3", 8444, "s1", "z1", "10.0.0.0/24", "kvm", "qemu", "7.2", 1)

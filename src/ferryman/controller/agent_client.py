@@ -9,9 +9,11 @@ of :mod:`ferryman.wire`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -41,6 +43,7 @@ from ferryman.wire.vms import (
 )
 
 T = TypeVar("T")
+DOWNLOADS = 2  # bulk downloads from agents at once; more wait their turn
 
 
 class AgentClient(Protocol):
@@ -83,17 +86,13 @@ class HttpAgentClient:
     ) -> None:
         self._ctx: ssl.SSLContext = client_context(ca, cert, key, check_hostname=True)
         self._client = httpx.AsyncClient(verify=self._ctx, timeout=httpx.Timeout(timeout_s, connect=5.0))
-        self._blocking: httpx.Client | None = None  # for bulk downloads in worker threads, made on first use
-        self._blocking_lock = threading.Lock()
+        self._downloads = Downloads(self._ctx)
         self._is_revoked = is_revoked
         self._clock = clock
 
     async def aclose(self) -> None:
         await self._client.aclose()
-        with self._blocking_lock:
-            blocking, self._blocking = self._blocking, None
-        if blocking is not None:
-            await asyncio.to_thread(blocking.close)
+        await self._downloads.close()
 
     async def call(self, host: Host, target: str, request: AgentCall[R], *, limit_s: float | None = None) -> R:
         """Send ``request`` about ``target`` (a VM or migration id) to ``host``'s agent and read its typed answer.
@@ -167,24 +166,25 @@ class HttpAgentClient:
     ) -> T:
         """Stream the body of ``GET path`` from ``host``'s agent into ``receive`` (its answer is returned).
 
-        The whole transfer, ``receive`` included, runs in a worker thread on a blocking client: TLS on the event
-        loop reads through memory BIOs and carried about half the rate of a blocking socket here (128 against 250
-        MiB/s from the same agent), and the loop stays free for migrations while evidence moves."""
-        return await asyncio.to_thread(self._fetch_blocking, host, path, receive, limit_s)
+        The whole transfer, ``receive`` included, runs in a thread of :class:`Downloads` on a blocking client: TLS
+        on the event loop reads through memory BIOs and carried about half the rate of a blocking socket here (128
+        against 250 MiB/s from the same agent), and the loop stays free for migrations while evidence moves. A
+        cancelled fetch stops at its next chunk (``receive`` sees an error and keeps nothing)."""
+        return await self._downloads.run(self._fetch_blocking, host, path, receive, limit_s)
 
-    def _fetch_blocking(self, host: Host, path: str, receive: Callable[[Iterator[bytes]], T], limit_s: float) -> T:
-        with self._blocking_lock:
-            if self._blocking is None:
-                self._blocking = httpx.Client(verify=self._ctx)
-            client = self._blocking
+    def _fetch_blocking(
+        self, stop: threading.Event, host: Host, path: str, receive: Callable[[Iterator[bytes]], T], limit_s: float
+    ) -> T:
+        unreachable = f"agent of {host.name} is unreachable at {host.agent_url}"
+        client = self._downloads.client()
         try:
             with client.stream("GET", f"{host.agent_url}{path}", timeout=httpx.Timeout(limit_s, connect=5.0)) as got:
                 if got.status_code >= 400:
                     got.read()
                 self._checked(host, got)
-                return receive(got.iter_bytes())
-        except httpx.TransportError as err:
-            raise errors.AgentUnreachable(f"agent of {host.name} is unreachable at {host.agent_url}: {err}") from err
+                return receive(_chunks(got, stop, unreachable))
+        except (httpx.TransportError, RuntimeError) as err:  # RuntimeError: the client was closed under it
+            raise errors.AgentUnreachable(f"{unreachable}: {err}") from err
 
     def _check_agent_identity(self, host: Host, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
@@ -225,3 +225,65 @@ class HttpAgentClient:
 
     async def restore(self, host: Host, vm_id: str, lease: str, tag: str | None, key: bytes | None = None) -> Restored:
         return await self.call(host, vm_id, Restore(lease=lease, tag=tag, disk_key=key), limit_s=1800)
+
+
+class Downloads:
+    """Bulk downloads from agents on one blocking client, in threads of their own (never the loop's default
+    executor, which every CMDB step shares), at most :data:`DOWNLOADS` at once."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self._ctx = ctx
+        self._pool = ThreadPoolExecutor(DOWNLOADS, thread_name_prefix="agent-download")
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._closed:
+                raise errors.AgentUnreachable("the controller is shutting down: no download starts")
+            if self._client is None:
+                self._client = httpx.Client(verify=self._ctx)
+            return self._client
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(stop, *args)`` in a download thread; if the caller is cancelled, ``stop`` is set and the thread
+        waited for (it owns a file being written) before the cancellation goes on."""
+        stop = threading.Event()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, func, stop, *args)
+        except RuntimeError as err:  # the pool was shut down: the controller is stopping
+            raise errors.AgentUnreachable("the controller is shutting down: no download starts") from err
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await future
+            raise
+
+    async def close(self) -> None:
+        """No download starts after this; one in progress ends with AgentUnreachable as its connection closes."""
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        self._pool.shutdown(wait=False)
+        if client is not None:
+            await asyncio.to_thread(client.close)
+
+
+def _chunks(response: httpx.Response, stop: threading.Event, unreachable: str) -> Iterator[bytes]:
+    """The body's chunks until ``stop`` is set; a transport failure as AgentUnreachable, whoever reads them."""
+    body = response.iter_bytes()
+    while True:
+        try:
+            chunk: bytes | None = next(body)
+        except StopIteration:
+            chunk = None
+        except (httpx.TransportError, RuntimeError) as err:
+            raise errors.AgentUnreachable(f"{unreachable}: {err}") from err
+        if stop.is_set():  # checked after each read: the last one may have waited long
+            raise errors.AgentUnreachable(f"{unreachable}: the download was cancelled")
+        if chunk is None:
+            return
+        yield chunk

@@ -94,8 +94,9 @@ def network_routes(app: FastAPI, fleet: Fleet, networks: NetworkService, Person:
 
     @app.get("/api/v1/networks/{name}")
     def show_network(name: str, who: Person, tenant: str | None = None) -> dict[str, Any]:
-        """A network name is its tenant's own: a tenant's principal finds its own; anyone else may say whose."""
-        return view_out(networks.view(name, who.tenant or tenant), tenant_view=who.tenant is not None)
+        """A network name is its tenant's own: the tenant asked for (whose network the access check decided on), or
+        the caller's own."""
+        return view_out(networks.view(name, tenant or who.tenant), tenant_view=who.tenant is not None)
 
     @app.get("/api/v1/vms/{name}/nics")
     async def vm_nics(name: str, _: Person, live: bool = False) -> list[dict[str, Any]]:
