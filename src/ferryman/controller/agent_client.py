@@ -167,8 +167,8 @@ class HttpAgentClient:
         """Stream the body of ``GET path`` from ``host``'s agent into ``receive`` (its answer is returned).
 
         The whole transfer, ``receive`` included, runs in a thread of :class:`Downloads` on a blocking client: TLS
-        on the event loop reads through memory BIOs and carried about half the rate of a blocking socket here (128
-        against 250 MiB/s from the same agent), and the loop stays free for migrations while evidence moves. A
+        on the event loop reads through memory BIOs and carried about half the rate of a blocking socket here
+        (``bench/downloads``), and the loop stays free for migrations while evidence moves. A
         cancelled fetch stops at its next chunk (``receive`` sees an error and keeps nothing)."""
         return await self._downloads.run(self._fetch_blocking, host, path, receive, limit_s)
 
