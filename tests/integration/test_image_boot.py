@@ -23,6 +23,8 @@ from ferryman.images.signing import Artefact, new_private_key, sign
 from ferryman.lab.guest import GUEST_CMDLINE, GuestImage
 from ferryman.lab.records import missing_seqs, read_acks, read_records
 
+pytestmark = pytest.mark.qemu
+
 BOOT_TIMEOUT = 90.0
 DISK = 32 << 20
 
