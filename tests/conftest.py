@@ -28,6 +28,15 @@ def _session_fixture(item: pytest.Item, name: str) -> bool:
     return bool(defs) and defs[-1].scope == "session"
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that uses a shared lab boots real guests: it is a ``lab`` and ``qemu`` test whether or not its module
+    says so, so that it runs with the other guests' tests (``./run-tests``), never beside the tests that share the
+    cores. Collection marks it before the deselection by markers (``-m``) sees it."""
+    if any(_session_fixture(item, name) for name in LONG_LIVED):
+        item.add_marker(pytest.mark.lab)
+        item.add_marker(pytest.mark.qemu)
+
+
 @pytest.hookimpl(trylast=True)  # after the deselection by markers, on the items that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     last: dict[str, str] = {}
